@@ -1,0 +1,145 @@
+"""Building and loading models (teacher and student) and running them on replayed pixels.
+
+Replayed pixels are un-normalised; :class:`Normalized` applies each model's own mean/std on the
+model's device, so one pixel tensor serves a teacher and a student with different statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A weights file cannot be read or does not fit the model; the message names the file."""
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read model weights from ``.safetensors``, a plain state dict, or a training checkpoint.
+
+    Returns:
+        The state dict (``module.`` prefixes removed) and any metadata the file carries
+        (our checkpoints store the model name and kwargs under ``"model_meta"``).
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    meta: dict[str, Any] = {}
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and "model_meta" in obj:
+                meta = dict(obj["model_meta"])
+            if isinstance(obj, dict):
+                for k in ("model", "state_dict", "model_ema", "state_dict_ema"):
+                    if k in obj and isinstance(obj[k], dict):
+                        obj = obj[k]
+                        break
+            sd = obj
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path!r}: cannot read ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {path!r}: no state dict found")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd, meta
+
+
+def create(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with a clear error for an unknown name."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"model {name!r} is not a timm model") from e
+        raise
+
+
+def load_model(
+    name: str, num_classes: int, checkpoint: str | None, pretrained: bool = False, **kwargs: Any
+) -> nn.Module:
+    """Create a timm model and load ``checkpoint`` strictly (missing or extra keys are errors)."""
+    model = create(name, num_classes, pretrained=pretrained, **kwargs)
+    if checkpoint:
+        sd, _ = read_state_dict(checkpoint)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[:3]
+            raise CheckpointError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {' '.join(first)}") from e
+    return model
+
+
+def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the model was (pre)trained with, from timm's pretrained config."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(x) for x in cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(x) for x in cfg.get("std", (0.229, 0.224, 0.225)))
+    return mean, std
+
+
+class Normalized(nn.Module):
+    """Wrap a model so it takes replayed (un-normalised, 0-1) pixels and normalises on device."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> Any:
+        if pixels.dtype == torch.uint8:
+            pixels = pixels.float().div_(255.0)
+        return self.model((pixels - self.mean) / self.std)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
+    """bf16 autocast on CUDA (as DeiT/timm train on GPUs); a no-op context on CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(device)
+
+
+def index_dtype(num_classes: int) -> str:
+    return "int16" if num_classes <= 32767 else "int32"
+
+
+@torch.no_grad()
+def topk_targets(
+    logits: torch.Tensor, k: int, temperatures: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the cache stores for a batch of teacher logits.
+
+    Returns:
+        ``values`` (top-k logits, descending, float16), ``indices`` (int64) and ``logsumexp``
+        of ``logits / tau`` for each temperature (float32, ``[n, T]``), all computed in float32.
+    """
+    logits = logits.float()
+    if k > logits.shape[-1]:
+        raise ValueError(f"--topk {k} is larger than the number of classes {logits.shape[-1]}")
+    values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
+    lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
+    return values.half(), indices, lse

@@ -1,0 +1,166 @@
+"""Pack image data sets into webdataset shards with a JSON sidecar.
+
+Sources:
+    * ``digits``: scikit-learn's handwritten digits (real data, shipped with the package),
+      upscaled and written as RGB PNGs.
+    * an ImageFolder tree ``root/<class>/<image>``.
+    * a flat folder with ``classes.tsv`` (index, synset, name) whose file names start with the
+      synset, like ``../shared/data/imagenet-sample``.
+
+Keys derive from the relative path (never random), and the order of samples is a stable hash
+order, so shards mix classes (mixup partners are drawn inside a shard) and repacking the same
+source gives the same shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass
+class Item:
+    key: str
+    label: int
+    ext: str
+    data: bytes
+
+
+def _hash01(key: str) -> float:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+
+
+def _safe_key(rel: str) -> str:
+    """A webdataset key from a relative path: no dots (they split extensions), no slashes."""
+    stem = os.path.splitext(rel)[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace(os.sep, "--"))
+
+
+def digits_items(size: int = 32) -> tuple[list[str], Iterator[Item]]:
+    """scikit-learn digits (1797 real 8x8 scans), upscaled to ``size`` px RGB PNGs."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    classes = [str(i) for i in range(10)]
+
+    def gen() -> Iterator[Item]:
+        for i, (img, label) in enumerate(zip(data.images, data.target, strict=True)):
+            arr = (img * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+            pil = Image.fromarray(arr, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+            buf = io.BytesIO()
+            pil.save(buf, format="PNG")
+            yield Item(key=f"digits-{i:05d}", label=int(label), ext="png", data=buf.getvalue())
+
+    return classes, gen()
+
+
+def folder_items(root: str) -> tuple[list[str], Iterator[Item]]:
+    """ImageFolder tree, or a flat folder labelled by ``classes.tsv`` synset prefixes."""
+    tsv = os.path.join(root, "classes.tsv")
+    if os.path.exists(tsv):
+        synsets = []
+        with open(tsv) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) >= 2 and parts[0].strip().isdigit():
+                    synsets.append((int(parts[0]), parts[1]))
+        synsets.sort()
+        classes = [s for _, s in synsets]
+    else:
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[tuple[str, int]] = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            top = rel.split(os.sep)[0] if os.sep in rel else None
+            cls = top if top in index else name.split("_")[0]
+            if cls not in index:
+                raise ValueError(
+                    f"{os.path.join(root, rel)}: cannot tell its class (not under a class folder "
+                    f"and no synset prefix from classes.tsv)"
+                )
+            files.append((rel, index[cls]))
+    if not files:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    files.sort()
+
+    def gen() -> Iterator[Item]:
+        for rel, label in files:
+            ext = os.path.splitext(rel)[1].lower().lstrip(".")
+            ext = "jpg" if ext == "jpeg" else ext
+            with open(os.path.join(root, rel), "rb") as f:
+                yield Item(key=_safe_key(rel), label=label, ext=ext, data=f.read())
+
+    return classes, gen()
+
+
+def _write_split(items: list[Item], out: str, prefix: str, per_shard: int, classes: list[str]) -> dict:
+    os.makedirs(out, exist_ok=True)
+    shards = []
+    for s, start in enumerate(range(0, len(items), per_shard)):
+        chunk = items[start : start + per_shard]
+        name = f"{prefix}-{s:06d}.tar"
+        tmp = os.path.join(out, name + ".tmp")
+        with wds.TarWriter(tmp) as sink:
+            for it in chunk:
+                sink.write({"__key__": it.key, it.ext: it.data, "cls": str(it.label).encode()})
+        os.replace(tmp, os.path.join(out, name))
+        shards.append({"name": name, "count": len(chunk), "class_counts": dict(Counter(it.label for it in chunk))})
+    meta = {
+        "split": prefix,
+        "classes": classes,
+        "num_classes": len(classes),
+        "num_samples": len(items),
+        "per_shard": per_shard,
+        "shards": shards,
+        "pattern": f"{prefix}-{{000000..{len(shards) - 1:06d}}}.tar" if shards else None,
+    }
+    with open(os.path.join(out, prefix + ".json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def pack(
+    source: str,
+    out: str,
+    per_shard: int = 1000,
+    val_fraction: float = 0.0,
+    prefix: str = "train",
+    digits_size: int = 32,
+) -> dict[str, dict]:
+    """Pack ``source`` into ``out/<prefix>-NNNNNN.tar`` (and ``val-NNNNNN.tar``) plus sidecars.
+
+    Returns:
+        The sidecar metadata of each split written, by split name.
+    """
+    if per_shard < 1:
+        raise ValueError("--per-shard must be >= 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError("--val-fraction must be in [0, 1)")
+    classes, items_iter = digits_items(digits_size) if source == "digits" else folder_items(source)
+    items = list(items_iter)
+    dup = [k for k, n in Counter(it.key for it in items).items() if n > 1]
+    if dup:
+        raise ValueError(f"{source}: two files map to the key {dup[0]!r}; rename one")
+    items.sort(key=lambda it: (_hash01("order:" + it.key), it.key))
+    val = [it for it in items if _hash01("split:" + it.key) < val_fraction]
+    train = [it for it in items if _hash01("split:" + it.key) >= val_fraction]
+    result = {prefix: _write_split(train, out, prefix, per_shard, classes)}
+    if val_fraction > 0:
+        result["val"] = _write_split(val, out, "val", per_shard, classes)
+    return result

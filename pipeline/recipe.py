@@ -1,0 +1,170 @@
+"""Augmentation recipes: the full description of how a view is made from image bytes.
+
+A recipe is plain data so that it can be stored in the cache's attributes, compared field by
+field, and written into YAML configs. ``deit`` is DeiT's ImageNet training recipe; ``eval`` is the
+deterministic resize + center crop used for validation and for no-randomness caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """Parsed timm-style RandAugment string, e.g. ``rand-m9-mstd0.5-inc1``."""
+
+    magnitude: float = 9.0
+    magnitude_std: float = 0.5
+    num_layers: int = 2
+    prob: float = 0.5
+    increasing: bool = True
+    magnitude_max: float = 10.0
+
+    @classmethod
+    def parse(cls, spec: str) -> RandAugmentSpec:
+        """Parse the timm config string; unknown sections are an error, not ignored."""
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"auto_augment {spec!r}: only RandAugment ('rand-...') is supported")
+        values: dict[str, Any] = {}
+        for part in parts[1:]:
+            m = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
+            if not m:
+                raise ValueError(f"auto_augment {spec!r}: cannot parse section {part!r}")
+            name, val = m.groups()
+            if name == "m":
+                values["magnitude"] = float(val)
+            elif name == "mstd":
+                values["magnitude_std"] = float(val)
+            elif name == "n":
+                values["num_layers"] = int(val)
+            elif name == "p":
+                values["prob"] = float(val)
+            elif name == "inc":
+                values["increasing"] = bool(int(val))
+            elif name == "mmax":
+                values["magnitude_max"] = float(val)
+            else:
+                raise ValueError(f"auto_augment {spec!r}: unknown section {part!r}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one view of one sample is produced. Field defaults are DeiT's training recipe.
+
+    Attributes:
+        name: ``deit`` (random training views) or ``eval`` (resize + center crop, no randomness).
+        img_size: Output side in pixels.
+        scale, ratio: RandomResizedCrop area fraction and aspect ratio ranges.
+        hflip: Horizontal flip probability.
+        auto_augment: RandAugment string, or ``None`` to use colour jitter instead.
+        color_jitter: Brightness/contrast/saturation strength when RandAugment is off.
+        reprob: Random erasing probability (pixel mode: per-pixel normal noise).
+        mixup, cutmix: Beta distribution alphas; 0 disables each.
+        mixup_switch_prob: Probability of cutmix when both are on.
+        mixup_prob: Probability that a pair is mixed at all.
+        smoothing: Label smoothing for the ground-truth targets.
+        mix_window: W, the window of consecutive shard positions inside which partners are drawn.
+        crop_pct: Center-crop fraction of the evaluation resize.
+        mean, std: Normalisation of the recipe's pixel space (used by random-erasing noise).
+    """
+
+    name: str = "deit"
+    img_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_prob: float = 1.0
+    smoothing: float = 0.1
+    mix_window: int = 64
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_random(self) -> bool:
+        return self.name != "eval"
+
+    @property
+    def mixes(self) -> bool:
+        return self.is_random and self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("scale", "ratio", "mean", "std"):
+            d[k] = [float(x) for x in d[k]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        return cls(**_coerce_fields(d))
+
+
+def _coerce_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """Check field names and turn YAML/JSON lists back into tuples."""
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"recipe: unknown field(s) {unknown}; known: {sorted(known)}")
+    d = dict(d)
+    for k in ("scale", "ratio", "mean", "std"):
+        if k in d:
+            d[k] = tuple(float(x) for x in d[k])
+    return d
+
+
+def eval_recipe(img_size: int = 224, **overrides: Any) -> Recipe:
+    """Evaluation transform: resize to ``img_size / crop_pct`` then center crop, no randomness."""
+    return Recipe(
+        name="eval",
+        img_size=img_size,
+        auto_augment=None,
+        color_jitter=0.0,
+        reprob=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        mixup_prob=0.0,
+        smoothing=0.0,
+        hflip=0.0,
+        **overrides,
+    )
+
+
+def make_recipe(spec: str | dict[str, Any] | Recipe, img_size: int | None = None) -> Recipe:
+    """Build a recipe from a name (``deit``/``eval``), a dict of fields, or a recipe.
+
+    ``img_size`` overrides the size of whichever recipe results, so tests and demos can run the
+    DeiT recipe at 32 px.
+    """
+    if isinstance(spec, Recipe):
+        recipe = spec
+    elif isinstance(spec, str):
+        if spec == "deit":
+            recipe = Recipe()
+        elif spec == "eval":
+            recipe = eval_recipe()
+        else:
+            raise ValueError(f"recipe {spec!r}: expected 'deit', 'eval' or a mapping of fields")
+    else:
+        d = dict(spec)
+        base = d.pop("name", "deit")
+        recipe = dataclasses.replace(make_recipe(base), **_coerce_fields(d))
+    if img_size is not None:
+        recipe = dataclasses.replace(recipe, img_size=int(img_size))
+    return recipe
