@@ -129,17 +129,18 @@ def index_dtype(num_classes: int) -> str:
 
 @torch.no_grad()
 def topk_targets(
-    logits: torch.Tensor, k: int, temperatures: list[float]
+    logits: torch.Tensor, k: int, temperatures: list[float], half: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the cache stores for a batch of teacher logits.
 
     Returns:
-        ``values`` (top-k logits, descending, float16), ``indices`` (int64) and ``logsumexp``
-        of ``logits / tau`` for each temperature (float32, ``[n, T]``), all computed in float32.
+        ``values`` (top-k logits, descending; float16 as stored unless ``half=False``), ``indices``
+        (int64) and ``logsumexp`` of ``logits / tau`` for each temperature (float32, ``[n, T]``),
+        all computed in float32.
     """
     logits = logits.float()
     if k > logits.shape[-1]:
         raise ValueError(f"--topk {k} is larger than the number of classes {logits.shape[-1]}")
     values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
     lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
-    return values.half(), indices, lse
+    return (values.half() if half else values), indices, lse

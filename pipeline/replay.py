@@ -139,7 +139,12 @@ def rand_augment(img: Image.Image, spec: RandAugmentSpec, recipe: Recipe, rng: r
         if spec.magnitude_std > 0:
             magnitude = rng.gauss(magnitude, spec.magnitude_std)
         magnitude = max(0.0, min(magnitude, spec.magnitude_max))
-        img = NAME_TO_OP[name](img, *_rand_augment_args(name, magnitude, rng), **kwargs)
+        args = _rand_augment_args(name, magnitude, rng)
+        if name.startswith("Posterize") and args[0] <= 0:
+            # Keeping 0 bits is black; Pillow >= 11 refuses bits=0 where older Pillow returned black.
+            img = Image.new(img.mode, img.size)
+            continue
+        img = NAME_TO_OP[name](img, *args, **kwargs)
     return img
 
 

@@ -1,0 +1,87 @@
+"""Evaluation: top-1/top-5 of the class head, the distillation head and their average (as DeiT
+reports all three), on validation shards through the deterministic evaluation recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import StreamSpec, eval_batches
+from .distributed import Dist, all_sum
+from .models import Normalized, autocast
+from .recipe import eval_recipe
+from .shards import ShardInfo
+
+
+def head_logits(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits of each head. A distilled DeiT gives ``cls``, ``dist`` and their average ``avg``."""
+    inner = model.model if isinstance(model, Normalized) else model
+    if hasattr(inner, "head_dist"):
+        x = (pixels - model.mean) / model.std if isinstance(model, Normalized) else pixels
+        feats = inner.forward_features(x)
+        cls, dist = inner.head(feats[:, 0]), inner.head_dist(feats[:, 1])
+        return {"cls": cls, "dist": dist, "avg": (cls + dist) / 2}
+    return {"avg": model(pixels)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, shards: list[ShardInfo], img_size: int, num_classes: int, device: torch.device,
+             d: Dist, batch_size: int = 256, workers: int = 2, crop_pct: float = 0.875) -> dict[str, Any]:  # fmt: skip
+    """Top-1/top-5 (percent) per head over all ranks' shares of ``shards``."""
+    was_training = model.training
+    model.eval()
+    recipe = dataclasses.replace(eval_recipe(img_size), crop_pct=crop_pct)
+    ids = list(range(len(shards)))[d.rank :: d.world]
+    spec = StreamSpec(shards=shards, shard_ids=ids, cache_rows=None, cache_url=None, view=0, recipe=recipe,
+                      seed=0, num_classes=num_classes)  # fmt: skip
+    names = ("cls", "dist", "avg")
+    counts = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=device)
+    for batch in eval_batches(spec, batch_size, workers) if ids else []:
+        pixels = batch["pixels"].to(device)
+        label = batch["label"].to(device)
+        with autocast(device):
+            heads = head_logits(model, pixels)
+        counts[0] += label.numel()
+        for i, name in enumerate(names):
+            if name in heads:
+                top5 = heads[name].float().topk(min(5, num_classes), dim=-1).indices
+                counts[1 + 2 * i] += (top5[:, 0] == label).sum()
+                counts[2 + 2 * i] += (top5 == label[:, None]).any(dim=-1).sum()
+    all_sum(counts, d)
+    model.train(was_training)
+    n = max(float(counts[0]), 1.0)
+    out: dict[str, Any] = {"samples": int(counts[0])}
+    for i, name in enumerate(names):
+        if name == "avg" or hasattr(model.model if isinstance(model, Normalized) else model, "head_dist"):
+            out[f"top1_{name}"] = round(100.0 * float(counts[1 + 2 * i]) / n, 3)
+            out[f"top5_{name}"] = round(100.0 * float(counts[2 + 2 * i]) / n, 3)
+    return out
+
+
+def evaluate_checkpoint(path: str, shards_spec: str, batch_size: int = 256, workers: int = 2, device: str = "cpu",
+                        ema: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Evaluate a ``train-student`` checkpoint; the model is rebuilt from the metadata it carries."""
+    from . import checkpoint as ckpt
+    from .distributed import Dist
+    from .models import create, resolve_device
+    from .shards import load_shard_list
+
+    state = ckpt.load(path)
+    meta = state.get("model_meta")
+    if not meta:
+        raise ValueError(f"checkpoint {path!r} has no model_meta: not written by train-student")
+    model = create(meta["name"], int(meta["num_classes"]), **meta.get("kwargs", {}))
+    weights = state["ema"] if ema else state["model"]
+    if weights is None:
+        raise ValueError(f"checkpoint {path!r} holds no EMA weights")
+    model.load_state_dict(weights)
+    dev = resolve_device(device)
+    wrapped = Normalized(model, tuple(meta["mean"]), tuple(meta["std"])).to(dev)
+    crop_pct = float(state.get("config", {}).get("crop_pct", 0.875) or 0.875)
+    shards = load_shard_list(shards_spec)
+    result = evaluate(wrapped, shards, int(meta["img_size"]), int(meta["num_classes"]), dev, Dist(), batch_size,
+                      workers, crop_pct)  # fmt: skip
+    return {"checkpoint": path, "epoch": state.get("epoch"), **result}
