@@ -24,8 +24,9 @@ def _setup_logging(verbose: bool = False) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {rank}] " if world > 1 else ""
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)  # fmt: skip
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
 
 
 def _fail(e: Exception) -> None:

@@ -67,20 +67,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def from_mapping(cls: type[T], data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate and coerce a mapping of ``cls`` fields; ``where`` names the source in errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
+        values[name] = _coerce(value, hints[name], f"{where}: {key}")
+    return values
+
+
 def resolve(cls: type[T], config_path: str | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Build ``cls`` from defaults, an optional YAML file and CLI overrides (``None`` = not given)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if config_path:
-        data = read_yaml(config_path)
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                raise ConfigError(
-                    f"config file {config_path!r}: unknown key {key!r} (known: {', '.join(sorted(fields))})"
-                )
-            values[name] = _coerce(value, hints[name], f"{config_path}: {key}")
+        values.update(from_mapping(cls, read_yaml(config_path), f"config file {config_path!r}"))
     for key, value in (overrides or {}).items():
         if value is None:
             continue
