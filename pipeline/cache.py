@@ -251,7 +251,7 @@ def create_or_open(url: str, meta: dict[str, Any], force_new: bool = False, wait
             zarr.open_group(url, mode="w")
     if not exists(url):
         if local:
-            if os.path.isdir(path) and os.listdir(path):
+            if os.path.isdir(path) and os.listdir(path) and not exists(url):  # not: another worker just made it
                 raise CacheError(f"{url!r} exists but is not a stillroom cache; choose another --out")
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             _create_arrays(zarr.open_group(tmp, mode="w-"), meta)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,15 @@ from .partition import job_slot, my_share
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
 from .replay import replay_shard
-from .shards import OnError, ShardInfo, SkipStats, iter_decoded, load_shard_list, num_classes_from_sidecar
+from .shards import (
+    DataError,
+    OnError,
+    ShardInfo,
+    SkipStats,
+    iter_decoded,
+    load_shard_list,
+    num_classes_from_sidecar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +192,36 @@ def build_teacher(cfg: CacheConfig, num_classes: int, device: torch.device) -> t
     return model, ident
 
 
+def check_shards_exist(shards: list[ShardInfo]) -> None:
+    """Refuse a missing local shard before any work (counts may come from a sidecar that still lists it)."""
+    missing = [
+        s.url
+        for s in shards
+        if ("://" not in s.url or s.url.startswith("file://"))
+        and not s.url.startswith("pipe:")
+        and not os.path.exists(s.url.removeprefix("file://"))
+    ]
+    if missing:
+        more = f" ({len(missing) - 1} more missing, e.g. {missing[1]!r})" if len(missing) > 1 else ""
+        raise DataError(f"shard {missing[0]!r} does not exist{more}")
+
+
+def check_options(cfg: CacheConfig) -> None:
+    """Refuse settings that would crash later or store a useless cache (inf logsumexp, no views)."""
+    for name in ("views", "view_block", "topk", "batch_size"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.temperatures or any(not float(t) > 0 for t in cfg.temperatures):
+        raise ValueError(f"--temperatures must be one or more positive numbers, got {cfg.temperatures}")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+
+
 def prepare(cfg: CacheConfig) -> tuple[cache_mod.Cache, torch.nn.Module, list[ShardInfo], Recipe, torch.device]:
     """Resolve shards, teacher and recipe; create or reopen the cache (refusing a mismatch)."""
+    check_options(cfg)
     shards = load_shard_list(cfg.shards)
+    check_shards_exist(shards)
     num_classes = cfg.num_classes or num_classes_from_sidecar(shards[0].url)
     if not num_classes:
         raise ValueError("number of classes unknown: pass --num-classes (no pack sidecar next to the shards)")

@@ -50,7 +50,7 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
 
 def run_demo(out: str, size: str = "full", config: str | None = None, console: Console | None = None) -> dict:
     """Run every step and return the table's numbers (also written to ``OUT/demo-results.json``)."""
-    console = console or Console()
+    console = console or Console(width=110)
     cfg = load_demo_config(config, size)
     out_path = Path(out)
     data = out_path / "data"

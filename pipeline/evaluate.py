@@ -80,7 +80,7 @@ def evaluate_checkpoint(path: str, shards_spec: str, batch_size: int = 256, work
     model.load_state_dict(weights)
     dev = resolve_device(device)
     wrapped = Normalized(model, tuple(meta["mean"]), tuple(meta["std"])).to(dev)
-    crop_pct = float(state.get("config", {}).get("crop_pct", 0.875) or 0.875)
+    crop_pct = float(meta.get("crop_pct", 0.875))
     shards = load_shard_list(shards_spec)
     result = evaluate(wrapped, shards, int(meta["img_size"]), int(meta["num_classes"]), dev, Dist(), batch_size,
                       workers, crop_pct)  # fmt: skip

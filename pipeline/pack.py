@@ -20,8 +20,9 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import webdataset as wds
@@ -32,10 +33,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 @dataclass
 class Item:
+    """One sample to pack; ``load`` returns its bytes only when the shard is written, so packing
+    a large folder holds keys and labels in memory, not images."""
+
     key: str
     label: int
     ext: str
-    data: bytes
+    load: Callable[[], bytes]
+
+    @property
+    def data(self) -> bytes:
+        return self.load()
 
 
 def _hash01(key: str) -> float:
@@ -61,7 +69,8 @@ def digits_items(size: int = 32) -> tuple[list[str], Iterator[Item]]:
             pil = Image.fromarray(arr, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
             buf = io.BytesIO()
             pil.save(buf, format="PNG")
-            yield Item(key=f"digits-{i:05d}", label=int(label), ext="png", data=buf.getvalue())
+            png = buf.getvalue()
+            yield Item(key=f"digits-{i:05d}", label=int(label), ext="png", load=lambda png=png: png)
 
     return classes, gen()
 
@@ -103,10 +112,14 @@ def folder_items(root: str) -> tuple[list[str], Iterator[Item]]:
         for rel, label in files:
             ext = os.path.splitext(rel)[1].lower().lstrip(".")
             ext = "jpg" if ext == "jpeg" else ext
-            with open(os.path.join(root, rel), "rb") as f:
-                yield Item(key=_safe_key(rel), label=label, ext=ext, data=f.read())
+            yield Item(key=_safe_key(rel), label=label, ext=ext, load=partial(_read_file, os.path.join(root, rel)))
 
     return classes, gen()
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _write_split(items: list[Item], out: str, prefix: str, per_shard: int, classes: list[str]) -> dict:
@@ -116,7 +129,7 @@ def _write_split(items: list[Item], out: str, prefix: str, per_shard: int, class
         chunk = items[start : start + per_shard]
         name = f"{prefix}-{s:06d}.tar"
         tmp = os.path.join(out, name + ".tmp")
-        with wds.TarWriter(tmp) as sink:
+        with wds.TarWriter(tmp, mtime=0.0) as sink:  # fixed mtime: repacking gives identical bytes
             for it in chunk:
                 sink.write({"__key__": it.key, it.ext: it.data, "cls": str(it.label).encode()})
         os.replace(tmp, os.path.join(out, name))

@@ -28,22 +28,37 @@ def job_slot(
 
     Kubernetes sets only ``JOB_COMPLETION_INDEX``; the count is the Job's ``completions``, which
     the pod must be told (``--job-count`` or ``STILLROOM_JOB_COUNT``). Slurm array ids may start
-    at ``SLURM_ARRAY_TASK_MIN``; they are shifted to start at 0.
+    at ``SLURM_ARRAY_TASK_MIN``; they are shifted to start at 0. ``torchrun`` inside an array job
+    combines both: slot ``task * WORLD_SIZE + RANK`` of ``tasks * WORLD_SIZE``.
     """
     env = os.environ if env is None else env
+    if job_index is None and job_count is not None:
+        # --job-count alone (e.g. a Kubernetes pod, which only knows JOB_COMPLETION_INDEX): the index
+        # still comes from the batch system, else every job would take share 0.
+        for idx_var, _, _ in _ENV_SOURCES:
+            if idx_var in env:
+                slurm_min = int(env.get("SLURM_ARRAY_TASK_MIN", "0")) if idx_var == "SLURM_ARRAY_TASK_ID" else 0
+                job_index = int(env[idx_var]) - slurm_min
+                break
     if job_index is not None or job_count is not None:
         index, count, source = job_index or 0, job_count or 1, "--job-index/--job-count"
     else:
         index, count, source = 0, 1, "single worker"
+        found = []
         for idx_var, cnt_var, name in _ENV_SOURCES:
             if idx_var in env:
-                index = int(env[idx_var])
+                i = int(env[idx_var])
                 if idx_var == "SLURM_ARRAY_TASK_ID":
-                    index -= int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+                    i -= int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
                 if cnt_var not in env:
                     raise ValueError(f"{name}: {idx_var} is set but {cnt_var} is not; pass --job-count")
-                count, source = int(env[cnt_var]), name
-                break
+                found.append((i, int(env[cnt_var]), name))
+        if found:
+            # torchrun inside an array job: each array task's ranks share that task's slice, so the
+            # slot is (task, rank) flattened; otherwise every task would redo the same share.
+            index, count, source = found[0]
+            for i, n, name in found[1:2]:
+                index, count, source = i * count + index, n * count, f"{name} x {source}"
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"job index {index} is not in [0, {count}) (from {source})")
     return index, count, source

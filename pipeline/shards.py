@@ -134,6 +134,15 @@ def count_samples(url: str) -> int:
                 prefix, _ = base_plus_ext(member.name) if member.isreg() else (None, None)
                 if prefix:
                     keys.add(prefix)
+            # tarfile ends the member loop quietly when the stream stops where a header should be (a
+            # tar cut inside skipped member data or at a block boundary), so a truncated shard would
+            # count short and its missing samples would vanish unnoticed. Only a complete
+            # end-of-archive block, read in full at the final offset, proves the scan saw everything.
+            if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                raise DataError(
+                    f"shard {url!r}: truncated tar (stream ends at byte {tar.fileobj.tell()}, "
+                    f"before the end-of-archive block at {tar.offset})"
+                )
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"shard {url!r}: cannot read tar ({e})") from e
     return len(keys)
@@ -158,6 +167,10 @@ def load_shard_list(spec: str | Sequence[str], counts: dict[str, int] | None = N
             n = sidecars[side_path].get(name)
         if n is None:
             n = count_samples(url)
+        if int(n) == 0:
+            # A shard with no samples is a failed pack or copy, never data; reading it "succeeds" with
+            # nothing, so refuse it here, before any teacher compute, rather than train without it.
+            raise DataError(f"shard {url!r} holds no samples (empty tar?)")
         infos.append(ShardInfo(url=url, count=int(n)))
     return infos
 

@@ -41,11 +41,12 @@ class DistillationTask(nn.Module):
         smoothing: Label smoothing of the ground-truth term.
         teacher: A live teacher (frozen, normalising its own input) or ``None`` in cached mode.
         topk: K used when reducing live teacher logits (the cache's K, for a like-for-like check).
+        amp: bf16 autocast of the student on CUDA (no effect on CPU).
     """
 
     def __init__(self, student: nn.Module, num_classes: int, distillation: Distillation = "hard", alpha: float = 0.5,
                  tau: float = 1.0, temperatures: list[float] | None = None, smoothing: float = 0.1,
-                 teacher: nn.Module | None = None, topk: int = 10):  # fmt: skip
+                 teacher: nn.Module | None = None, topk: int = 10, amp: bool = True):  # fmt: skip
         super().__init__()
         if distillation not in ("none", "hard", "soft"):
             raise ValueError(f"--distillation {distillation!r}: expected none, hard or soft")
@@ -56,7 +57,7 @@ class DistillationTask(nn.Module):
         self.teacher = teacher
         self.num_classes, self.distillation = num_classes, distillation
         self.alpha, self.tau, self.temperatures = float(alpha), float(tau), temperatures
-        self.smoothing, self.topk = smoothing, topk
+        self.smoothing, self.topk, self.amp = smoothing, topk, amp
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(values, indices, lse)`` from the batch (cached) or from the live teacher."""
@@ -86,6 +87,6 @@ class DistillationTask(nn.Module):
         return TaskOutput(losses.combine(base, distill, self.alpha), float(base.detach()), float(distill.detach()))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        with autocast(batch["pixels"].device):
+        with autocast(batch["pixels"].device, self.amp):
             outputs = self.student(batch["pixels"])
         return self.loss(outputs, batch)

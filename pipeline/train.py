@@ -8,6 +8,7 @@ checkpoint dict; DDP is applied after the model is built.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -142,11 +143,12 @@ def check_cache(cache: Cache, shards: list[ShardInfo], recipe: Recipe, seed: int
     needed = sorted({view_for_epoch(e, views) // int(meta["view_block"]) for e in range(first_epoch, epochs)})
     missing = [(b, s.name) for b in needed for s, r in zip(shards, rows, strict=True) if done[b, r] < 0]
     if missing:
-        b, name = missing[0]
-        v = cache.block_views(b)
+        units = [f"views {cache.block_views(b).start}-{cache.block_views(b).stop - 1} of shard {name!r}"
+                 for b, name in missing[:8]]  # fmt: skip
+        more = f" and {len(missing) - 8} more (see stillroom cache-status)" if len(missing) > 8 else ""
         raise CacheError(
-            f"cache {cache.url!r} is incomplete: {len(missing)} unit(s) this run needs are missing, "
-            f"e.g. views {v.start}-{v.stop - 1} of shard {name!r}; run cache-teacher again to finish it"
+            f"cache {cache.url!r} is incomplete: {len(missing)} unit(s) this run needs are missing: "
+            f"{', '.join(units)}{more}; run cache-teacher again to finish it"
         )
     if epochs > views:
         log.warning("training %d epochs on a cache of %d views: views repeat (epoch e uses view e mod %d)",
@@ -202,7 +204,8 @@ def build_student(s: Setup) -> tuple[nn.Module, dict[str, Any]]:
         log.warning("%s has no distillation head: the distillation loss trains its only head", cfg.model)
     mean, std = model_stats(model)
     meta = {"name": cfg.model, "kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"},
-            "num_classes": s.num_classes, "img_size": s.recipe.img_size, "mean": list(mean), "std": list(std)}  # fmt: skip
+            "crop_pct": s.recipe.crop_pct, "num_classes": s.num_classes, "img_size": s.recipe.img_size,
+            "mean": list(mean), "std": list(std)}  # fmt: skip
     return Normalized(model, mean, std), meta
 
 
@@ -236,6 +239,19 @@ def _state(model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema: A
         "config": dataclasses.asdict(cfg),
         "model_meta": model_meta,
     }
+
+
+def _debug_record(folder: str | None, d: Dist, model: nn.Module, **fields: Any) -> None:
+    """Test hook: with ``STILLROOM_DEBUG_DIR`` set, each rank appends the step's sample keys and a
+    digest of its parameters to ``rank<r>.jsonl`` (to check DDP sharding and synchronisation)."""
+    if not folder:
+        return
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{d.rank}.jsonl"), "a") as f:
+        f.write(json.dumps({**fields, "params_sha256": h.hexdigest()}) + "\n")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -286,7 +302,6 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
     if state:
         model.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state["ema"] is not None:
             ema.module.model.load_state_dict(state["ema"])
         global_step, best, start_step = (
@@ -294,11 +309,14 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
             float(state["best_top1"]),
             int(state["step_in_epoch"]),
         )
+        # The schedule is rebuilt from this run's config (e.g. a larger --epochs) and fast-forwarded;
+        # loading the stored scheduler state would keep the old run's length (t_initial).
+        scheduler.step_update(num_updates=global_step)
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s: epoch %d, step %d", last_path, first_epoch, start_step)
 
     task = DistillationTask(model, s.num_classes, cfg.distillation, cfg.alpha, cfg.tau,  # type: ignore[arg-type]
-                            s.temperatures, s.recipe.smoothing, teacher, s.topk)  # fmt: skip
+                            s.temperatures, s.recipe.smoothing, teacher, s.topk, amp=cfg.amp)  # fmt: skip
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else model
     task.student = train_model
     metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), d.main)
@@ -311,6 +329,7 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
             ckpt.save_atomic(_state(model, optimizer, scheduler, scaler, ema, epoch, step, global_step, best, cfg,
                                     model_meta), last_path)  # fmt: skip
 
+    debug_dir = os.environ.get("STILLROOM_DEBUG_DIR")
     result: dict[str, Any] = {}
     for epoch in range(first_epoch, cfg.epochs):
         view = view_for_epoch(epoch, s.num_views)
@@ -323,7 +342,8 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
                           view=view, recipe=s.recipe, seed=s.seed, num_classes=s.num_classes,
                           on_error=cfg.on_error)  # type: ignore[arg-type]  # fmt: skip
         batches = epoch_batches(spec, cfg.batch_size, cfg.workers, cfg.shuffle_buffer or 2 * cfg.batch_size,
-                                stable_seed("batches", s.seed, epoch, d.rank), pin_memory=device.type == "cuda")  # fmt: skip
+                                stable_seed("batches", s.seed, epoch, d.rank),
+                                pin_memory=device.type == "cuda")  # fmt: skip
         train_model.train()
         t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
         with progress_bar(f"epoch {epoch} (view {view})", total=steps, unit="step",
@@ -356,6 +376,8 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
                         ema.update(model, step=global_step)
                 if not math.isfinite(out.loss.item()):
                     raise FloatingPointError(f"loss is {out.loss.item()} at epoch {epoch} step {step}")
+                _debug_record(debug_dir, d, model, epoch=epoch, step=step, global_step=global_step,
+                              keys=batch["keys"], loss=out.loss.item())  # fmt: skip
                 seen += batch["pixels"].shape[0]
                 loss_sum += out.loss.item()
                 loss_n += 1

@@ -1,0 +1,199 @@
+"""Phase 1 speed: cache-teacher throughput next to the teacher's bare forward, in one run.
+
+Packs the 200 ImageNet sample JPEGs (``../shared/data/imagenet-sample``) into shards in a temp
+dir, saves a randomly initialised ``regnety_002`` (1000 classes) as the teacher checkpoint, and
+measures at 224 px with the DeiT recipe:
+
+* ``cache-teacher`` images·views/s with ``view_block = views`` (each image decoded once per unit)
+  and with ``view_block = 1`` (decoded once per view), same everything else;
+* the teacher's bare forward throughput (same wrapper, batch size, inference mode and threads) on
+  views replayed beforehand and held in memory: the upper bound for the cache run.
+
+Prints a markdown table (with the machine and the command) and writes the numbers as JSON.
+
+    .venv/bin/python bench/phase1_speed.py [--views 8] [--workers 2] [--threads N] [--out bench/results/phase1.json]
+
+Run it on an otherwise idle machine: on 2 busy cores, torch's OpenMP threads spin against other
+processes and every number drops by a large, unstable factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.cache_teacher import CacheConfig, build_teacher, run  # noqa: E402
+from pipeline.cache_tools import status  # noqa: E402
+from pipeline.models import autocast  # noqa: E402
+from pipeline.pack import pack  # noqa: E402
+from pipeline.recipe import make_recipe  # noqa: E402
+from pipeline.replay import replay_shard  # noqa: E402
+from pipeline.shards import iter_decoded, load_shard_list  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
+TEACHER = "regnety_002"
+NUM_CLASSES = 1000
+
+
+def machine() -> dict[str, object]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def cache_run(shards: str, teacher: str, out: Path, args: argparse.Namespace, view_block: int) -> dict:
+    cfg = CacheConfig(
+        shards=shards, out=str(out), teacher=TEACHER, teacher_checkpoint=teacher, num_classes=NUM_CLASSES,
+        recipe="deit", img_size=args.img_size, views=args.views, view_block=view_block, topk=args.topk,
+        temperatures=[1.0, 3.0], batch_size=args.batch_size, workers=args.workers, progress=False,
+    )  # fmt: skip
+    summary = run(cfg)
+    summary["images_views_per_s"] = summary["views"] / summary["wall_s"]
+    summary["status"] = status(str(out))
+    return summary
+
+
+def bare_forward(shards: str, teacher: str, args: argparse.Namespace) -> dict:
+    """Teacher forward alone on pre-replayed views: same wrapper, batch size and inference mode as the cache."""
+    recipe = make_recipe("deit", args.img_size)
+    shard = load_shard_list(shards)[0]
+    views: list[torch.Tensor] = []
+    for window in replay_shard(iter_decoded(shard, 0, NUM_CLASSES), range(args.views), recipe, 0, shard.name):
+        views.extend(v.pixels for v in window)
+        if len(views) >= args.bare_views:
+            break
+    batches = [torch.stack(views[i : i + args.batch_size]) for i in range(0, len(views), args.batch_size)]
+    batches = [b for b in batches if len(b) == args.batch_size] or batches
+    cfg = CacheConfig(teacher=TEACHER, teacher_checkpoint=teacher)
+    device = torch.device("cpu")
+    model, _ = build_teacher(cfg, NUM_CLASSES, device)
+    with torch.inference_mode(), autocast(device):
+        model(batches[0])  # warm-up (oneDNN primitive creation)
+        n = 0
+        t0 = time.perf_counter()
+        for b in batches:
+            model(b)
+            n += len(b)
+        dt = time.perf_counter() - t0
+    return {"views": n, "batches": len(batches), "wall_s": round(dt, 3), "images_views_per_s": n / dt}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--views", type=int, default=8)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--per-shard", type=int, default=50, help="samples per shard (200 images in total)")
+    p.add_argument("--bare-views", type=int, default=512, help="pre-replayed views timed in the bare forward")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "phase1.json"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="stillroom-bench-") as tmp:
+        t = Path(tmp)
+        meta = pack(str(DATA), str(t / "data"), per_shard=args.per_shard)["train"]
+        shards = str(t / "data" / meta["pattern"])
+        torch.manual_seed(0)
+        teacher = str(t / f"{TEACHER}.pth")
+        torch.save(timm.create_model(TEACHER, num_classes=NUM_CLASSES).state_dict(), teacher)
+
+        bare = bare_forward(shards, teacher, args)
+        runs = {}
+        for block in (args.views, 1):
+            runs[block] = cache_run(shards, teacher, t / f"cache-b{block}", args, block)
+
+    bound = bare["images_views_per_s"]
+    once, per_view = runs[args.views], runs[1]
+    st = once["status"]
+    payload = 2 * args.topk + (2 if NUM_CLASSES <= 32767 else 4) * args.topk + 4 * 2  # values + indices + lse
+    mach = machine()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    result = {
+        "machine": mach,
+        "command": command,
+        "settings": {
+            "teacher": TEACHER,
+            "num_classes": NUM_CLASSES,
+            "img_size": args.img_size,
+            "recipe": "deit",
+            "samples": meta["num_samples"],
+            "shards": len(meta["shards"]),
+            "views": args.views,
+            "topk": args.topk,
+            "temperatures": [1.0, 3.0],
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+        },
+        "bare_forward": bare,
+        "cache_teacher": {f"view_block_{b}": {k: v for k, v in r.items() if k != "status"} for b, r in runs.items()},
+        "decode_once_speedup": once["images_views_per_s"] / per_view["images_views_per_s"],
+        "bytes_per_sample_view_on_disk": st["bytes_per_sample_view"],
+        "bytes_per_sample_view_payload": payload,
+        "bytes_on_disk": st["bytes_on_disk"],
+        "samples_views_cached": st["samples_views_cached"],
+    }
+
+    def row(name: str, setting: str, r: dict) -> str:
+        ips = r["images_views_per_s"]
+        return f"| {name} | {setting} | {ips:,.1f} | {r['wall_s']:.1f} | {ips / bound:.2f} |"
+
+    lines = [
+        f"Phase 1 speed: `{TEACHER}` teacher (random init, {NUM_CLASSES} classes), {args.img_size} px, DeiT recipe, "
+        f"{meta['num_samples']} ImageNet sample JPEGs in {len(meta['shards'])} shards, V={args.views}, "
+        f"K={args.topk}, batch {args.batch_size}, {args.workers} loader workers, CPU.",
+        "",
+        "| measurement | setting | images·views/s | wall s | ratio to bare forward |",
+        "| --- | --- | ---: | ---: | ---: |",
+        row("cache-teacher", f"view_block {args.views} (decode once per {args.views} views)", once),
+        row("cache-teacher", "view_block 1 (decode once per view)", per_view),
+        row("teacher forward only", f"pre-replayed tensors, batch {args.batch_size}", bare),
+        "",
+        f"- decode-once gain (view_block {args.views} vs 1): {result['decode_once_speedup']:.2f}x",
+        f"- bytes on disk per (sample, view) at K={args.topk}: {st['bytes_per_sample_view']} "
+        f"(payload {payload} B: fp16 values + int16 indices + 2 fp32 logsumexp; the rest is labels, keys, "
+        "markers, metadata and compression)",
+        f"- machine: {mach['cpu']}, {mach['cores']} cores ({mach['usable_cores']} usable), "
+        f"torch {mach['torch']} with {mach['torch_threads']} intra-op threads",
+        f"- command: `{command}`",
+    ]
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

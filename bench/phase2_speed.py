@@ -1,0 +1,175 @@
+"""Phase 2 speed: student training images/s with cached targets, a live teacher, and no teacher.
+
+Packs the 200 ImageNet sample JPEGs (``../shared/data/imagenet-sample``, 1000 classes) into
+shards in a temp dir, saves a randomly initialised ``regnety_016`` teacher, caches a few views of
+it (DeiT recipe, 224 px), then trains ``deit_tiny_distilled_patch16_224`` on the same replayed
+views with the same batch size, workers and number of steps in three modes, side by side:
+
+* ``cached``: hard distillation from the cache (the teacher never runs);
+* ``live``: hard distillation, the teacher run in the loop on the same pixels;
+* ``none``: no distillation (the student alone: the upper bound).
+
+Images/s is measured from the per-step timestamps of ``metrics.jsonl`` (steady state: the first
+step of each epoch, which waits for the loader to start and fill its shuffle buffer, is left out),
+and also over whole epochs. Modes are run in interleaved rounds and the best round is kept, so a
+burst of load from other processes on the machine hits all modes alike. Prints a markdown table
+with the ratios, the machine and the command, and writes JSON.
+
+    .venv/bin/python bench/phase2_speed.py [--steps 4] [--rounds 1] [--out bench/results/phase2.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import RESULTS, command, machine, md_table, write_result  # noqa: E402
+from pipeline.cache_teacher import CacheConfig  # noqa: E402
+from pipeline.cache_teacher import run as cache_teacher  # noqa: E402
+from pipeline.pack import pack  # noqa: E402
+from pipeline.train import TrainConfig, train  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
+TEACHER = "regnety_016"
+STUDENT = "deit_tiny_distilled_patch16_224"
+NUM_CLASSES = 1000
+MODES = {  # mode -> (distillation, teacher_mode)
+    "cached": ("hard", "cached"),
+    "live": ("hard", "live"),
+    "none": ("none", "cached"),
+}
+
+
+def steady_rate(metrics: list[dict], batch_size: int) -> tuple[float, int]:
+    """Images/s over consecutive steps within each epoch, first step of every epoch excluded."""
+    steps = [m for m in metrics if m["event"] == "train"]
+    wall, n = 0.0, 0
+    for prev, cur in itertools.pairwise(steps):
+        if cur["epoch"] == prev["epoch"]:
+            wall += cur["time"] - prev["time"]
+            n += 1
+    return (n * batch_size / wall if wall > 0 else float("nan")), n
+
+
+def train_run(base: TrainConfig, mode: str, out: Path) -> dict:
+    distillation, teacher_mode = MODES[mode]
+    cfg = dataclasses.replace(base, out=str(out), distillation=distillation, teacher_mode=teacher_mode)
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m for m in metrics if m["event"] == "epoch"]
+    rate, intervals = steady_rate(metrics, cfg.batch_size)
+    return {
+        "mode": mode,
+        "img_per_s": rate,
+        "steady_steps": intervals,
+        "epoch_img_per_s": sum(e["steps"] for e in epochs) * cfg.batch_size / sum(e["epoch_s"] for e in epochs),
+        "steps": sum(e["steps"] for e in epochs),
+        "epoch_s": [e["epoch_s"] for e in epochs],
+        "final_loss": epochs[-1]["train_loss"],
+        "wall_s": round(wall, 2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4, help="max_steps_per_epoch of every run")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run (one cached view each)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the three modes; best kept")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--per-shard", type=int, default=50, help="samples per shard (200 images in total)")
+    p.add_argument("--out", default=str(RESULTS / "phase2.json"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    load_before = os.getloadavg()
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stillroom-bench2-") as tmp:
+        t = Path(tmp)
+        meta = pack(str(DATA), str(t / "data"), per_shard=args.per_shard)["train"]
+        shards = str(t / "data" / meta["pattern"])
+        torch.manual_seed(0)
+        teacher = str(t / f"{TEACHER}.pth")
+        torch.save(timm.create_model(TEACHER, num_classes=NUM_CLASSES).state_dict(), teacher)
+
+        t0 = time.perf_counter()
+        cache = str(t / "cache.zarr")
+        summary = cache_teacher(CacheConfig(
+            shards=shards, out=cache, teacher=TEACHER, teacher_checkpoint=teacher, num_classes=NUM_CLASSES,
+            recipe="deit", img_size=args.img_size, views=args.epochs, view_block=args.epochs, topk=10,
+            batch_size=args.batch_size, workers=args.workers, progress=False,
+        ))  # fmt: skip
+        cache_s = time.perf_counter() - t0
+
+        base = TrainConfig(
+            shards=shards, cache=cache, model=STUDENT, teacher=TEACHER, teacher_checkpoint=teacher,
+            epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, max_steps_per_epoch=args.steps,
+            warmup_epochs=0, eval_every=0, log_every=1, progress=False,
+        )  # fmt: skip
+        rounds: list[dict[str, dict]] = []
+        for r in range(args.rounds):
+            rounds.append({mode: train_run(base, mode, t / f"run-{mode}-{r}") for mode in MODES})
+
+    best = {mode: max((rd[mode] for rd in rounds), key=lambda x: x["img_per_s"]) for mode in MODES}
+    cached, live, none = (best[m]["img_per_s"] for m in ("cached", "live", "none"))
+    mach = machine()
+    cmd = command()
+    settings = {
+        "student": STUDENT, "teacher": TEACHER, "num_classes": NUM_CLASSES, "img_size": args.img_size,
+        "recipe": "deit", "samples": meta["num_samples"], "shards": len(meta["shards"]),
+        "batch_size": args.batch_size, "steps_per_epoch": args.steps, "epochs": args.epochs,
+        "workers": args.workers, "rounds": args.rounds, "cache_views": args.epochs, "topk": 10,
+        "cache_build_s": round(cache_s, 1), "cache_views_per_s": round(summary["views"] / cache_s, 2),
+        "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }  # fmt: skip
+    ratios = {"cached_over_none": cached / none, "cached_over_live": cached / live, "live_over_none": live / none}
+    write_result(args.out, "phase2_speed", {"best": best, "rounds": rounds, "ratios": ratios}, settings=settings)
+
+    labels = {
+        "cached": "hard distillation, cached targets",
+        "live": f"hard distillation, live {TEACHER}",
+        "none": "no distillation",
+    }
+    rows = [
+        [labels[m], round(best[m]["img_per_s"], 2), round(best[m]["epoch_img_per_s"], 2), best[m]["steady_steps"],
+         round(best[m]["img_per_s"] / none, 3)]
+        for m in MODES
+    ]  # fmt: skip
+    print(
+        f"Phase 2 speed: `{STUDENT}` ({NUM_CLASSES} classes), {args.img_size} px, DeiT recipe, "
+        f"{meta['num_samples']} ImageNet sample JPEGs in {len(meta['shards'])} shards, batch {args.batch_size}, "
+        f"{args.epochs} epochs x {args.steps} steps, {args.workers} loader workers, CPU, best of {args.rounds} "
+        "round(s).\n"
+    )
+    print(md_table(["mode", "img/s (steady)", "img/s (whole epochs)", "timed steps", "ratio to none"], rows))
+    print(
+        f"\n- cached / none: {ratios['cached_over_none']:.2f}; cached / live: {ratios['cached_over_live']:.2f}; "
+        f"live / none: {ratios['live_over_none']:.2f}"
+        f"\n- cache build ({summary['views']} views of {TEACHER}): {cache_s:.1f}s"
+        f"\n- machine: {mach['cpu']}, {mach['logical_cores']} cores ({mach['usable_cores']} usable), "
+        f"torch {mach.get('torch')} with {mach.get('torch_threads')} intra-op threads; load average before "
+        f"{load_before[0]:.1f}, after {settings['load_avg_after'][0]:.1f}"
+        f"\n- command: `{cmd}`\n\nwrote {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Build ``docs/benchmarks.md`` from ``bench/results/*.json`` (absent benchmarks are listed as not run).
+
+Targets from the issue, judged from the recorded numbers:
+* phase 2: cached-teacher student throughput >= 0.95 of no distillation;
+* phase 1: cache-teacher throughput >= 0.9 of the teacher's bare forward.
+
+    .venv/bin/python bench/report.py [--results bench/results] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, fmt_num, md_table  # noqa: E402
+
+
+def _load(folder: Path, name: str) -> dict[str, Any] | None:
+    p = folder / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _machine(doc: dict[str, Any]) -> str:
+    m = doc.get("machine", {})
+    cores = m.get("usable_cores") or m.get("cores") or m.get("logical_cores")
+    parts = [f"{m.get('cpu', '?')}, {cores} usable cores ({m.get('logical_cores', m.get('cores', '?'))} logical)"]
+    if m.get("gpu"):
+        parts.append(f"GPU {m['gpu']}")
+    parts.append(", ".join(f"{k} {m[k]}" for k in ("torch", "timm", "zarr") if k in m))
+    if "torch_threads" in m:
+        parts.append(f"{m['torch_threads']} torch threads")
+    return "; ".join(parts)
+
+
+def _header(doc: dict[str, Any], title: str, path: str) -> list[str]:
+    return [f"## {title}", "", f"- source: `{path}`", f"- machine: {_machine(doc)}",
+            f"- command: `{doc.get('command', '?')}`", f"- date: {doc.get('date', 'not recorded')}",
+            f"- note: {doc.get('note', 'see the script for conditions')}", ""]  # fmt: skip
+
+
+def _verdict(value: float | None, target: float) -> str:
+    return "not measured" if value is None else ("met" if value >= target else "missed")
+
+
+def phase1(doc: dict[str, Any]) -> list[str]:
+    r = doc.get("results", doc)
+    bare = r["bare_forward"]["images_views_per_s"]
+    rows = []
+    for name, run in r["cache_teacher"].items():
+        ips = run["images_views_per_s"]
+        rows.append([f"cache-teacher {name}", ips, ips / bare, 0.9, _verdict(ips / bare, 0.9)])
+    rows.append(["teacher bare forward", bare, 1.0, "-", "-"])
+    return [md_table(["measurement", "images·views/s", "ratio to bare forward", "target", "met / missed"], rows)]
+
+
+def phase2(doc: dict[str, Any]) -> list[str]:
+    r = doc["results"]
+    ratios = r.get("ratios", {})
+    best = r.get("best", {})
+    rows = [[mode, (v.get("img_per_s") if isinstance(v, dict) else v)] for mode, v in best.items()]
+    out = []
+    if rows:
+        out += [md_table(["mode", "img/s"], rows), ""]
+    c = ratios.get("cached_over_none")
+    out.append(md_table(["ratio", "value", "target", "met / missed"], [
+        ["cached / none", c, 0.95, _verdict(c, 0.95)],
+        ["cached / live", ratios.get("cached_over_live"), "-", "-"],
+        ["live / none", ratios.get("live_over_none"), "-", "-"],
+    ]))  # fmt: skip
+    return out
+
+
+def storage_fidelity(doc: dict[str, Any]) -> list[str]:
+    r = doc["results"]
+    st = md_table(
+        ["K", "bytes/(sample,view) on disk", "of which values+indices+lse", "raw 2K+2K+4T", "dense fp32",
+         "dense / on disk"],
+        [[x["K"], x["bytes_per_sample_view"], x["arrays_bytes_per_sample_view"], x["raw_bytes_per_sample_view"],
+          x["dense_fp32_bytes"], x["ratio_dense_over_disk"]] for x in r["storage"]],
+    )  # fmt: skip
+    fid = md_table(
+        ["teacher", "K", "tau", "mean KL (nats)", "max KL", "mean TV", "top-1 agree", "mass outside top-K",
+         "teacher top-1 p", "teacher entropy"],
+        [[x["teacher"], x["K"], x["tau"], x["kl_mean"], x["kl_max"], x["tv_mean"], x["top1_agree"],
+          x["mass_outside_topk"], x["teacher_top1_prob"], x["teacher_entropy"]] for x in r["fidelity"]],
+    )  # fmt: skip
+    return ["### Storage (ImageNet sample, 1000 classes, random-init regnety_002)", "", st, "",
+            f"### Fidelity of rebuilt soft targets (digits teacher: {doc.get('digits_teacher', '?')}; "
+            "`synthetic-1000` is drawn logits, not a network)", "", fid]  # fmt: skip
+
+
+def accuracy(doc: dict[str, Any]) -> list[str]:
+    r = doc["results"]
+    base = r.get("none", {}).get("mean")
+    rows = [[m, f"{v['mean']:.2f} ± {v['std']:.2f}", len(v["top1"]), None if base is None else v["mean"] - base]
+            for m, v in r.items()]  # fmt: skip
+    return [f"Digits, {doc.get('epochs')} student epochs, {doc.get('seeds')} seed(s), soft tau {doc.get('tau')}, "
+            f"teacher val top-1 {fmt_num(doc.get('teacher_top1'))}.", "",
+            md_table(["mode", "val top-1 % (mean ± std)", "runs", "vs no distillation"], rows)]  # fmt: skip
+
+
+SECTIONS = [
+    ("phase1", "Phase 1 speed: cache-teacher vs bare teacher forward", phase1, "bench/phase1_speed.py"),
+    ("phase2", "Phase 2 speed: student throughput by teacher mode", phase2, "bench/phase2_speed.py"),
+    ("storage_fidelity", "Cache storage and soft-target fidelity", storage_fidelity, "bench/storage_fidelity.py"),
+    ("accuracy", "Student accuracy by distillation mode", accuracy, "bench/accuracy.py"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    folder = Path(args.results)
+    lines = ["# Benchmarks", "", "Generated by `bench/report.py` from `bench/results/*.json`; every figure below was",
+             "measured by the command shown, on the machine shown. Targets from the issue:",
+             "cached-teacher student throughput >= 0.95 x no distillation;",
+             "cache-teacher >= 0.9 x bare teacher forward.",
+             ""]  # fmt: skip
+    for name, title, fn, script in SECTIONS:
+        doc = _load(folder, name)
+        path = f"bench/results/{name}.json"
+        if doc is None:
+            lines += [f"## {title}", "", f"Not run yet: `.venv/bin/python {script}` writes `{path}`.", ""]
+            continue
+        try:
+            body = fn(doc)
+        except (KeyError, TypeError, ZeroDivisionError) as e:
+            body = [f"(could not read {path}: {type(e).__name__}: {e})"]
+        lines += _header(doc, title, path) + body + [""]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Phase 1 (``cache-teacher``): what the cache holds, checked without the cache code where it matters.
+
+* The stored top-k/logsumexp equal a reference computed here from the raw tar bytes with PIL,
+  torchvision and timm (eval recipe, so the reference does not need view replay).
+* The cache is a plain zarr v3 group with the dtypes, shapes, chunks and attributes of DESIGN.md.
+* Refusals (other teacher weights, --topk > classes, a missing shard) name what is wrong.
+* ``verify-cache`` passes a good cache and fails a tampered one; ``cache-status`` reports a
+  partial cache; each image is decoded once per unit, not once per view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+from PIL import Image
+from torchvision import transforms as T
+from typer.testing import CliRunner
+
+import pipeline.replay
+import pipeline.shards
+from cli.main import app
+from pipeline.cache_teacher import CacheConfig, run
+
+K = 5
+TEMPS = [1.0, 2.0, 4.0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: two threads on two busy cores make conv2d ~100x slower (OpenMP spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(shards: str, teacher: str, out: Path, **kw) -> CacheConfig:
+    base = dict(shards=shards, out=str(out), teacher="regnetx_002", teacher_checkpoint=teacher, img_size=32, views=4,
+                view_block=2, topk=K, temperatures=[1.0, 3.0], batch_size=16, workers=0, progress=False)  # fmt: skip
+    base.update(kw)
+    return CacheConfig(**base)
+
+
+def _cache_cli_args(shards: str, teacher: str, out: Path, *extra: str) -> list[str]:
+    """CLI flags equal to ``_cfg`` defaults (so the fingerprint matches ``deit_cache``)."""
+    return ["cache-teacher", "--shards", shards, "--out", str(out), "--teacher", "regnetx_002",
+            "--teacher-checkpoint", teacher, "--img-size", "32", "--views", "4", "--view-block", "2",
+            "--topk", str(K), "--temperatures", "1,3", "--batch-size", "16", "--workers", "0", "--no-progress",
+            *extra]  # fmt: skip
+
+
+def _output(result) -> str:
+    """stdout and stderr of a CliRunner result (click >= 8.2 interleaves both in ``output``)."""
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def eval_cache(tmp_path_factory, digits_shards, tiny_teacher) -> Path:
+    out = tmp_path_factory.mktemp("eval-cache") / "cache"
+    run(_cfg(digits_shards, tiny_teacher, out, recipe="eval", views=2, view_block=2, temperatures=TEMPS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def deit_cache(tmp_path_factory, digits_shards, tiny_teacher) -> Path:
+    """DeiT recipe at 32 px: 3 shards x 40 digits, V=4 in blocks of 2, K=5, tau in {1, 3}."""
+    out = tmp_path_factory.mktemp("deit-cache") / "cache"
+    summary = run(_cfg(digits_shards, tiny_teacher, out))
+    assert summary["units_done"] == 6 and summary["views"] == 120 * 4
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory) -> str:
+    """Same architecture as ``tiny_teacher``, different weights."""
+    torch.manual_seed(1)
+    model = timm.create_model("regnetx_002", num_classes=10)
+    path = tmp_path_factory.mktemp("teacher2") / "regnetx_002-other.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _read_tar(path: Path) -> list[tuple[str, bytes, int]]:
+    """(key, image bytes, label) in tar order, using only tarfile."""
+    samples: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            if key not in samples:
+                samples[key] = {}
+                order.append(key)
+            samples[key][ext] = tar.extractfile(m).read()
+    return [(k, samples[k]["png"], int(samples[k]["cls"])) for k in order]
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(g[name][...]) for name in ("values", "indices", "logsumexp", "labels", "keys", "done")}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Stored targets equal an independent reference
+
+
+def test_eval_cache_matches_independent_teacher_run(eval_cache, digits_shards, tiny_teacher):
+    g = zarr.open_group(str(eval_cache), mode="r")
+    meta = g.attrs["stillroom"]
+    shard_dir = Path(digits_shards).parent
+    tars = sorted(shard_dir.glob("train-*.tar"))
+    assert [s["name"] for s in meta["shards"]] == [t.name for t in tars]
+    cap = int(meta["capacity"])
+
+    # The reference: PIL decode, torchvision resize + center crop, timm model, its own mean/std.
+    model = timm.create_model("regnetx_002", num_classes=10)
+    model.load_state_dict(torch.load(tiny_teacher, map_location="cpu", weights_only=True))
+    model.eval()
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    tf = T.Compose([
+        T.Resize(math.floor(32 / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(32),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])  # fmt: skip
+    rows, keys, labels, pixels = [], [], [], []
+    for s, tar in enumerate(tars):
+        for pos, (key, data, label) in enumerate(_read_tar(tar)):
+            rows.append(s * cap + pos)
+            keys.append(key)
+            labels.append(label)
+            pixels.append(tf(Image.open(io.BytesIO(data)).convert("RGB")))
+    with torch.no_grad():
+        logits = model(torch.stack(pixels)).float()
+    ref_vals, ref_idx = torch.topk(logits, K, dim=-1)
+    rows_np = np.array(rows)
+
+    assert np.asarray(g["keys"][...])[rows_np].tolist() == keys
+    assert np.asarray(g["labels"][...])[rows_np].tolist() == labels
+    assert (np.asarray(g["done"][...]) == 40).all()
+    for v in range(2):  # the eval recipe has no randomness: both views hold the same targets
+        values = torch.from_numpy(np.asarray(g["values"][v])[rows_np].astype(np.float32))
+        indices = torch.from_numpy(np.asarray(g["indices"][v])[rows_np].astype(np.int64))
+        lse = torch.from_numpy(np.asarray(g["logsumexp"][v])[rows_np])
+        # Top-k values: fp16 of the reference (tolerance = fp16 rounding of a float32 that may
+        # differ in the last bits with batch composition).
+        torch.testing.assert_close(values, ref_vals.half().float(), rtol=2e-3, atol=2e-4)
+        assert torch.equal(indices, ref_idx)
+        assert (values[:, :-1] >= values[:, 1:]).all(), "values must be sorted descending"
+        for t_i, tau in enumerate(TEMPS):
+            torch.testing.assert_close(lse[:, t_i], torch.logsumexp(logits / tau, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Plain zarr reads the cache: dtypes, shapes, chunks, attributes
+
+
+def test_cache_is_plain_zarr_with_design_layout(deit_cache, digits_shards, tiny_teacher):
+    g = zarr.open_group(str(deit_cache), mode="r")
+    assert g.metadata.zarr_format == 3
+    meta = g.attrs["stillroom"]
+    v, cap, nshards, rows = 4, 40, 3, 120
+    expect = {
+        "values": (np.float16, (v, rows, K), (2, cap, K)),
+        "indices": (np.int16, (v, rows, K), (2, cap, K)),
+        "logsumexp": (np.float32, (v, rows, 2), (2, cap, 2)),
+        "labels": (np.int32, (rows,), (cap,)),
+        "done": (np.int32, (2, nshards), (1, 1)),
+    }
+    for name, (dtype, shape, chunks) in expect.items():
+        arr = g[name]
+        assert arr.dtype == dtype, name
+        assert arr.shape == shape, name
+        assert arr.chunks == chunks, name
+    keys = g["keys"]
+    assert keys.shape == (rows,) and keys.chunks == (cap,)
+    key_values = np.asarray(keys[...])
+    assert key_values.dtype.kind in ("T", "U", "O") and all(isinstance(k, str) for k in key_values.tolist())
+    assert all(re.fullmatch(r"digits-\d{5}", k) for k in key_values.tolist())
+    assert sorted(set(key_values.tolist())) == sorted(key_values.tolist()), "keys are unique"
+    labels = np.asarray(g["labels"][...])
+    assert ((labels >= 0) & (labels < 10)).all()
+    assert (np.asarray(g["done"][...]) == 40).all()
+    values = np.asarray(g["values"][...]).astype(np.float32)
+    assert (np.diff(values, axis=-1) <= 0).all(), "top-k values sorted descending"
+    indices = np.asarray(g["indices"][...])
+    assert ((indices >= 0) & (indices < 10)).all()
+    assert all(len(set(row)) == K for row in indices.reshape(-1, K).tolist()), "distinct classes per row"
+    # logsumexp over all classes is at least the largest logit / tau
+    lse = np.asarray(g["logsumexp"][...])
+    assert (lse[..., 0] >= values[..., 0] - 1e-3).all()
+    assert (lse[..., 1] >= values[..., 0] / 3.0 - 1e-3).all()
+
+    assert meta["format_version"] == 1
+    assert meta["topk"] == K and meta["temperatures"] == [1.0, 3.0]
+    assert meta["views"] == 4 and meta["view_block"] == 2 and meta["seed"] == 0 and meta["capacity"] == cap
+    assert [(s["name"], s["count"]) for s in meta["shards"]] == [(f"train-{i:06d}.tar", 40) for i in range(3)]
+    assert all(Path(s["url"]).exists() for s in meta["shards"])
+    assert meta["recipe"]["name"] == "deit" and meta["recipe"]["img_size"] == 32
+    teacher = meta["teacher"]
+    assert teacher["name"] == "regnetx_002"
+    assert teacher["checkpoint_sha256"] == hashlib.sha256(Path(tiny_teacher).read_bytes()).hexdigest()
+    assert teacher["input_size"] == 32
+    assert teacher["mean"] == [0.485, 0.456, 0.406] and teacher["std"] == [0.229, 0.224, 0.225]
+    assert {"torch", "torchvision", "timm", "Pillow"} <= set(meta["versions"])
+    assert re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Refusals
+
+
+def test_other_teacher_weights_refused_then_force_new_replaces(tmp_path, deit_cache, digits_shards, tiny_teacher,
+                                                                 other_teacher):  # fmt: skip
+    out = tmp_path / "cache"
+    shutil.copytree(deit_cache, out)
+    before = zarr.open_group(str(out), mode="r").attrs["stillroom"]
+    runner = CliRunner()
+
+    same = runner.invoke(app, _cache_cli_args(digits_shards, tiny_teacher, out))
+    assert same.exit_code == 0, _output(same)
+    assert "0 units done, 6 skipped" in _output(same)
+
+    refused = runner.invoke(app, _cache_cli_args(digits_shards, other_teacher, out))
+    assert refused.exit_code == 2, _output(refused)
+    assert "teacher.checkpoint_sha256" in _output(refused)
+    assert "--force-new" in _output(refused)
+    assert zarr.open_group(str(out), mode="r").attrs["stillroom"] == before, "a refused run must not touch the cache"
+
+    # --force-new replaces it (only views 0-1 computed, to keep the test short)
+    replaced = runner.invoke(
+        app, _cache_cli_args(digits_shards, other_teacher, out, "--force-new", "--view-range", "0:2")
+    )
+    assert replaced.exit_code == 0, _output(replaced)
+    g = zarr.open_group(str(out), mode="r")
+    meta = g.attrs["stillroom"]
+    assert meta["teacher"]["checkpoint_sha256"] == hashlib.sha256(Path(other_teacher).read_bytes()).hexdigest()
+    assert meta["fingerprint"] != before["fingerprint"]
+    assert np.asarray(g["done"][...]).tolist() == [[40, 40, 40], [-1, -1, -1]]
+    old = zarr.open_group(str(deit_cache), mode="r")
+    assert not np.array_equal(np.asarray(g["values"][0:2]), np.asarray(old["values"][0:2]))
+    assert np.array_equal(np.asarray(g["keys"][...]), np.asarray(old["keys"][...]))
+
+
+def test_topk_larger_than_classes_refused(tmp_path, digits_shards, tiny_teacher):
+    out = tmp_path / "cache"
+    args = _cache_cli_args(digits_shards, tiny_teacher, out)
+    args[args.index("--topk") + 1] = "11"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, _output(result)
+    assert "--topk 11" in _output(result) and "10" in _output(result)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--view-block", "0", "--view-block must be >= 1"), ("--views", "0", "--views must be >= 1"),
+     ("--topk", "0", "--topk must be >= 1"), ("--temperatures", "1,0", "--temperatures must be")],
+)  # fmt: skip
+def test_nonsense_options_refused(tmp_path, digits_shards, tiny_teacher, flag, value, message):
+    out = tmp_path / "cache"
+    args = _cache_cli_args(digits_shards, tiny_teacher, out)
+    args[args.index(flag) + 1] = value
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, _output(result)
+    assert message in _output(result)
+    assert not out.exists()
+
+
+def test_missing_shard_refused_before_any_work(tmp_path, digits_shards, tiny_teacher):
+    # A shard that is nowhere (no sidecar either)
+    out = tmp_path / "cache"
+    missing = str(tmp_path / "nowhere" / "train-000000.tar")
+    result = CliRunner().invoke(app, _cache_cli_args(missing, tiny_teacher, out))
+    assert result.exit_code == 2, _output(result)
+    assert "train-000000.tar" in _output(result) and "does not exist" in _output(result)
+    assert not out.exists()
+
+    # A shard listed in the pack sidecar whose tar was deleted: refused up front, naming it
+    data = tmp_path / "data"
+    shutil.copytree(Path(digits_shards).parent, data)
+    (data / "train-000001.tar").unlink()
+    result = CliRunner().invoke(app, _cache_cli_args(str(data / "train-{000000..000002}.tar"), tiny_teacher, out))
+    assert result.exit_code == 2, _output(result)
+    assert "train-000001.tar" in _output(result) and "does not exist" in _output(result)
+    assert not out.exists(), "the cache must not be created for a shard list that cannot be read"
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. verify-cache
+
+
+def _verify(cache: Path, shards: str, teacher: str):
+    return CliRunner().invoke(app, ["verify-cache", str(cache), "--shards", shards, "--teacher-checkpoint", teacher])
+
+
+def test_verify_cache_passes_good_cache(deit_cache, digits_shards, tiny_teacher):
+    result = _verify(deit_cache, digits_shards, tiny_teacher)
+    assert result.exit_code == 0, _output(result)
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["ok"] and report["checked"] > 0 and report["top1_agreement"] == 1.0
+    assert report["max_abs_logit_diff"] <= 0.05
+
+
+def test_verify_cache_fails_tampered_values(tmp_path, deit_cache, digits_shards, tiny_teacher):
+    out = tmp_path / "cache"
+    shutil.copytree(deit_cache, out)
+    g = zarr.open_group(str(out), mode="r+")
+    vals = np.asarray(g["values"][...])
+    vals[1:3, 40:80] += np.float16(0.25)  # views 1-2 of shard 1: top-k still sorted, just wrong
+    g["values"][...] = vals
+    result = _verify(out, digits_shards, tiny_teacher)
+    assert result.exit_code == 1, _output(result)
+    assert "max |logit difference|" in _output(result)
+
+
+def test_verify_cache_fails_swapped_keys(tmp_path, deit_cache, digits_shards, tiny_teacher):
+    out = tmp_path / "cache"
+    shutil.copytree(deit_cache, out)
+    g = zarr.open_group(str(out), mode="r+")
+    keys = np.asarray(g["keys"][...]).astype(object)
+    keys[[42, 43]] = keys[[43, 42]]
+    g["keys"][...] = keys.astype(str)
+    result = _verify(out, digits_shards, tiny_teacher)
+    assert result.exit_code == 1, _output(result)
+    assert "train-000001.tar" in _output(result) and "position 2" in _output(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. cache-status on a partial cache; view ranges compose into the full cache
+
+
+def test_cache_status_partial_then_completed_by_view_range(tmp_path, deit_cache, digits_shards, tiny_teacher):
+    out = tmp_path / "cache"
+    run(_cfg(digits_shards, tiny_teacher, out, view_range="2:4"))
+    result = CliRunner().invoke(app, ["cache-status", str(out)])
+    assert result.exit_code == 0, _output(result)
+    status = json.loads(result.stdout)
+    assert status["units_done"] == 3 and status["units_total"] == 6
+    assert status["by_view_block"] == {"0-1": "0/3", "2-3": "3/3"}
+    assert status["missing_units"] == [{"views": "0-1", "shard": f"train-{i:06d}.tar"} for i in range(3)]
+    assert status["samples_views_cached"] == 120 * 2
+    assert status["bytes_on_disk"] > 0 and status["bytes_per_sample_view"] > 0
+    assert 0 <= status["teacher_top1_vs_label_pct"] <= 100
+
+    run(_cfg(digits_shards, tiny_teacher, out, view_range="0:2"))
+    status = json.loads(CliRunner().invoke(app, ["cache-status", str(out)]).stdout)
+    assert status["units_done"] == 6 and status["missing_units"] == []
+    full, parts = _arrays(deit_cache), _arrays(out)
+    for name in full:
+        assert np.array_equal(full[name], parts[name]), f"{name}: two view-range runs differ from one full run"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. One decode per image per unit (shard x view block), whatever the number of views
+
+
+@pytest.mark.parametrize("view_block, units_per_shard", [(4, 1), (2, 2)])
+def test_each_image_decoded_once_per_unit(tmp_path, monkeypatch, digits_shards, tiny_teacher, view_block,
+                                          units_per_shard):  # fmt: skip
+    calls: defaultdict[bytes, int] = defaultdict(int)
+    real = pipeline.replay.decode_image
+
+    def counting(data: bytes):
+        calls[hashlib.sha256(data).digest()] += 1
+        return real(data)
+
+    monkeypatch.setattr(pipeline.replay, "decode_image", counting)
+    monkeypatch.setattr(pipeline.shards, "decode_image", counting)  # the name iter_decoded uses
+    summary = run(_cfg(digits_shards, tiny_teacher, tmp_path / "cache", view_block=view_block, workers=0))
+    assert summary["views"] == 120 * 4
+    assert len(calls) == 120, "every image decoded"
+    assert set(calls.values()) == {units_per_shard}, "one decode per image per unit, not per view"
+    assert summary["images"] == 120 * units_per_shard

@@ -1,0 +1,141 @@
+"""Our distillation targets and losses against DeiT's published formulas, on random tensors.
+
+DeiT's ``DistillationLoss`` (facebookresearch/deit, ``losses.py``) is restated here verbatim as the
+reference: soft = ``kl_div(log_softmax(s/T), log_softmax(t/T), 'sum', log_target=True) * T*T /
+s.numel()``, hard = ``cross_entropy(s, t.argmax(1))``, total = ``base * (1 - alpha) + distill *
+alpha`` with ``base`` timm's SoftTargetCrossEntropy of the class head on mixup targets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.data.mixup import mixup_target
+from timm.loss import SoftTargetCrossEntropy
+
+from pipeline import losses
+from pipeline.models import topk_targets
+from pipeline.task import DistillationTask
+
+C = 10
+
+
+def deit_soft(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
+    return (
+        F.kl_div(F.log_softmax(s / tau, dim=1), F.log_softmax(t / tau, dim=1), reduction="sum", log_target=True)
+        * (tau * tau)
+        / s.numel()
+    )
+
+
+def deit_hard(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(s, t.argmax(dim=1))
+
+
+def logits(n: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(n, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float() * scale
+
+
+def cached_targets(t: torch.Tensor, k: int, temps: list[float], half: bool = False) -> dict[str, torch.Tensor]:
+    """What a batch carries in cached mode (``half=True``: the cache's fp16 values)."""
+    values, indices, lse = topk_targets(t, k, temps, half=half)
+    return {"t_values": values.float(), "t_indices": indices, "t_lse": lse}
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_soft_target_probs_full_k_is_the_softmax(tau: float) -> None:
+    t = logits(8, 0)
+    c = cached_targets(t, C, [tau])
+    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    torch.testing.assert_close(probs, F.softmax(t / tau, dim=1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_soft_target_probs_top_k_exact_rest_uniform(k: int) -> None:
+    tau = 3.0
+    t = logits(16, 1)
+    c = cached_targets(t, k, [1.0, tau])
+    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 1], tau, C)
+    exact = F.softmax(t / tau, dim=1)
+    top = probs.gather(1, c["t_indices"])
+    torch.testing.assert_close(top, exact.gather(1, c["t_indices"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(16), rtol=0, atol=1e-6)
+    rest_mask = torch.ones_like(probs, dtype=torch.bool).scatter_(1, c["t_indices"], False)
+    rest = probs[rest_mask].view(16, C - k)
+    expected = (1.0 - exact.gather(1, c["t_indices"]).sum(dim=1, keepdim=True)) / (C - k)
+    torch.testing.assert_close(rest, expected.expand(-1, C - k), rtol=0, atol=1e-6)
+    # The top-k entries stay the k largest: the uniform rest never outranks a cached class.
+    assert (top.min(dim=1).values >= rest.max(dim=1).values - 1e-7).all()
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+def test_soft_distillation_matches_deit(tau: float) -> None:
+    s, t = logits(8, 2), logits(8, 3)
+    c = cached_targets(t, C, [tau])
+    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    ours = losses.soft_distillation(s, probs, tau)
+    torch.testing.assert_close(ours, deit_soft(s, t, tau), rtol=1e-5, atol=1e-6)
+
+
+def test_soft_distillation_fp16_cache_is_close_to_deit() -> None:
+    """With K < C and fp16 values (what the cache stores) the loss stays near the exact one."""
+    tau = 3.0
+    s, t = logits(32, 4), logits(32, 5, scale=5.0)
+    c = cached_targets(t, 5, [tau], half=True)
+    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    assert torch.isfinite(probs).all() and (probs >= 0).all()
+    ours = losses.soft_distillation(s, probs, tau)
+    torch.testing.assert_close(ours, deit_soft(s, t, tau), rtol=0.05, atol=1e-3)
+
+
+def test_hard_distillation_matches_deit() -> None:
+    s, t = logits(8, 6), logits(8, 7)
+    _, indices, _ = topk_targets(t, 3, [1.0])
+    torch.testing.assert_close(losses.hard_distillation(s, indices[:, 0]), deit_hard(s, t))
+
+
+def test_mixed_targets_match_timm_mixup_target() -> None:
+    label = torch.tensor([3, 1, 4, 1, 5, 9])
+    lam = 0.7
+    ours = losses.mixed_targets(label, label.flip(0), torch.full((6,), lam), C, smoothing=0.1)
+    torch.testing.assert_close(ours, mixup_target(label, C, lam, smoothing=0.1))
+
+
+@pytest.mark.parametrize(("distillation", "tau"), [("hard", 1.0), ("soft", 1.0), ("soft", 3.0)])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
+def test_task_loss_matches_deit_distillation_loss(distillation: str, tau: float, alpha: float) -> None:
+    """DistillationTask.loss == DeiT's DistillationLoss with a SoftTargetCrossEntropy base criterion."""
+    n = 6
+    cls_out, dist_out, t = logits(n, 8), logits(n, 9), logits(n, 10)
+    label = torch.tensor([0, 2, 4, 6, 8, 9])
+    partner = torch.tensor([9, 8, 6, 4, 2, 0])  # label.flip(0), so timm's mixup_target is the reference
+    lam = 0.6
+    batch = {
+        "label": label,
+        "mix_label": partner,
+        "lam": torch.full((n,), lam),
+        **cached_targets(t, C, [1.0, 3.0]),  # the task must pick tau's logsumexp column
+    }
+    task = DistillationTask(torch.nn.Identity(), C, distillation, alpha, tau, [1.0, 3.0], smoothing=0.1)  # type: ignore[arg-type]
+    out = task.loss((cls_out, dist_out), batch)
+
+    base = SoftTargetCrossEntropy()(cls_out, mixup_target(label, C, lam, smoothing=0.1))
+    distill = deit_hard(dist_out, t) if distillation == "hard" else deit_soft(dist_out, t, tau)
+    torch.testing.assert_close(out.loss, base * (1 - alpha) + distill * alpha, rtol=1e-5, atol=1e-6)
+    assert out.base_loss == pytest.approx(float(base), rel=1e-5)
+    assert out.distill_loss == pytest.approx(float(distill), rel=1e-5)
+
+
+def test_task_none_trains_the_average_of_both_heads() -> None:
+    cls_out, dist_out = logits(4, 11), logits(4, 12)
+    label = torch.tensor([1, 2, 3, 4])
+    batch = {"label": label, "mix_label": label, "lam": torch.ones(4)}
+    task = DistillationTask(torch.nn.Identity(), C, "none", smoothing=0.0)  # type: ignore[arg-type]
+    out = task.loss((cls_out, dist_out), batch)
+    torch.testing.assert_close(out.loss, F.cross_entropy((cls_out + dist_out) / 2, label))
+
+
+def test_task_refuses_an_uncached_tau() -> None:
+    with pytest.raises(ValueError, match=r"--tau 2\.0 is not a cached temperature"):
+        DistillationTask(torch.nn.Identity(), C, "soft", tau=2.0, temperatures=[1.0, 3.0])
