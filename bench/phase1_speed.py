@@ -121,6 +121,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="stillroom-bench-") as tmp:
         t = Path(tmp)
         meta = pack(str(DATA), str(t / "data"), per_shard=args.per_shard)["train"]
@@ -134,12 +135,14 @@ def main() -> None:
         for block in (args.views, 1):
             runs[block] = cache_run(shards, teacher, t / f"cache-b{block}", args, block)
 
+    load_after = round(os.getloadavg()[0], 2)
     bound = bare["images_views_per_s"]
     once, per_view = runs[args.views], runs[1]
     st = once["status"]
     payload = 2 * args.topk + (2 if NUM_CLASSES <= 32767 else 4) * args.topk + 4 * 2  # values + indices + lse
-    mach = machine()
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    mach = {**machine(), "load_average_1m_at_start": load_start, "load_average_1m_at_end": load_after}
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
+    command = " ".join(shlex.quote(a) for a in [*env, sys.executable, *sys.argv])
     result = {
         "machine": mach,
         "command": command,
@@ -182,10 +185,12 @@ def main() -> None:
         "",
         f"- decode-once gain (view_block {args.views} vs 1): {result['decode_once_speedup']:.2f}x",
         f"- bytes on disk per (sample, view) at K={args.topk}: {st['bytes_per_sample_view']} "
-        f"(payload {payload} B: fp16 values + int16 indices + 2 fp32 logsumexp; the rest is labels, keys, "
-        "markers, metadata and compression)",
+        f"(uncompressed payload {payload} B: fp16 values + int16 indices + 2 fp32 logsumexp; on disk: zstd "
+        "chunks plus labels, keys, markers and metadata; a random-init teacher's logits may compress better "
+        "than a trained one's)",
         f"- machine: {mach['cpu']}, {mach['cores']} cores ({mach['usable_cores']} usable), "
-        f"torch {mach['torch']} with {mach['torch_threads']} intra-op threads",
+        f"torch {mach['torch']} with {mach['torch_threads']} intra-op threads; 1-min load average "
+        f"{load_start} at start, {load_after} at end (other processes share these cores when it is above ~0.5)",
         f"- command: `{command}`",
     ]
     print("\n".join(lines))

@@ -134,6 +134,13 @@ def _write_split(items: list[Item], out: str, prefix: str, per_shard: int, class
                 sink.write({"__key__": it.key, it.ext: it.data, "cls": str(it.label).encode()})
         os.replace(tmp, os.path.join(out, name))
         shards.append({"name": name, "count": len(chunk), "class_counts": dict(Counter(it.label for it in chunk))})
+    # Shards of this prefix left by an earlier, larger pack into the same folder would be picked up by
+    # a glob (``train-*.tar``) and silently mixed into the data set: they belong to this split, remove them.
+    numbered = re.compile(re.escape(prefix) + r"-(\d{6})\.tar")
+    for old in os.listdir(out):
+        m = numbered.fullmatch(old)
+        if m and int(m.group(1)) >= len(shards):
+            os.remove(os.path.join(out, old))
     meta = {
         "split": prefix,
         "classes": classes,
@@ -165,6 +172,9 @@ def pack(
         raise ValueError("--per-shard must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError("--val-fraction must be in [0, 1)")
+    if val_fraction > 0 and prefix == "val":
+        # The validation split is written as val-*.tar + val.json: it would overwrite the training split.
+        raise ValueError("--prefix val clashes with the validation split of --val-fraction; choose another prefix")
     classes, items_iter = digits_items(digits_size) if source == "digits" else folder_items(source)
     items = list(items_iter)
     dup = [k for k, n in Counter(it.key for it in items).items() if n > 1]

@@ -26,6 +26,7 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import IMAGENET_SAMPLE, write_digits_shards
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.data import StreamSpec, ViewStream, epoch_batches
@@ -76,8 +77,8 @@ def shard_views(pattern: str, recipe: Recipe, views: list[int], seed: int = SEED
 def replay_digests(spec: dict) -> dict[str, str]:
     """Digests of digits shard views (mixing on) and of ImageNet-sample views (per sample).
 
-    Runs in the test process and, unchanged, in fresh interpreters (see ``test_replay_is_identical_
-    in_fresh_processes``).
+    Runs in the test process and, unchanged, in fresh interpreters
+    (``test_replay_is_identical_in_fresh_processes``).
     """
     out = {}
     deit = make_recipe("deit", img_size=32)
@@ -94,7 +95,7 @@ def replay_digests(spec: dict) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def imagenet_images() -> dict[str, object]:
+def imagenet_images() -> dict[str, Image.Image]:
     """Decoded ImageNet-sample images by key (file stem)."""
     images = {}
     for name in IMAGENET_NAMES:

@@ -40,6 +40,10 @@ def _jpeg(color: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
+def _photo() -> bytes:
+    return (IMAGENET_SAMPLE / "n01440764_tench.JPEG").read_bytes()
+
+
 def good_samples() -> list[dict]:
     return [{"__key__": f"s{i:03d}", "jpg": _jpeg((40 * i, 100, 200)), "cls": str(i % 3).encode()} for i in range(N)]
 
@@ -58,7 +62,8 @@ def _without(sample: dict, field: str) -> dict:
 # name -> how the sample at position BAD is spoiled, and a word the error must contain
 BAD_SAMPLES = {
     "corrupt-jpeg": (lambda s: {**s, "jpg": b"\xff\xd8\xff\xe0 this is not really a jpeg"}, "undecodable"),
-    "truncated-jpeg": (lambda s: {**s, "jpg": s["jpg"][: len(s["jpg"]) // 2]}, "undecodable"),
+    # A real photo cut after its headers: opening works, only the full decode notices.
+    "truncated-jpeg": (lambda s: {**s, "jpg": _photo()[: len(_photo()) * 6 // 10]}, "undecodable"),
     "zero-byte-image": (lambda s: {**s, "jpg": b""}, "empty"),
     "missing-cls": (lambda s: _without(s, "cls"), ".cls"),
     "non-integer-cls": (lambda s: {**s, "cls": b"tench"}, "non-integer"),

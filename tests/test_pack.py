@@ -1,0 +1,229 @@
+"""Packing real image sets into shards and reading every sample back.
+
+Sources: scikit-learn's digits (labels checked against ``load_digits().target`` by key index) and
+the ImageNet sample (flat ``<synset>_<name>.JPEG`` files labelled by ``classes.tsv``). Packing is
+deterministic (same bytes twice), the sidecar's counts are the shards' real counts, and every image
+decodes to 3-channel RGB whatever its mode (grayscale, CMYK, palette, alpha).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import IMAGENET_SAMPLE
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.pack import pack
+from pipeline.shards import count_samples, iter_decoded, iter_raw, load_shard_list, num_classes_from_sidecar
+
+
+@pytest.fixture(scope="module")
+def digits_data():
+    from sklearn.datasets import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def imagenet_classes() -> list[str]:
+    rows = [line.split("\t") for line in (IMAGENET_SAMPLE / "classes.tsv").read_text().splitlines() if line.strip()]
+    assert [int(r[0]) for r in rows] == list(range(len(rows)))
+    return [r[1] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def packed_imagenet(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("inet-pack")
+    return out, pack(str(IMAGENET_SAMPLE), str(out), per_shard=64)
+
+
+def read_split(out: Path, meta: dict) -> list:
+    """Every decoded sample of one packed split, checking counts against the sidecar on the way."""
+    shards = load_shard_list(str(out / meta["pattern"]))
+    assert [s.name for s in shards] == [s["name"] for s in meta["shards"]]
+    samples = []
+    for i, (shard, side) in enumerate(zip(shards, meta["shards"], strict=True)):
+        assert shard.count == side["count"] == count_samples(shard.url)  # the sidecar matches the tar itself
+        got = list(iter_decoded(shard, i, num_classes=meta["num_classes"]))
+        assert len(got) == side["count"]
+        assert dict(Counter(s.label for s in got)) == {int(k): v for k, v in side["class_counts"].items()}
+        samples += got
+    assert len(samples) == meta["num_samples"] == sum(s["count"] for s in meta["shards"])
+    return samples
+
+
+def test_pack_digits_with_val_split(tmp_path, digits_data):
+    """All 1797 digits land in exactly one split, with their own label and their own image."""
+    meta = pack("digits", str(tmp_path), per_shard=500, val_fraction=0.2)
+    assert set(meta) == {"train", "val"}
+    train = read_split(tmp_path, meta["train"])
+    val = read_split(tmp_path, meta["val"])
+    assert meta["train"]["num_classes"] == 10 == num_classes_from_sidecar(str(tmp_path / "train-000000.tar"))
+    assert 0.1 * 1797 < len(val) < 0.3 * 1797
+    train_keys, val_keys = {s.key for s in train}, {s.key for s in val}
+    assert not train_keys & val_keys
+    assert train_keys | val_keys == {f"digits-{i:05d}" for i in range(1797)}
+    for s in train + val:
+        index = int(s.key.removeprefix("digits-"))
+        assert s.label == digits_data.target[index], s.key
+        assert s.image.mode == "RGB" and s.image.size == (32, 32)
+    # The image is the digit of that index: shrunk back to 8x8, of all 1797 scans it matches its own best.
+    scans = digits_data.images.reshape(len(digits_data.images), -1)
+    scans = scans - scans.mean(1, keepdims=True)
+    scans /= np.linalg.norm(scans, axis=1, keepdims=True) + 1e-9
+    for s in (train + val)[::7]:
+        small = np.asarray(s.image.convert("L").resize((8, 8), Image.BOX), dtype=np.float64).ravel()
+        corr = scans @ ((small - small.mean()) / np.linalg.norm(small - small.mean()))
+        assert f"digits-{int(np.argmax(corr)):05d}" == s.key and corr.max() > 0.95, s.key
+    # Shards mix classes (mixup partners are drawn inside a shard), they are not sorted by label.
+    for side in meta["train"]["shards"]:
+        assert len(side["class_counts"]) == 10
+
+
+def test_pack_imagenet_sample_labels_bytes_and_modes(packed_imagenet, imagenet_classes):
+    """Every file is packed once, byte for byte, labelled by the classes.tsv index of its synset."""
+    out, meta = packed_imagenet
+    assert set(meta) == {"train"} and meta["train"]["classes"] == imagenet_classes
+    assert [s["count"] for s in meta["train"]["shards"]] == [64, 64, 64, 8]
+    samples = read_split(out, meta["train"])
+    files = {p.stem: p for p in IMAGENET_SAMPLE.glob("*.JPEG")}
+    assert len(files) == 200 and {s.key for s in samples} == set(files)
+    for s in samples:
+        synset = s.key.split("_")[0]
+        assert s.label == imagenet_classes.index(synset), s.key
+        assert s.image.mode == "RGB"
+        assert s.image.size == Image.open(files[s.key]).size
+    gray = [s for s in samples if Image.open(files[s.key]).mode == "L"]
+    assert len(gray) == 5  # the sample's grayscale JPEGs, now RGB with equal channels
+    for s in gray:
+        r, g, b = s.image.split()
+        assert r.tobytes() == g.tobytes() == b.tobytes()
+    for i, shard in enumerate(load_shard_list(str(out / meta["train"]["pattern"]))):
+        for raw in iter_raw(shard, i):
+            assert raw.image == files[raw.key].read_bytes()
+
+
+def test_repacking_gives_identical_shards(tmp_path, packed_imagenet, monkeypatch):
+    """Packing the same source again, at another time, writes the same bytes (same keys, same order)."""
+    out, meta = packed_imagenet
+    monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)  # tar headers must not record "now"
+    again = pack(str(IMAGENET_SAMPLE), str(tmp_path), per_shard=64)
+    assert again == meta
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in tmp_path.iterdir()) and len(names) == 5
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_split_is_by_key_not_by_position(tmp_path):
+    """Which split a sample lands in depends on its key only, not on shard size or the other samples."""
+    a = pack("digits", str(tmp_path / "a"), per_shard=300, val_fraction=0.1)
+    b = pack("digits", str(tmp_path / "b"), per_shard=1000, val_fraction=0.1)
+
+    def keys(out: Path, meta: dict) -> set[str]:
+        shards = load_shard_list(str(out / meta["pattern"]))
+        return {r.key for i, s in enumerate(shards) for r in iter_raw(s, i)}
+
+    assert keys(tmp_path / "a", a["val"]) == keys(tmp_path / "b", b["val"])
+    assert len(a["train"]["shards"]) > len(b["train"]["shards"])
+
+
+def test_repacking_into_the_same_folder_leaves_no_stale_shards(tmp_path):
+    """A smaller repack into a used folder must not leave old shards for a glob to pick up."""
+    pack("digits", str(tmp_path), per_shard=300)  # 6 shards
+    meta = pack("digits", str(tmp_path), per_shard=900)  # 2 shards
+    shards = load_shard_list(str(tmp_path / "train-*.tar"))
+    assert [s.name for s in shards] == [s["name"] for s in meta["train"]["shards"]]
+    assert sum(s.count for s in shards) == 1797
+
+
+def _image_bytes(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_image_modes_become_rgb(tmp_path):
+    """CMYK and grayscale JPEGs, palette and RGBA PNGs are all read back as 3-channel RGB."""
+    root = tmp_path / "folder"
+    red, blue = (230, 20, 20), (20, 20, 230)
+    files = {
+        "warm/cmyk.jpg": _image_bytes(Image.new("RGB", (40, 30), red).convert("CMYK"), "JPEG"),
+        "warm/gray.jpeg": _image_bytes(Image.new("L", (30, 40), 200), "JPEG"),
+        "cold/palette.png": _image_bytes(Image.new("RGB", (16, 16), blue).convert("P", palette=Image.ADAPTIVE), "PNG"),
+        "cold/alpha.png": _image_bytes(Image.new("RGBA", (16, 16), (*blue, 128)), "PNG"),
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    assert Image.open(root / "warm/cmyk.jpg").mode == "CMYK"
+    meta = pack(str(root), str(tmp_path / "out"), per_shard=3)
+    assert meta["train"]["classes"] == ["cold", "warm"]
+    samples = {s.key: s for s in read_split(tmp_path / "out", meta["train"])}
+    assert set(samples) == {"warm--cmyk", "warm--gray", "cold--palette", "cold--alpha"}
+    expected = {"warm--cmyk": (1, red), "warm--gray": (1, (200, 200, 200)), "cold--palette": (0, blue),
+                "cold--alpha": (0, blue)}  # fmt: skip
+    for key, (label, colour) in expected.items():
+        s = samples[key]
+        assert s.label == label and s.image.mode == "RGB"
+        pixel = np.asarray(s.image)[s.image.height // 2, s.image.width // 2]
+        assert np.abs(pixel.astype(int) - np.array(colour)).max() <= 8, (key, pixel)
+
+
+def test_pack_refuses_ambiguous_inputs(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    (root / "classes.tsv").write_text("0\tn0001\tcat\n1\tn0002\tdog\n")
+    (root / "n0001_a.png").write_bytes(_image_bytes(Image.new("RGB", (8, 8)), "PNG"))
+    (root / "n0009_b.png").write_bytes(_image_bytes(Image.new("RGB", (8, 8)), "PNG"))
+    with pytest.raises(ValueError, match=re.escape("n0009_b.png")):
+        pack(str(root), str(tmp_path / "o1"))
+    (root / "n0009_b.png").unlink()
+    (root / "n0001_a.jpg").write_bytes(_image_bytes(Image.new("RGB", (8, 8)), "JPEG"))  # same key as the png
+    with pytest.raises(ValueError, match="n0001_a"):
+        pack(str(root), str(tmp_path / "o2"))
+    for bad in (
+        {"per_shard": 0},
+        {"val_fraction": 1.0},
+        {"val_fraction": -0.1},
+        {"val_fraction": 0.2, "prefix": "val"},
+    ):
+        with pytest.raises(ValueError):
+            pack("digits", str(tmp_path / "o3"), **bad)
+    with pytest.raises((ValueError, FileNotFoundError)):
+        pack(str(tmp_path / "no-such-folder"), str(tmp_path / "o4"))
+
+
+def test_cli_pack(tmp_path, digits_data):
+    from cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(app, ["pack", "digits", str(out), "--per-shard", "700", "--val-fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    side = json.loads((out / "train.json").read_text())
+    val_side = json.loads((out / "val.json").read_text())
+    assert f"train: {side['num_samples']} samples in {len(side['shards'])} shards" in result.output
+    assert side["num_samples"] + val_side["num_samples"] == 1797
+    samples = read_split(out, side)
+    assert all(s.label == digits_data.target[int(s.key[7:])] for s in samples)
+    assert sorted(os.listdir(out)) == sorted(
+        ["train.json", "val.json"] + [s["name"] for s in side["shards"]] + [s["name"] for s in val_side["shards"]]
+    )
+    # Bad arguments fail with a message and a non-zero status, not a traceback.
+    for args in (
+        ["pack", str(tmp_path / "missing"), str(tmp_path / "o")],
+        ["pack", "digits", str(out), "--val-fraction", "1.5"],
+    ):
+        bad = runner.invoke(app, args)
+        assert bad.exit_code != 0
+        assert "error" in bad.output.lower() and not isinstance(bad.exception, (KeyError, TypeError, AttributeError))
