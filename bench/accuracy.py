@@ -65,9 +65,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stillroom-acc-") as d:
         tmp = Path(d)
         meta = pack("digits", str(tmp / "data"), **cfg["pack"])
-        common = {"shards": str(tmp / "data" / meta["train"]["pattern"]),
-                  "val_shards": str(tmp / "data" / meta["val"]["pattern"]),
-                  "device": "cpu", "workers": 1, "progress": False, "eval_every": 1000}  # fmt: skip
+        common = {
+            "shards": str(tmp / "data" / meta["train"]["pattern"]),
+            "val_shards": str(tmp / "data" / meta["val"]["pattern"]),
+            "device": "cpu",
+            "workers": 1,
+            "progress": False,
+            "eval_every": 1000,
+        }
 
         def tcfg(section: dict, name: str, **extra) -> TrainConfig:
             values = from_mapping(TrainConfig, {**common, **section, **extra, "out": str(tmp / name)}, name)
@@ -89,9 +94,23 @@ def main() -> None:
         views, block = int(cfg["cache"]["views"]), int(cfg["cache"]["view_block"])
         stop = min(views, -(-args.epochs // block) * block)
         t0 = time.perf_counter()
-        run_cache(CacheConfig(**from_mapping(CacheConfig, {
-            **cfg["cache"], "shards": common["shards"], "out": cache_url, "teacher_checkpoint": ckpt, "workers": 1,
-            "progress": False, "view_range": f"0:{stop}" if stop < views else None}, "cache")))  # fmt: skip
+        run_cache(
+            CacheConfig(
+                **from_mapping(
+                    CacheConfig,
+                    {
+                        **cfg["cache"],
+                        "shards": common["shards"],
+                        "out": cache_url,
+                        "teacher_checkpoint": ckpt,
+                        "workers": 1,
+                        "progress": False,
+                        "view_range": f"0:{stop}" if stop < views else None,
+                    },
+                    "cache",
+                )
+            )
+        )
         t_cache = time.perf_counter() - t0
         student = {**cfg["student"], "epochs": args.epochs}
         extra = {
@@ -131,14 +150,31 @@ def main() -> None:
     for mode in MODES:
         m, s = stats(results[mode])
         out[mode] = {"top1": results[mode], "mean": m, "std": s, "seconds": secs[mode]}
-        rows.append([mode if mode != "cached soft" else f"cached soft (tau {args.tau:g})", f"{m:.2f} ± {s:.2f}",
-                     len(results[mode]), m - base, statistics.mean(secs[mode])])  # fmt: skip
-    print(f"\n## Student val top-1 on digits ({args.epochs} epochs, {args.seeds} seeds; teacher top-1 "
-          f"{teacher_top1})\n")  # fmt: skip
+        rows.append(
+            [
+                mode if mode != "cached soft" else f"cached soft (tau {args.tau:g})",
+                f"{m:.2f} ± {s:.2f}",
+                len(results[mode]),
+                m - base,
+                statistics.mean(secs[mode]),
+            ]
+        )
+    print(
+        f"\n## Student val top-1 on digits ({args.epochs} epochs, {args.seeds} seeds; teacher top-1 {teacher_top1})\n"
+    )
     print(md_table(["mode", "val top-1 % (mean ± std)", "runs", "vs no distillation", "s per run"], rows))
-    write_result(args.out, "accuracy", out, epochs=args.epochs, seeds=args.seeds, tau=args.tau,
-                 teacher_top1=teacher_top1, teacher_s=round(t_teacher, 1), cache_s=round(t_cache, 1),
-                 note="measured while other processes shared the CPU cores")  # fmt: skip
+    write_result(
+        args.out,
+        "accuracy",
+        out,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        tau=args.tau,
+        teacher_top1=teacher_top1,
+        teacher_s=round(t_teacher, 1),
+        cache_s=round(t_cache, 1),
+        note="measured while other processes shared the CPU cores",
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -71,10 +71,21 @@ def machine() -> dict[str, object]:
 
 def cache_run(shards: str, teacher: str, out: Path, args: argparse.Namespace, view_block: int) -> dict:
     cfg = CacheConfig(
-        shards=shards, out=str(out), teacher=TEACHER, teacher_checkpoint=teacher, num_classes=NUM_CLASSES,
-        recipe="deit", img_size=args.img_size, views=args.views, view_block=view_block, topk=args.topk,
-        temperatures=[1.0, 3.0], batch_size=args.batch_size, workers=args.workers, progress=False,
-    )  # fmt: skip
+        shards=shards,
+        out=str(out),
+        teacher=TEACHER,
+        teacher_checkpoint=teacher,
+        num_classes=NUM_CLASSES,
+        recipe="deit",
+        img_size=args.img_size,
+        views=args.views,
+        view_block=view_block,
+        topk=args.topk,
+        temperatures=[1.0, 3.0],
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=False,
+    )
     summary = run(cfg)
     summary["images_views_per_s"] = summary["views"] / summary["wall_s"]
     summary["status"] = status(str(out))

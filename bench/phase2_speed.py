@@ -122,19 +122,42 @@ def main() -> None:
 
         t0 = time.perf_counter()
         cache = str(t / "cache.zarr")
-        summary = cache_teacher(CacheConfig(
-            shards=shards, out=cache, teacher=TEACHER, teacher_checkpoint=teacher, num_classes=NUM_CLASSES,
-            recipe="deit", img_size=args.img_size, views=args.views, view_block=args.views, topk=10,
-            batch_size=args.batch_size, workers=args.workers, progress=False,
-        ))  # fmt: skip
+        summary = cache_teacher(
+            CacheConfig(
+                shards=shards,
+                out=cache,
+                teacher=TEACHER,
+                teacher_checkpoint=teacher,
+                num_classes=NUM_CLASSES,
+                recipe="deit",
+                img_size=args.img_size,
+                views=args.views,
+                view_block=args.views,
+                topk=10,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                progress=False,
+            )
+        )
         cache_s = time.perf_counter() - t0
 
         base = TrainConfig(
-            shards=shards, cache=cache, model=STUDENT, model_kwargs={"img_size": args.img_size},
-            img_size=args.img_size, teacher=TEACHER, teacher_checkpoint=teacher, epochs=args.epochs,
-            batch_size=args.batch_size, workers=args.workers, max_steps_per_epoch=args.steps, warmup_epochs=0,
-            eval_every=0, log_every=1, progress=False,
-        )  # fmt: skip
+            shards=shards,
+            cache=cache,
+            model=STUDENT,
+            model_kwargs={"img_size": args.img_size},
+            img_size=args.img_size,
+            teacher=TEACHER,
+            teacher_checkpoint=teacher,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            max_steps_per_epoch=args.steps,
+            warmup_epochs=0,
+            eval_every=0,
+            log_every=1,
+            progress=False,
+        )
         rounds: list[dict[str, dict]] = []
         for r in range(args.rounds):  # alternate the order so a load burst does not always hit the same mode
             order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
@@ -146,18 +169,36 @@ def main() -> None:
     mach = machine()
     cmd = command()
     settings = {
-        "student": STUDENT, "teacher": TEACHER, "num_classes": NUM_CLASSES, "img_size": args.img_size,
-        "recipe": "deit", "samples": meta["num_samples"], "shards": len(meta["shards"]),
-        "batch_size": args.batch_size, "steps_per_epoch": args.steps, "epochs": args.epochs,
-        "workers": args.workers, "rounds": args.rounds, "cache_views": args.views, "topk": 10,
-        "cache_build_s": round(cache_s, 1), "cache_views_per_s": round(summary["views"] / cache_s, 2),
-        "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+        "student": STUDENT,
+        "teacher": TEACHER,
+        "num_classes": NUM_CLASSES,
+        "img_size": args.img_size,
+        "recipe": "deit",
+        "samples": meta["num_samples"],
+        "shards": len(meta["shards"]),
+        "batch_size": args.batch_size,
+        "steps_per_epoch": args.steps,
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "rounds": args.rounds,
+        "cache_views": args.views,
+        "topk": 10,
+        "cache_build_s": round(cache_s, 1),
+        "cache_views_per_s": round(summary["views"] / cache_s, 2),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
         "total_s": round(time.perf_counter() - t_start, 1),
-    }  # fmt: skip
-    ratios = {"cached_over_none": cached / none, "cached_over_live": cached / live, "live_over_none": live / none,
-              "fastest_step": {"cached_over_none": fastest["cached"] / fastest["none"],
-                               "cached_over_live": fastest["cached"] / fastest["live"],
-                               "live_over_none": fastest["live"] / fastest["none"]}}  # fmt: skip
+    }
+    ratios = {
+        "cached_over_none": cached / none,
+        "cached_over_live": cached / live,
+        "live_over_none": live / none,
+        "fastest_step": {
+            "cached_over_none": fastest["cached"] / fastest["none"],
+            "cached_over_live": fastest["cached"] / fastest["live"],
+            "live_over_none": fastest["live"] / fastest["none"],
+        },
+    }
     write_result(args.out, "phase2_speed", {"best": best, "rounds": rounds, "ratios": ratios}, settings=settings)
 
     labels = {
@@ -166,18 +207,32 @@ def main() -> None:
         "none": "no distillation",
     }
     rows = [
-        [labels[m], round(best[m]["img_per_s"], 2), round(fastest[m], 2), round(best[m]["epoch_img_per_s"], 2),
-         best[m]["steady_steps"], round(best[m]["img_per_s"] / none, 3), round(best[m]["cpu_s"], 1)]
+        [
+            labels[m],
+            round(best[m]["img_per_s"], 2),
+            round(fastest[m], 2),
+            round(best[m]["epoch_img_per_s"], 2),
+            best[m]["steady_steps"],
+            round(best[m]["img_per_s"] / none, 3),
+            round(best[m]["cpu_s"], 1),
+        ]
         for m in MODES
-    ]  # fmt: skip
+    ]
     print(
         f"Phase 2 speed: `{STUDENT}` ({NUM_CLASSES} classes), {args.img_size} px, DeiT recipe, "
         f"{meta['num_samples']} ImageNet sample JPEGs in {len(meta['shards'])} shards, batch {args.batch_size}, "
         f"{args.epochs} epochs x {args.steps} steps, {args.workers} loader workers, CPU, best of {args.rounds} "
         "round(s).\n"
     )
-    headers = ["mode", "img/s (steady)", "img/s (fastest step)", "img/s (whole epochs)", "timed steps",
-               "steady ratio to none", "CPU s (whole run)"]  # fmt: skip
+    headers = [
+        "mode",
+        "img/s (steady)",
+        "img/s (fastest step)",
+        "img/s (whole epochs)",
+        "timed steps",
+        "steady ratio to none",
+        "CPU s (whole run)",
+    ]
     print(md_table(headers, rows))
     print(
         f"\n- steady: cached / none {ratios['cached_over_none']:.2f}, cached / live {ratios['cached_over_live']:.2f}, "

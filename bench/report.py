@@ -39,9 +39,16 @@ def _machine(doc: dict[str, Any]) -> str:
 
 
 def _header(doc: dict[str, Any], title: str, path: str) -> list[str]:
-    return [f"## {title}", "", f"- source: `{path}`", f"- machine: {_machine(doc)}",
-            f"- command: `{doc.get('command', '?')}`", f"- date: {doc.get('date', 'not recorded')}",
-            f"- note: {doc.get('note', 'see the script for conditions')}", ""]  # fmt: skip
+    return [
+        f"## {title}",
+        "",
+        f"- source: `{path}`",
+        f"- machine: {_machine(doc)}",
+        f"- command: `{doc.get('command', '?')}`",
+        f"- date: {doc.get('date', 'not recorded')}",
+        f"- note: {doc.get('note', 'see the script for conditions')}",
+        "",
+    ]
 
 
 def _verdict(value: float | None, target: float) -> str:
@@ -68,41 +75,96 @@ def phase2(doc: dict[str, Any]) -> list[str]:
     if rows:
         out += [md_table(["mode", "img/s"], rows), ""]
     c = ratios.get("cached_over_none")
-    out.append(md_table(["ratio", "value", "target", "met / missed"], [
-        ["cached / none", c, 0.95, _verdict(c, 0.95)],
-        ["cached / live", ratios.get("cached_over_live"), "-", "-"],
-        ["live / none", ratios.get("live_over_none"), "-", "-"],
-    ]))  # fmt: skip
+    out.append(
+        md_table(
+            ["ratio", "value", "target", "met / missed"],
+            [
+                ["cached / none", c, 0.95, _verdict(c, 0.95)],
+                ["cached / live", ratios.get("cached_over_live"), "-", "-"],
+                ["live / none", ratios.get("live_over_none"), "-", "-"],
+            ],
+        )
+    )
     return out
 
 
 def storage_fidelity(doc: dict[str, Any]) -> list[str]:
     r = doc["results"]
     st = md_table(
-        ["K", "bytes/(sample,view) on disk", "of which values+indices+lse", "raw 2K+2K+4T", "dense fp32",
-         "dense / on disk"],
-        [[x["K"], x["bytes_per_sample_view"], x["arrays_bytes_per_sample_view"], x["raw_bytes_per_sample_view"],
-          x["dense_fp32_bytes"], x["ratio_dense_over_disk"]] for x in r["storage"]],
-    )  # fmt: skip
+        [
+            "K",
+            "bytes/(sample,view) on disk",
+            "of which values+indices+lse",
+            "raw 2K+2K+4T",
+            "dense fp32",
+            "dense / on disk",
+        ],
+        [
+            [
+                x["K"],
+                x["bytes_per_sample_view"],
+                x["arrays_bytes_per_sample_view"],
+                x["raw_bytes_per_sample_view"],
+                x["dense_fp32_bytes"],
+                x["ratio_dense_over_disk"],
+            ]
+            for x in r["storage"]
+        ],
+    )
     fid = md_table(
-        ["teacher", "K", "tau", "mean KL (nats)", "max KL", "mean TV", "top-1 agree", "mass outside top-K",
-         "teacher top-1 p", "teacher entropy"],
-        [[x["teacher"], x["K"], x["tau"], x["kl_mean"], x["kl_max"], x["tv_mean"], x["top1_agree"],
-          x["mass_outside_topk"], x["teacher_top1_prob"], x["teacher_entropy"]] for x in r["fidelity"]],
-    )  # fmt: skip
-    return ["### Storage (ImageNet sample, 1000 classes, random-init regnety_002)", "", st, "",
-            f"### Fidelity of rebuilt soft targets (digits teacher: {doc.get('digits_teacher', '?')}; "
-            "`synthetic-1000` is drawn logits, not a network)", "", fid]  # fmt: skip
+        [
+            "teacher",
+            "K",
+            "tau",
+            "mean KL (nats)",
+            "max KL",
+            "mean TV",
+            "top-1 agree",
+            "mass outside top-K",
+            "teacher top-1 p",
+            "teacher entropy",
+        ],
+        [
+            [
+                x["teacher"],
+                x["K"],
+                x["tau"],
+                x["kl_mean"],
+                x["kl_max"],
+                x["tv_mean"],
+                x["top1_agree"],
+                x["mass_outside_topk"],
+                x["teacher_top1_prob"],
+                x["teacher_entropy"],
+            ]
+            for x in r["fidelity"]
+        ],
+    )
+    return [
+        "### Storage (ImageNet sample, 1000 classes, random-init regnety_002)",
+        "",
+        st,
+        "",
+        f"### Fidelity of rebuilt soft targets (digits teacher: {doc.get('digits_teacher', '?')}; "
+        "`synthetic-1000` is drawn logits, not a network)",
+        "",
+        fid,
+    ]
 
 
 def accuracy(doc: dict[str, Any]) -> list[str]:
     r = doc["results"]
     base = r.get("none", {}).get("mean")
-    rows = [[m, f"{v['mean']:.2f} ± {v['std']:.2f}", len(v["top1"]), None if base is None else v["mean"] - base]
-            for m, v in r.items()]  # fmt: skip
-    return [f"Digits, {doc.get('epochs')} student epochs, {doc.get('seeds')} seed(s), soft tau {doc.get('tau')}, "
-            f"teacher val top-1 {fmt_num(doc.get('teacher_top1'))}.", "",
-            md_table(["mode", "val top-1 % (mean ± std)", "runs", "vs no distillation"], rows)]  # fmt: skip
+    rows = [
+        [m, f"{v['mean']:.2f} ± {v['std']:.2f}", len(v["top1"]), None if base is None else v["mean"] - base]
+        for m, v in r.items()
+    ]
+    return [
+        f"Digits, {doc.get('epochs')} student epochs, {doc.get('seeds')} seed(s), soft tau {doc.get('tau')}, "
+        f"teacher val top-1 {fmt_num(doc.get('teacher_top1'))}.",
+        "",
+        md_table(["mode", "val top-1 % (mean ± std)", "runs", "vs no distillation"], rows),
+    ]
 
 
 SECTIONS = [
@@ -119,11 +181,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
     folder = Path(args.results)
-    lines = ["# Benchmarks", "", "Generated by `bench/report.py` from `bench/results/*.json`; every figure below was",
-             "measured by the command shown, on the machine shown. Targets from the issue:",
-             "cached-teacher student throughput >= 0.95 x no distillation;",
-             "cache-teacher >= 0.9 x bare teacher forward.",
-             ""]  # fmt: skip
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/report.py` from `bench/results/*.json`; every figure below was",
+        "measured by the command shown, on the machine shown. Targets from the issue:",
+        "cached-teacher student throughput >= 0.95 x no distillation;",
+        "cache-teacher >= 0.9 x bare teacher forward.",
+        "",
+    ]
     for name, title, fn, script in SECTIONS:
         doc = _load(folder, name)
         path = f"bench/results/{name}.json"

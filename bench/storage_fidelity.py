@@ -65,11 +65,24 @@ def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
     for k in args.storage_k:
         out = tmp / f"cache-k{k}.zarr"
         t0 = time.perf_counter()
-        summary = run(CacheConfig(
-            shards=shards, out=str(out), teacher="regnety_002", teacher_checkpoint=str(teacher),
-            num_classes=num_classes, recipe=args.storage_recipe, img_size=args.img_size, views=args.views,
-            view_block=args.views, topk=k, temperatures=TEMPS, batch_size=64, workers=0, progress=False,
-        ))  # fmt: skip
+        summary = run(
+            CacheConfig(
+                shards=shards,
+                out=str(out),
+                teacher="regnety_002",
+                teacher_checkpoint=str(teacher),
+                num_classes=num_classes,
+                recipe=args.storage_recipe,
+                img_size=args.img_size,
+                views=args.views,
+                view_block=args.views,
+                topk=k,
+                temperatures=TEMPS,
+                batch_size=64,
+                workers=0,
+                progress=False,
+            )
+        )
         wall = time.perf_counter() - t0
         cache = open_cache(str(out))
         sample_views = int(cache.done_counts().sum()) * args.views
@@ -77,14 +90,21 @@ def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
         per_view = sum(_dir_bytes(out / name) for name in ("values", "indices", "logsumexp"))
         dense = 4 * num_classes
         raw = 2 * k + 2 * k + 4 * len(TEMPS)
-        rows.append({
-            "K": k, "num_classes": num_classes, "sample_views": sample_views, "bytes_on_disk": total,
-            "bytes_per_sample_view": total / sample_views,
-            "arrays_bytes_per_sample_view": per_view / sample_views,
-            "raw_bytes_per_sample_view": raw, "dense_fp32_bytes": dense,
-            "ratio_dense_over_disk": dense / (total / sample_views), "wall_s": round(wall, 2),
-            "units_done": summary["units_done"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "K": k,
+                "num_classes": num_classes,
+                "sample_views": sample_views,
+                "bytes_on_disk": total,
+                "bytes_per_sample_view": total / sample_views,
+                "arrays_bytes_per_sample_view": per_view / sample_views,
+                "raw_bytes_per_sample_view": raw,
+                "dense_fp32_bytes": dense,
+                "ratio_dense_over_disk": dense / (total / sample_views),
+                "wall_s": round(wall, 2),
+                "units_done": summary["units_done"],
+            }
+        )
     return rows
 
 
@@ -106,16 +126,23 @@ def fidelity_rows(logits: torch.Tensor, ks: list[int], source: str) -> list[dict
             logp = torch.log_softmax(logits / tau, dim=-1)
             zero_q = (q <= 0) & (p > 0)
             kl = (p * (logp - torch.log(q.clamp_min(1e-30)))).sum(-1)
-            rows.append({
-                "teacher": source, "num_classes": c, "n": n, "K": k, "tau": tau,
-                "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-                "tv_mean": float(0.5 * (p - q).abs().sum(-1).mean()),
-                "top1_agree": float((q.argmax(-1) == p.argmax(-1)).float().mean()),
-                "mass_outside_topk": float((1 - p.gather(1, indices.long()).sum(-1)).mean()),
-                "rows_with_zero_q_where_p_positive": int(zero_q.any(-1).sum()),
-                "teacher_top1_prob": float(p.max(-1).values.mean()),
-                "teacher_entropy": float(-(p * logp).sum(-1).mean()),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "teacher": source,
+                    "num_classes": c,
+                    "n": n,
+                    "K": k,
+                    "tau": tau,
+                    "kl_mean": float(kl.mean()),
+                    "kl_max": float(kl.max()),
+                    "tv_mean": float(0.5 * (p - q).abs().sum(-1).mean()),
+                    "top1_agree": float((q.argmax(-1) == p.argmax(-1)).float().mean()),
+                    "mass_outside_topk": float((1 - p.gather(1, indices.long()).sum(-1)).mean()),
+                    "rows_with_zero_q_where_p_positive": int(zero_q.any(-1).sum()),
+                    "teacher_top1_prob": float(p.max(-1).values.mean()),
+                    "teacher_entropy": float(-(p * logp).sum(-1).mean()),
+                }
+            )
     return rows
 
 
@@ -157,16 +184,27 @@ def digits_logits(tmp: Path, args: argparse.Namespace) -> tuple[torch.Tensor, st
         how = f"checkpoint {ckpt}"
     else:
         section = {**cfg["teacher"], "epochs": args.teacher_epochs}
-        values = from_mapping(TrainConfig, {**section, "shards": shards, "out": str(tmp / "teacher"), "device": "cpu",
-                                            "workers": 0, "progress": False}, "teacher")  # fmt: skip
+        values = from_mapping(
+            TrainConfig,
+            {
+                **section,
+                "shards": shards,
+                "out": str(tmp / "teacher"),
+                "device": "cpu",
+                "workers": 0,
+                "progress": False,
+            },
+            "teacher",
+        )
         res = train(TrainConfig(**values))
         ckpt = str(tmp / "teacher" / "last.pth")
         how = (
             f"trained here: demo teacher settings, {args.teacher_epochs} epochs, "
             f"last train loss {res['train_loss']:.3f}"
         )
-    teacher, _ = build_teacher(CacheConfig(teacher=cfg["cache"]["teacher"], teacher_checkpoint=ckpt), 10,
-                               torch.device("cpu"))  # fmt: skip
+    teacher, _ = build_teacher(
+        CacheConfig(teacher=cfg["cache"]["teacher"], teacher_checkpoint=ckpt), 10, torch.device("cpu")
+    )
     recipe = make_recipe(cfg["cache"]["recipe"])
     out = []
     for i, shard in enumerate(load_shard_list(shards)[: args.digits_shards]):
@@ -202,24 +240,73 @@ def main() -> None:
     fid = fidelity_rows(dl, [1, 2, 5, 10], "digits (trained)")
     fid += fidelity_rows(synthetic_logits(args.synthetic_n, 1000), [1, 5, 10, 20], "synthetic-1000 (not a network)")
 
-    print(f"## Storage (ImageNet sample, {st[0]['sample_views']} sample-views, {args.img_size} px, "
-          f"{args.storage_recipe} recipe, T={len(TEMPS)} temperatures, random-init regnety_002)\n")  # fmt: skip
-    print(md_table(
-        ["K", "bytes/(sample,view) on disk", "of which values+indices+lse", "raw 2K+2K+4T", "dense fp32",
-         "dense / on disk"],
-        [[r["K"], r["bytes_per_sample_view"], r["arrays_bytes_per_sample_view"], r["raw_bytes_per_sample_view"],
-          r["dense_fp32_bytes"], r["ratio_dense_over_disk"]] for r in st],
-    ))  # fmt: skip
+    print(
+        f"## Storage (ImageNet sample, {st[0]['sample_views']} sample-views, {args.img_size} px, "
+        f"{args.storage_recipe} recipe, T={len(TEMPS)} temperatures, random-init regnety_002)\n"
+    )
+    print(
+        md_table(
+            [
+                "K",
+                "bytes/(sample,view) on disk",
+                "of which values+indices+lse",
+                "raw 2K+2K+4T",
+                "dense fp32",
+                "dense / on disk",
+            ],
+            [
+                [
+                    r["K"],
+                    r["bytes_per_sample_view"],
+                    r["arrays_bytes_per_sample_view"],
+                    r["raw_bytes_per_sample_view"],
+                    r["dense_fp32_bytes"],
+                    r["ratio_dense_over_disk"],
+                ]
+                for r in st
+            ],
+        )
+    )
     print(f"\n## Fidelity of rebuilt soft targets (digits teacher: {how})\n")
-    print(md_table(
-        ["teacher", "K", "tau", "mean KL (nats)", "max KL", "mean TV", "top-1 agree", "mass outside top-K",
-         "teacher top-1 p", "teacher entropy"],
-        [[r["teacher"], r["K"], r["tau"], r["kl_mean"], r["kl_max"], r["tv_mean"], r["top1_agree"],
-          r["mass_outside_topk"], r["teacher_top1_prob"], r["teacher_entropy"]] for r in fid],
-    ))  # fmt: skip
-    write_result(args.out, "storage_fidelity", {"storage": st, "fidelity": fid},
-                 digits_teacher=how, storage_wall_s=round(t_storage, 2),
-                 note="measured while other processes shared the CPU cores")  # fmt: skip
+    print(
+        md_table(
+            [
+                "teacher",
+                "K",
+                "tau",
+                "mean KL (nats)",
+                "max KL",
+                "mean TV",
+                "top-1 agree",
+                "mass outside top-K",
+                "teacher top-1 p",
+                "teacher entropy",
+            ],
+            [
+                [
+                    r["teacher"],
+                    r["K"],
+                    r["tau"],
+                    r["kl_mean"],
+                    r["kl_max"],
+                    r["tv_mean"],
+                    r["top1_agree"],
+                    r["mass_outside_topk"],
+                    r["teacher_top1_prob"],
+                    r["teacher_entropy"],
+                ]
+                for r in fid
+            ],
+        )
+    )
+    write_result(
+        args.out,
+        "storage_fidelity",
+        {"storage": st, "fidelity": fid},
+        digits_teacher=how,
+        storage_wall_s=round(t_storage, 2),
+        note="measured while other processes shared the CPU cores",
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -90,7 +90,9 @@ def cache_teacher(
     job_index: int = typer.Option(None, help="this job's index (default: from torchrun/AWS Batch/K8s/Slurm env)"),
     job_count: int = typer.Option(None, help="number of jobs sharing the units"),
     on_error: str = typer.Option(None, help="raise (default) or skip bad samples (counted and logged)"),
-    force_new: bool = typer.Option(None, help="replace an existing cache with other settings"),
+    force_new: bool = typer.Option(
+        None, help="replace an existing cache whose settings differ (one with the same fingerprint is resumed)"
+    ),
     progress: bool = typer.Option(None, help="show a progress bar"),
     config: str = typer.Option(None, "--config", help="YAML file with any of these options"),
 ) -> None:

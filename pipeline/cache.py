@@ -32,9 +32,19 @@ _ARRAY_CONFIG = {"write_empty_chunks": True}  # a unit whose data equals the fil
 
 # Fields that identify what a cache holds; a different value means a different cache.
 FINGERPRINT_FIELDS = (
-    "format_version", "num_classes", "topk", "temperatures", "views", "view_block", "seed",
-    "capacity", "shards", "recipe", "teacher", "index_dtype",
-)  # fmt: skip
+    "format_version",
+    "num_classes",
+    "topk",
+    "temperatures",
+    "views",
+    "view_block",
+    "seed",
+    "capacity",
+    "shards",
+    "recipe",
+    "teacher",
+    "index_dtype",
+)
 
 
 class CacheError(RuntimeError):
@@ -56,14 +66,28 @@ def library_versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "Pillow": PIL.__version__, "numpy": np.__version__}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "Pillow": PIL.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def build_meta(
-    *, shards: list[ShardInfo], capacity: int, num_classes: int, topk: int, temperatures: list[float],
-    views: int, view_block: int, seed: int, recipe: dict[str, Any], teacher: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+    *,
+    shards: list[ShardInfo],
+    capacity: int,
+    num_classes: int,
+    topk: int,
+    temperatures: list[float],
+    views: int,
+    view_block: int,
+    seed: int,
+    recipe: dict[str, Any],
+    teacher: dict[str, Any],
+) -> dict[str, Any]:
     meta = {
         "format_version": FORMAT_VERSION,
         "num_classes": int(num_classes),
@@ -150,8 +174,17 @@ class Cache:
         return int(self.group["done"][block, shard]) >= 0
 
     # -- writing ------------------------------------------------------------------------------
-    def write_unit(self, block: int, shard: int, values: np.ndarray, indices: np.ndarray,
-                   lse: np.ndarray, labels: np.ndarray, keys: np.ndarray, count: int) -> None:  # fmt: skip
+    def write_unit(
+        self,
+        block: int,
+        shard: int,
+        values: np.ndarray,
+        indices: np.ndarray,
+        lse: np.ndarray,
+        labels: np.ndarray,
+        keys: np.ndarray,
+        count: int,
+    ) -> None:
         """Write one unit's chunks, then its completion marker (the order is what makes resume safe)."""
         cap = self.capacity
         views = self.block_views(block)
@@ -243,8 +276,10 @@ def create_or_open(url: str, meta: dict[str, Any], force_new: bool = False, wait
     """
     local = _is_local(url)
     path = url.removeprefix("file://")
-    if force_new and exists(url):
-        log.warning("--force-new: removing the existing cache at %s", url)
+    # Only a cache with other settings is replaced: retried or parallel jobs that all pass
+    # --force-new must not wipe each other's finished units.
+    if force_new and exists(url) and open_cache(url).meta["fingerprint"] != meta["fingerprint"]:
+        log.warning("--force-new: removing the existing cache at %s (its settings differ)", url)
         if local:
             shutil.rmtree(path)
         else:

@@ -100,8 +100,17 @@ class UnitStream(IterableDataset):
     across workers and its image decodes happen once.
     """
 
-    def __init__(self, units: list[tuple[int, int]], shards: list[ShardInfo], block_views: dict[int, range],
-                 recipe: Recipe, seed: int, num_classes: int, batch_size: int, on_error: OnError):  # fmt: skip
+    def __init__(
+        self,
+        units: list[tuple[int, int]],
+        shards: list[ShardInfo],
+        block_views: dict[int, range],
+        recipe: Recipe,
+        seed: int,
+        num_classes: int,
+        batch_size: int,
+        on_error: OnError,
+    ):
         self.units, self.shards, self.block_views = units, shards, block_views
         self.recipe, self.seed, self.num_classes = recipe, seed, num_classes
         self.batch_size, self.on_error = batch_size, on_error
@@ -237,10 +246,29 @@ def prepare(cfg: CacheConfig) -> tuple[cache_mod.Cache, torch.nn.Module, list[Sh
     teacher, ident = build_teacher(cfg, num_classes, device)
     ident["input_size"] = recipe.img_size
     meta = cache_mod.build_meta(
-        shards=shards, capacity=capacity, num_classes=num_classes, topk=cfg.topk, temperatures=cfg.temperatures,
-        views=cfg.views, view_block=cfg.view_block, seed=cfg.seed, recipe=recipe.to_dict(), teacher=ident,
-    )  # fmt: skip
+        shards=shards,
+        capacity=capacity,
+        num_classes=num_classes,
+        topk=cfg.topk,
+        temperatures=cfg.temperatures,
+        views=cfg.views,
+        view_block=cfg.view_block,
+        seed=cfg.seed,
+        recipe=recipe.to_dict(),
+        teacher=ident,
+    )
+    # Not part of the fingerprint, but CPU kernels may round differently at another batch size, so
+    # a unit redone with another batch size can differ from its first writing in the last bits.
+    meta["teacher_batch_size"] = cfg.batch_size
     cache = cache_mod.create_or_open(cfg.out, meta, force_new=cfg.force_new)
+    first_bs = cache.meta.get("teacher_batch_size")
+    if first_bs is not None and first_bs != cfg.batch_size:
+        log.warning(
+            "this cache was started with --batch-size %s, now %s: resumed units are equal to fp rounding, "
+            "not byte-identical, to what the first batch size would give",
+            first_bs,
+            cfg.batch_size,
+        )
     return cache, teacher, shards, recipe, device
 
 
@@ -255,18 +283,41 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     mine = my_share(all_units, index, count)
     done = cache.done_counts()
     todo = [(b, s) for b, s in mine if done[b, s] < 0]
-    log.info("job %d/%d (%s): %d of %d units are mine, %d already done", index, count, source,
-             len(mine), len(all_units), len(mine) - len(todo))  # fmt: skip
-    summary = {"units_total": len(all_units), "units_mine": len(mine), "units_skipped": len(mine) - len(todo),
-               "units_done": 0, "images": 0, "views": 0, "skipped_samples": {}, "bytes_written": 0}  # fmt: skip
+    log.info(
+        "job %d/%d (%s): %d of %d units are mine, %d already done",
+        index,
+        count,
+        source,
+        len(mine),
+        len(all_units),
+        len(mine) - len(todo),
+    )
+    summary = {
+        "units_total": len(all_units),
+        "units_mine": len(mine),
+        "units_skipped": len(mine) - len(todo),
+        "units_done": 0,
+        "images": 0,
+        "views": 0,
+        "skipped_samples": {},
+        "bytes_written": 0,
+    }
     if todo:
         _process(cfg, cache, teacher, shards, recipe, device, todo, summary)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return summary
 
 
-def _process(cfg: CacheConfig, cache: cache_mod.Cache, teacher: torch.nn.Module, shards: list[ShardInfo],
-             recipe: Recipe, device: torch.device, todo: list[tuple[int, int]], summary: dict) -> None:  # fmt: skip
+def _process(
+    cfg: CacheConfig,
+    cache: cache_mod.Cache,
+    teacher: torch.nn.Module,
+    shards: list[ShardInfo],
+    recipe: Recipe,
+    device: torch.device,
+    todo: list[tuple[int, int]],
+    summary: dict,
+) -> None:
     meta = cache.meta
     k, temps = int(meta["topk"]), list(meta["temperatures"])
     idx_dtype = index_dtype(int(meta["num_classes"]))
@@ -275,8 +326,14 @@ def _process(cfg: CacheConfig, cache: cache_mod.Cache, teacher: torch.nn.Module,
         todo, shards, block_views, recipe, cfg.seed, int(meta["num_classes"]), cfg.batch_size, cfg.on_error
     )  # type: ignore[arg-type]
     workers = min(cfg.workers, len(todo))
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if workers else None)  # fmt: skip
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
     buffers: dict[tuple[int, int], UnitBuffer] = {}
     total_views = sum(len(block_views[b]) * shards[s].count for b, s in todo)
     with progress_bar("cache-teacher", total=total_views, unit="img·view", enabled=cfg.progress) as bar:

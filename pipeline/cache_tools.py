@@ -74,14 +74,24 @@ def _check_keys(cache: Cache, shards: list[ShardInfo]) -> list[str]:
         stored = np.asarray(cache.group["keys"][s * cap : (s + 1) * cap])
         for raw in iter_raw(shard, s, on_error="skip"):
             if stored[raw.position] != raw.key:
-                problems.append(f"shard {shard.name!r} position {raw.position}: cache key {stored[raw.position]!r}, "
-                                f"shard key {raw.key!r}")  # fmt: skip
+                problems.append(
+                    f"shard {shard.name!r} position {raw.position}: cache key {stored[raw.position]!r}, "
+                    f"shard key {raw.key!r}"
+                )
                 break
     return problems
 
 
-def verify(url: str, shards_spec: str, teacher_checkpoint: str, samples: int = 64, seed: int = 0,
-           device: str = "cpu", atol: float = 0.05, min_top1: float = 0.99) -> dict[str, Any]:  # fmt: skip
+def verify(
+    url: str,
+    shards_spec: str,
+    teacher_checkpoint: str,
+    samples: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    atol: float = 0.05,
+    min_top1: float = 0.99,
+) -> dict[str, Any]:
     """Re-run the teacher live on random replayed (sample, view) pairs and compare with the cache.
 
     Returns a report with ``ok`` False when a key, the completeness, the top-1 agreement or the max
@@ -106,8 +116,12 @@ def verify(url: str, shards_spec: str, teacher_checkpoint: str, samples: int = 6
     teacher = Normalized(teacher, tuple(t["mean"]), tuple(t["std"])).eval().to(dev)
     rng = random.Random(seed)
     by_name = {s.name: s for s in shards}
-    candidates = [(b, s) for b in range(done.shape[0]) for s in range(done.shape[1]) if done[b, s] > 0
-                  and cache.shards[s]["name"] in by_name]  # fmt: skip
+    candidates = [
+        (b, s)
+        for b in range(done.shape[0])
+        for s in range(done.shape[1])
+        if done[b, s] > 0 and cache.shards[s]["name"] in by_name
+    ]
     picks: dict[tuple[int, int], set[int]] = defaultdict(set)
     for _ in range(samples if candidates else 0):
         b, s = rng.choice(candidates)

@@ -148,16 +148,22 @@ def shuffled_batches(
             yield _take(merged, order[start : start + batch_size])
 
 
-def epoch_batches(spec: StreamSpec, batch_size: int, workers: int, shuffle_buffer: int, seed: int,
-                  pin_memory: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
+def epoch_batches(
+    spec: StreamSpec, batch_size: int, workers: int, shuffle_buffer: int, seed: int, pin_memory: bool = False
+) -> Iterator[dict[str, Any]]:
     """Exact-size batches of one rank's epoch (the caller stops after its step budget)."""
     workers = min(workers, len(spec.shard_ids))
     # A private generator: otherwise each new loader iterator draws its base seed from the global torch
     # RNG, which drop path also draws from, and a mid-epoch resume (which restores that RNG after the
     # epoch's loader was made) would replay a different stream.
-    loader = DataLoader(ViewStream(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        prefetch_factor=4 if workers else None,
-                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    loader = DataLoader(
+        ViewStream(spec),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
     yield from shuffled_batches(iter(loader), batch_size, shuffle_buffer, seed)
 
 

@@ -28,15 +28,32 @@ def head_logits(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, shards: list[ShardInfo], img_size: int, num_classes: int, device: torch.device,
-             d: Dist, batch_size: int = 256, workers: int = 2, crop_pct: float = 0.875) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    model: nn.Module,
+    shards: list[ShardInfo],
+    img_size: int,
+    num_classes: int,
+    device: torch.device,
+    d: Dist,
+    batch_size: int = 256,
+    workers: int = 2,
+    crop_pct: float = 0.875,
+) -> dict[str, Any]:
     """Top-1/top-5 (percent) per head over all ranks' shares of ``shards``."""
     was_training = model.training
     model.eval()
     recipe = dataclasses.replace(eval_recipe(img_size), crop_pct=crop_pct)
     ids = list(range(len(shards)))[d.rank :: d.world]
-    spec = StreamSpec(shards=shards, shard_ids=ids, cache_rows=None, cache_url=None, view=0, recipe=recipe,
-                      seed=0, num_classes=num_classes)  # fmt: skip
+    spec = StreamSpec(
+        shards=shards,
+        shard_ids=ids,
+        cache_rows=None,
+        cache_url=None,
+        view=0,
+        recipe=recipe,
+        seed=0,
+        num_classes=num_classes,
+    )
     names = ("cls", "dist", "avg")
     counts = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=device)
     for batch in eval_batches(spec, batch_size, workers) if ids else []:
@@ -61,8 +78,9 @@ def evaluate(model: nn.Module, shards: list[ShardInfo], img_size: int, num_class
     return out
 
 
-def evaluate_checkpoint(path: str, shards_spec: str, batch_size: int = 256, workers: int = 2, device: str = "cpu",
-                        ema: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate_checkpoint(
+    path: str, shards_spec: str, batch_size: int = 256, workers: int = 2, device: str = "cpu", ema: bool = False
+) -> dict[str, Any]:
     """Evaluate a ``train-student`` checkpoint; the model is rebuilt from the metadata it carries."""
     from . import checkpoint as ckpt
     from .distributed import Dist
@@ -82,6 +100,7 @@ def evaluate_checkpoint(path: str, shards_spec: str, batch_size: int = 256, work
     wrapped = Normalized(model, tuple(meta["mean"]), tuple(meta["std"])).to(dev)
     crop_pct = float(meta.get("crop_pct", 0.875))
     shards = load_shard_list(shards_spec)
-    result = evaluate(wrapped, shards, int(meta["img_size"]), int(meta["num_classes"]), dev, Dist(), batch_size,
-                      workers, crop_pct)  # fmt: skip
+    result = evaluate(
+        wrapped, shards, int(meta["img_size"]), int(meta["num_classes"]), dev, Dist(), batch_size, workers, crop_pct
+    )
     return {"checkpoint": path, "epoch": state.get("epoch"), **result}

@@ -44,9 +44,19 @@ class DistillationTask(nn.Module):
         amp: bf16 autocast of the student on CUDA (no effect on CPU).
     """
 
-    def __init__(self, student: nn.Module, num_classes: int, distillation: Distillation = "hard", alpha: float = 0.5,
-                 tau: float = 1.0, temperatures: list[float] | None = None, smoothing: float = 0.1,
-                 teacher: nn.Module | None = None, topk: int = 10, amp: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        student: nn.Module,
+        num_classes: int,
+        distillation: Distillation = "hard",
+        alpha: float = 0.5,
+        tau: float = 1.0,
+        temperatures: list[float] | None = None,
+        smoothing: float = 0.1,
+        teacher: nn.Module | None = None,
+        topk: int = 10,
+        amp: bool = True,
+    ):
         super().__init__()
         if distillation not in ("none", "hard", "soft"):
             raise ValueError(f"--distillation {distillation!r}: expected none, hard or soft")
@@ -69,8 +79,9 @@ class DistillationTask(nn.Module):
         return values.clone(), indices.clone(), lse.clone()
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        target = losses.mixed_targets(batch["label"], batch["mix_label"], batch["lam"], self.num_classes,
-                                      self.smoothing)  # fmt: skip
+        target = losses.mixed_targets(
+            batch["label"], batch["mix_label"], batch["lam"], self.num_classes, self.smoothing
+        )
         if self.distillation == "none":
             logits = outputs if isinstance(outputs, torch.Tensor) else (outputs[0] + outputs[1]) / 2
             base = losses.soft_cross_entropy(logits, target)

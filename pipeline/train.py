@@ -118,8 +118,9 @@ class Setup:
     temperatures: list[float]
 
 
-def check_cache(cache: Cache, shards: list[ShardInfo], recipe: Recipe, seed: int, first_epoch: int,
-                epochs: int) -> list[int]:  # fmt: skip
+def check_cache(
+    cache: Cache, shards: list[ShardInfo], recipe: Recipe, seed: int, first_epoch: int, epochs: int
+) -> list[int]:
     """Refuse a cache that does not match or lacks a view this run needs; return cache rows.
 
     Raises:
@@ -143,16 +144,19 @@ def check_cache(cache: Cache, shards: list[ShardInfo], recipe: Recipe, seed: int
     needed = sorted({view_for_epoch(e, views) // int(meta["view_block"]) for e in range(first_epoch, epochs)})
     missing = [(b, s.name) for b in needed for s, r in zip(shards, rows, strict=True) if done[b, r] < 0]
     if missing:
-        units = [f"views {cache.block_views(b).start}-{cache.block_views(b).stop - 1} of shard {name!r}"
-                 for b, name in missing[:8]]  # fmt: skip
+        units = [
+            f"views {cache.block_views(b).start}-{cache.block_views(b).stop - 1} of shard {name!r}"
+            for b, name in missing[:8]
+        ]
         more = f" and {len(missing) - 8} more (see stillroom cache-status)" if len(missing) > 8 else ""
         raise CacheError(
             f"cache {cache.url!r} is incomplete: {len(missing)} unit(s) this run needs are missing: "
             f"{', '.join(units)}{more}; run cache-teacher again to finish it"
         )
     if epochs > views:
-        log.warning("training %d epochs on a cache of %d views: views repeat (epoch e uses view e mod %d)",
-                    epochs, views, views)  # fmt: skip
+        log.warning(
+            "training %d epochs on a cache of %d views: views repeat (epoch e uses view e mod %d)", epochs, views, views
+        )
     check_versions(meta)
     return rows
 
@@ -185,11 +189,18 @@ def resolve(cfg: TrainConfig) -> Setup:
         if float(cfg.tau) not in [float(t) for t in temps]:
             raise ValueError(f"--tau {cfg.tau} is not a cached temperature (cache has {temps})")
     return Setup(
-        cfg=cfg, shards=shards, val_shards=val_shards, recipe=recipe, seed=seed, num_classes=num_classes,
-        cache=cache, cache_rows=None, num_views=int(cache.meta["views"]) if cache else 1 << 30,
+        cfg=cfg,
+        shards=shards,
+        val_shards=val_shards,
+        recipe=recipe,
+        seed=seed,
+        num_classes=num_classes,
+        cache=cache,
+        cache_rows=None,
+        num_views=int(cache.meta["views"]) if cache else 1 << 30,
         topk=int(cache.meta["topk"]) if cache else cfg.topk,
         temperatures=list(cache.meta["temperatures"]) if cache else list(cfg.temperatures),
-    )  # fmt: skip
+    )
 
 
 def build_student(s: Setup) -> tuple[nn.Module, dict[str, Any]]:
@@ -203,9 +214,15 @@ def build_student(s: Setup) -> tuple[nn.Module, dict[str, Any]]:
     elif cfg.distillation != "none":
         log.warning("%s has no distillation head: the distillation loss trains its only head", cfg.model)
     mean, std = model_stats(model)
-    meta = {"name": cfg.model, "kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"},
-            "crop_pct": s.recipe.crop_pct, "num_classes": s.num_classes, "img_size": s.recipe.img_size,
-            "mean": list(mean), "std": list(std)}  # fmt: skip
+    meta = {
+        "name": cfg.model,
+        "kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"},
+        "crop_pct": s.recipe.crop_pct,
+        "num_classes": s.num_classes,
+        "img_size": s.recipe.img_size,
+        "mean": list(mean),
+        "std": list(std),
+    }
     return Normalized(model, mean, std), meta
 
 
@@ -223,8 +240,19 @@ def build_live_teacher(s: Setup, device: torch.device) -> nn.Module:
     return Normalized(teacher, mean, std).eval().requires_grad_(False).to(device)
 
 
-def _state(model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema: Any, epoch: int, step: int,
-           global_step: int, best: float, cfg: TrainConfig, model_meta: dict) -> dict[str, Any]:  # fmt: skip
+def _state(
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    ema: Any,
+    epoch: int,
+    step: int,
+    global_step: int,
+    best: float,
+    cfg: TrainConfig,
+    model_meta: dict,
+) -> dict[str, Any]:
     return {
         "model": model.model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -293,9 +321,16 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
     if steps0 < 1:
         raise ValueError(f"batch size {cfg.batch_size} x {d.world} ranks is larger than the data of a rank")
     updates_per_epoch = max(steps0 // cfg.accum_steps, 1)
-    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                                       warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)  # fmt: skip
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        "cosine",
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
     scaler = None  # bf16 autocast needs no loss scaling
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     global_step, best, start_step = 0, -1.0, 0
@@ -315,19 +350,39 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s: epoch %d, step %d", last_path, first_epoch, start_step)
 
-    task = DistillationTask(model, s.num_classes, cfg.distillation, cfg.alpha, cfg.tau,  # type: ignore[arg-type]
-                            s.temperatures, s.recipe.smoothing, teacher, s.topk, amp=cfg.amp)  # fmt: skip
+    task = DistillationTask(
+        model,
+        s.num_classes,
+        cfg.distillation,
+        cfg.alpha,
+        cfg.tau,  # type: ignore[arg-type]
+        s.temperatures,
+        s.recipe.smoothing,
+        teacher,
+        s.topk,
+        amp=cfg.amp,
+    )
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else model
     task.student = train_model
     metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), d.main)
-    metrics.write("start", world=d.world, global_batch=global_batch, lr=lr, num_classes=s.num_classes,
-                  distillation=cfg.distillation, teacher_mode=cfg.teacher_mode, first_epoch=first_epoch,
-                  start_step=start_step)  # fmt: skip
+    metrics.write(
+        "start",
+        world=d.world,
+        global_batch=global_batch,
+        lr=lr,
+        num_classes=s.num_classes,
+        distillation=cfg.distillation,
+        teacher_mode=cfg.teacher_mode,
+        first_epoch=first_epoch,
+        start_step=start_step,
+    )
 
     def save(epoch: int, step: int) -> None:
         if d.main:
-            ckpt.save_atomic(_state(model, optimizer, scheduler, scaler, ema, epoch, step, global_step, best, cfg,
-                                    model_meta), last_path)  # fmt: skip
+            ckpt.save_atomic(
+                _state(model, optimizer, scheduler, scaler, ema, epoch, step, global_step, best, cfg, model_meta),
+                last_path,
+            )
 
     debug_dir = os.environ.get("STILLROOM_DEBUG_DIR")
     result: dict[str, Any] = {}
@@ -336,18 +391,30 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
         steps = steps_per_epoch(s.shards, epoch, s.seed, d.world, cfg.batch_size)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
-        spec = StreamSpec(shards=s.shards, shard_ids=rank_shards(s.shards, epoch, s.seed, d.rank, d.world),
-                          cache_rows=s.cache_rows if cfg.teacher_mode == "cached" and s.cache else None,
-                          cache_url=s.cache.url if s.cache and cfg.teacher_mode == "cached" else None,
-                          view=view, recipe=s.recipe, seed=s.seed, num_classes=s.num_classes,
-                          on_error=cfg.on_error)  # type: ignore[arg-type]  # fmt: skip
-        batches = epoch_batches(spec, cfg.batch_size, cfg.workers, cfg.shuffle_buffer or 2 * cfg.batch_size,
-                                stable_seed("batches", s.seed, epoch, d.rank),
-                                pin_memory=device.type == "cuda")  # fmt: skip
+        spec = StreamSpec(
+            shards=s.shards,
+            shard_ids=rank_shards(s.shards, epoch, s.seed, d.rank, d.world),
+            cache_rows=s.cache_rows if cfg.teacher_mode == "cached" and s.cache else None,
+            cache_url=s.cache.url if s.cache and cfg.teacher_mode == "cached" else None,
+            view=view,
+            recipe=s.recipe,
+            seed=s.seed,
+            num_classes=s.num_classes,
+            on_error=cfg.on_error,
+        )  # type: ignore[arg-type]
+        batches = epoch_batches(
+            spec,
+            cfg.batch_size,
+            cfg.workers,
+            cfg.shuffle_buffer or 2 * cfg.batch_size,
+            stable_seed("batches", s.seed, epoch, d.rank),
+            pin_memory=device.type == "cuda",
+        )
         train_model.train()
         t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-        with progress_bar(f"epoch {epoch} (view {view})", total=steps, unit="step",
-                          enabled=cfg.progress and d.main) as bar:  # fmt: skip
+        with progress_bar(
+            f"epoch {epoch} (view {view})", total=steps, unit="step", enabled=cfg.progress and d.main
+        ) as bar:
             for step in range(steps):
                 batch = next(batches, None)
                 if all_min(int(batch is not None), d, device) == 0:
@@ -376,8 +443,16 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
                         ema.update(model, step=global_step)
                 if not math.isfinite(out.loss.item()):
                     raise FloatingPointError(f"loss is {out.loss.item()} at epoch {epoch} step {step}")
-                _debug_record(debug_dir, d, model, epoch=epoch, step=step, global_step=global_step,
-                              keys=batch["keys"], loss=out.loss.item())  # fmt: skip
+                _debug_record(
+                    debug_dir,
+                    d,
+                    model,
+                    epoch=epoch,
+                    step=step,
+                    global_step=global_step,
+                    keys=batch["keys"],
+                    loss=out.loss.item(),
+                )
                 seen += batch["pixels"].shape[0]
                 loss_sum += out.loss.item()
                 loss_n += 1
@@ -386,24 +461,51 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
                 bar.advance()
                 bar.set(loss=out.loss.item(), lr=cur_lr, img_s=rate)
                 if cfg.log_every and (step + 1) % cfg.log_every == 0:
-                    metrics.write("train", epoch=epoch, step=step + 1, loss=out.loss.item(), base_loss=out.base_loss,
-                                  distill_loss=out.distill_loss, lr=cur_lr, img_per_s=round(rate, 2))  # fmt: skip
+                    metrics.write(
+                        "train",
+                        epoch=epoch,
+                        step=step + 1,
+                        loss=out.loss.item(),
+                        base_loss=out.base_loss,
+                        distill_loss=out.distill_loss,
+                        lr=cur_lr,
+                        img_per_s=round(rate, 2),
+                    )
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                     save(epoch, step + 1)
         start_step = 0
         scheduler.step(epoch + 1)
         elapsed = time.perf_counter() - t0
-        result = {"epoch": epoch, "view": view, "steps": loss_n, "train_loss": loss_sum / max(loss_n, 1),
-                  "img_per_s": round(seen * d.world / max(elapsed, 1e-9), 2), "epoch_s": round(elapsed, 3)}  # fmt: skip
+        result = {
+            "epoch": epoch,
+            "view": view,
+            "steps": loss_n,
+            "train_loss": loss_sum / max(loss_n, 1),
+            "img_per_s": round(seen * d.world / max(elapsed, 1e-9), 2),
+            "epoch_s": round(elapsed, 3),
+        }
         if s.val_shards and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            ev = evaluate(model, s.val_shards, s.recipe.img_size, s.num_classes, device, d, cfg.eval_batch_size,
-                          cfg.workers, s.recipe.crop_pct)  # fmt: skip
+            ev = evaluate(
+                model,
+                s.val_shards,
+                s.recipe.img_size,
+                s.num_classes,
+                device,
+                d,
+                cfg.eval_batch_size,
+                cfg.workers,
+                s.recipe.crop_pct,
+            )
             result.update(ev)
             if ev["top1_avg"] > best:
                 best = ev["top1_avg"]
                 if d.main:
-                    ckpt.save_atomic(_state(model, optimizer, scheduler, scaler, ema, epoch + 1, 0, global_step,
-                                            best, cfg, model_meta), best_path)  # fmt: skip
+                    ckpt.save_atomic(
+                        _state(
+                            model, optimizer, scheduler, scaler, ema, epoch + 1, 0, global_step, best, cfg, model_meta
+                        ),
+                        best_path,
+                    )
         metrics.write("epoch", **result)
         save(epoch + 1, 0)
         barrier(d)

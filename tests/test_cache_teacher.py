@@ -48,18 +48,53 @@ def _one_thread():
 
 
 def _cfg(shards: str, teacher: str, out: Path, **kw) -> CacheConfig:
-    base = dict(shards=shards, out=str(out), teacher="regnetx_002", teacher_checkpoint=teacher, img_size=32, views=4,
-                view_block=2, topk=K, temperatures=[1.0, 3.0], batch_size=16, workers=0, progress=False)  # fmt: skip
+    base = dict(
+        shards=shards,
+        out=str(out),
+        teacher="regnetx_002",
+        teacher_checkpoint=teacher,
+        img_size=32,
+        views=4,
+        view_block=2,
+        topk=K,
+        temperatures=[1.0, 3.0],
+        batch_size=16,
+        workers=0,
+        progress=False,
+    )
     base.update(kw)
     return CacheConfig(**base)
 
 
 def _cache_cli_args(shards: str, teacher: str, out: Path, *extra: str) -> list[str]:
     """CLI flags equal to ``_cfg`` defaults (so the fingerprint matches ``deit_cache``)."""
-    return ["cache-teacher", "--shards", shards, "--out", str(out), "--teacher", "regnetx_002",
-            "--teacher-checkpoint", teacher, "--img-size", "32", "--views", "4", "--view-block", "2",
-            "--topk", str(K), "--temperatures", "1,3", "--batch-size", "16", "--workers", "0", "--no-progress",
-            *extra]  # fmt: skip
+    return [
+        "cache-teacher",
+        "--shards",
+        shards,
+        "--out",
+        str(out),
+        "--teacher",
+        "regnetx_002",
+        "--teacher-checkpoint",
+        teacher,
+        "--img-size",
+        "32",
+        "--views",
+        "4",
+        "--view-block",
+        "2",
+        "--topk",
+        str(K),
+        "--temperatures",
+        "1,3",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _output(result) -> str:
@@ -129,12 +164,14 @@ def test_eval_cache_matches_independent_teacher_run(eval_cache, digits_shards, t
     model.load_state_dict(torch.load(tiny_teacher, map_location="cpu", weights_only=True))
     model.eval()
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    tf = T.Compose([
-        T.Resize(math.floor(32 / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(32),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])  # fmt: skip
+    tf = T.Compose(
+        [
+            T.Resize(math.floor(32 / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(32),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
     rows, keys, labels, pixels = [], [], [], []
     for s, tar in enumerate(tars):
         for pos, (key, data, label) in enumerate(_read_tar(tar)):
@@ -222,8 +259,9 @@ def test_cache_is_plain_zarr_with_design_layout(deit_cache, digits_shards, tiny_
 # 3. Refusals
 
 
-def test_other_teacher_weights_refused_then_force_new_replaces(tmp_path, deit_cache, digits_shards, tiny_teacher,
-                                                                 other_teacher):  # fmt: skip
+def test_other_teacher_weights_refused_then_force_new_replaces(
+    tmp_path, deit_cache, digits_shards, tiny_teacher, other_teacher
+):
     out = tmp_path / "cache"
     shutil.copytree(deit_cache, out)
     before = zarr.open_group(str(out), mode="r").attrs["stillroom"]
@@ -266,9 +304,13 @@ def test_topk_larger_than_classes_refused(tmp_path, digits_shards, tiny_teacher)
 
 @pytest.mark.parametrize(
     "flag, value, message",
-    [("--view-block", "0", "--view-block must be >= 1"), ("--views", "0", "--views must be >= 1"),
-     ("--topk", "0", "--topk must be >= 1"), ("--temperatures", "1,0", "--temperatures must be")],
-)  # fmt: skip
+    [
+        ("--view-block", "0", "--view-block must be >= 1"),
+        ("--views", "0", "--views must be >= 1"),
+        ("--topk", "0", "--topk must be >= 1"),
+        ("--temperatures", "1,0", "--temperatures must be"),
+    ],
+)
 def test_nonsense_options_refused(tmp_path, digits_shards, tiny_teacher, flag, value, message):
     out = tmp_path / "cache"
     args = _cache_cli_args(digits_shards, tiny_teacher, out)
@@ -368,8 +410,9 @@ def test_cache_status_partial_then_completed_by_view_range(tmp_path, deit_cache,
 
 
 @pytest.mark.parametrize("view_block, units_per_shard", [(4, 1), (2, 2)])
-def test_each_image_decoded_once_per_unit(tmp_path, monkeypatch, digits_shards, tiny_teacher, view_block,
-                                          units_per_shard):  # fmt: skip
+def test_each_image_decoded_once_per_unit(
+    tmp_path, monkeypatch, digits_shards, tiny_teacher, view_block, units_per_shard
+):
     calls: defaultdict[bytes, int] = defaultdict(int)
     real = pipeline.replay.decode_image
 

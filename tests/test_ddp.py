@@ -33,9 +33,21 @@ TIMEOUT_S = 300
 
 
 def build_cache(shards: str, teacher: str, out: Path, views: int) -> str:
-    cache_teacher(CacheConfig(shards=shards, out=str(out), teacher="regnetx_002", teacher_checkpoint=teacher,
-                              img_size=32, views=views, view_block=2, topk=5, batch_size=64, workers=0,
-                              progress=False))  # fmt: skip
+    cache_teacher(
+        CacheConfig(
+            shards=shards,
+            out=str(out),
+            teacher="regnetx_002",
+            teacher_checkpoint=teacher,
+            img_size=32,
+            views=views,
+            view_block=2,
+            topk=5,
+            batch_size=64,
+            workers=0,
+            progress=False,
+        )
+    )
     return str(out)
 
 
@@ -49,11 +61,23 @@ def torchrun_train(cfg: TrainConfig, debug_dir: Path) -> subprocess.CompletedPro
     """``torchrun --nproc-per-node 2 stillroom train-student --config``; kills the group on a hang."""
     path = Path(cfg.out).with_suffix(".yaml")
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           STILLROOM, "train-student", "--config", str(path)]  # fmt: skip
+    cmd = [
+        TORCHRUN,
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        STILLROOM,
+        "train-student",
+        "--config",
+        str(path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STILLROOM_DEBUG_DIR": str(debug_dir), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -81,9 +105,18 @@ def shard_keys(spec: str) -> list[set[str]]:
 
 
 def cfg_for(shards: str, cache: str, out: Path, **kw) -> TrainConfig:
-    base = TrainConfig(shards=shards, cache=cache, out=str(out), model="deit_tiny_distilled_patch16_224",
-                       model_kwargs=dict(TINY_STUDENT), batch_size=8, workers=1, warmup_epochs=1, log_every=1,
-                       progress=False)  # fmt: skip
+    base = TrainConfig(
+        shards=shards,
+        cache=cache,
+        out=str(out),
+        model="deit_tiny_distilled_patch16_224",
+        model_kwargs=dict(TINY_STUDENT),
+        batch_size=8,
+        workers=1,
+        warmup_epochs=1,
+        log_every=1,
+        progress=False,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -113,8 +146,9 @@ def check_ranks(cfg: TrainConfig, debug_dir: Path) -> dict[int, dict[int, list[d
     return ranks
 
 
-def test_ddp_two_ranks_disjoint_in_sync_and_learning(digits_shards: str, digits_val_shards: str, tiny_teacher: str,
-                                                     tmp_path: Path) -> None:  # fmt: skip
+def test_ddp_two_ranks_disjoint_in_sync_and_learning(
+    digits_shards: str, digits_val_shards: str, tiny_teacher: str, tmp_path: Path
+) -> None:
     cache = build_cache(digits_shards, tiny_teacher, tmp_path / "cache.zarr", views=4)
     cfg = cfg_for(digits_shards, cache, tmp_path / "run", val_shards=digits_val_shards, epochs=4, lr=0.5)
     proc = torchrun_train(cfg, tmp_path / "debug")

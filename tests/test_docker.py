@@ -162,8 +162,14 @@ CONFIG_FILES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "demo.yaml"
 
 def test_expected_presets_exist() -> None:
     names = {p.name for p in CONFIG_FILES}
-    for name in ("deit_tiny.yaml", "deit_small.yaml", "deit_base.yaml", "cache_regnety160.yaml",
-                 "tiny_cpu.yaml", "tiny_cpu_cache.yaml"):  # fmt: skip
+    for name in (
+        "deit_tiny.yaml",
+        "deit_small.yaml",
+        "deit_base.yaml",
+        "cache_regnety160.yaml",
+        "tiny_cpu.yaml",
+        "tiny_cpu_cache.yaml",
+    ):
         assert name in names, f"configs/{name} is missing"
 
 

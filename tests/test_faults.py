@@ -35,11 +35,20 @@ from tests.conftest import TINY_STUDENT, write_digits_shards
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")
 RECIPE = {"name": "deit", "mix_window": 16}
-SETTINGS = {"teacher": "regnetx_002", "recipe": RECIPE, "img_size": 32, "views": 4, "view_block": 1, "topk": 5,
-            "temperatures": [1.0, 3.0], "workers": 0, "progress": False,
-            # One batch size for every run: teacher output bits depend on the batch size (measured:
-            # logsumexp bytes differed between batch 40 and batch 4 with everything else equal).
-            "batch_size": 4}  # fmt: skip
+SETTINGS = {
+    "teacher": "regnetx_002",
+    "recipe": RECIPE,
+    "img_size": 32,
+    "views": 4,
+    "view_block": 1,
+    "topk": 5,
+    "temperatures": [1.0, 3.0],
+    "workers": 0,
+    "progress": False,
+    # One batch size for every run: teacher output bits depend on the batch size (measured:
+    # logsumexp bytes differed between batch 40 and batch 4 with everything else equal).
+    "batch_size": 4,
+}
 UNITS = 12  # 3 shards x 4 view blocks
 # Subprocesses use the test process's intra-op thread count: teacher outputs can differ in the
 # last bits between thread counts (measured: logsumexp differed between 1 and 2 threads).
@@ -57,8 +66,11 @@ def _arrays(out: Path) -> dict[str, np.ndarray]:
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and not p.name.endswith(".partial")}  # fmt: skip
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not p.name.endswith(".partial")
+    }
 
 
 def _assert_same(out: Path, ref: Path) -> None:
@@ -120,10 +132,20 @@ def test_disk_full_before_done_marker_is_not_claimed(tmp_path, monkeypatch, refe
 
 # -- (b) a cache built from other shards ------------------------------------------------------------
 def _train_cfg(tmp_path: Path, shards: str, cache: Path, **kw) -> TrainConfig:
-    return TrainConfig(shards=shards, cache=str(cache), out=str(tmp_path / "run"),
-                       model="deit_tiny_distilled_patch16_224", model_kwargs=TINY_STUDENT,
-                       epochs=1, batch_size=8, max_steps_per_epoch=2,
-                       warmup_epochs=0, workers=0, progress=False, **{"distillation": "hard", **kw})  # fmt: skip
+    return TrainConfig(
+        shards=shards,
+        cache=str(cache),
+        out=str(tmp_path / "run"),
+        model="deit_tiny_distilled_patch16_224",
+        model_kwargs=TINY_STUDENT,
+        epochs=1,
+        batch_size=8,
+        max_steps_per_epoch=2,
+        warmup_epochs=0,
+        workers=0,
+        progress=False,
+        **{"distillation": "hard", **kw},
+    )
 
 
 def test_cache_from_other_shards_is_refused(tmp_path, reference):
@@ -168,8 +190,9 @@ def _markers(out: Path) -> int:
 def test_sigkill_at_random_points_then_resume(tmp_path, reference, digits_shards, tiny_teacher):
     config = tmp_path / "cache.yaml"
     out = tmp_path / "cache"
-    config.write_text(yaml.safe_dump({**SETTINGS, "shards": digits_shards, "out": str(out),
-                                      "teacher_checkpoint": tiny_teacher}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump({**SETTINGS, "shards": digits_shards, "out": str(out), "teacher_checkpoint": tiny_teacher})
+    )
     args = [*_stillroom(), "cache-teacher", "--config", str(config)]
     rng = random.Random(1234)
     before = 0

@@ -170,8 +170,12 @@ def test_image_modes_become_rgb(tmp_path):
     assert meta["train"]["classes"] == ["cold", "warm"]
     samples = {s.key: s for s in read_split(tmp_path / "out", meta["train"])}
     assert set(samples) == {"warm--cmyk", "warm--gray", "cold--palette", "cold--alpha"}
-    expected = {"warm--cmyk": (1, red), "warm--gray": (1, (200, 200, 200)), "cold--palette": (0, blue),
-                "cold--alpha": (0, blue)}  # fmt: skip
+    expected = {
+        "warm--cmyk": (1, red),
+        "warm--gray": (1, (200, 200, 200)),
+        "cold--palette": (0, blue),
+        "cold--alpha": (0, blue),
+    }
     for key, (label, colour) in expected.items():
         s = samples[key]
         assert s.label == label and s.image.mode == "RGB"

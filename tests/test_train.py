@@ -51,9 +51,20 @@ def _env() -> dict[str, str]:
 
 
 def build_cache(shards: str, teacher: str, out: Path, **kw) -> str:
-    cfg = CacheConfig(shards=shards, out=str(out), teacher="regnetx_002", teacher_checkpoint=teacher, img_size=32,
-                      views=2, view_block=1, topk=5, temperatures=[1.0, 3.0], batch_size=64, workers=0,
-                      progress=False)  # fmt: skip
+    cfg = CacheConfig(
+        shards=shards,
+        out=str(out),
+        teacher="regnetx_002",
+        teacher_checkpoint=teacher,
+        img_size=32,
+        views=2,
+        view_block=1,
+        topk=5,
+        temperatures=[1.0, 3.0],
+        batch_size=64,
+        workers=0,
+        progress=False,
+    )
     cache_teacher(dataclasses.replace(cfg, **kw))
     return str(out)
 
@@ -65,9 +76,21 @@ def cache(digits_shards: str, tiny_teacher: str, tmp_path_factory: pytest.TempPa
 
 
 def student_cfg(shards: str, cache: str | None, out: Path, **kw) -> TrainConfig:
-    base = TrainConfig(shards=shards, cache=cache, out=str(out), model=STUDENT, model_kwargs=dict(TINY_STUDENT),
-                       epochs=2, batch_size=8, workers=0, lr=0.2, warmup_epochs=1, log_every=1, progress=False,
-                       deterministic=True)  # fmt: skip
+    base = TrainConfig(
+        shards=shards,
+        cache=cache,
+        out=str(out),
+        model=STUDENT,
+        model_kwargs=dict(TINY_STUDENT),
+        epochs=2,
+        batch_size=8,
+        workers=0,
+        lr=0.2,
+        warmup_epochs=1,
+        log_every=1,
+        progress=False,
+        deterministic=True,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -91,8 +114,16 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
     c = open_cache(cache)
     recipe = make_recipe(c.meta["recipe"])
     shards = load_shard_list(digits_shards)
-    spec = StreamSpec(shards=shards, shard_ids=[0, 1, 2], cache_rows=[0, 1, 2], cache_url=cache, view=1,
-                      recipe=recipe, seed=0, num_classes=10)  # fmt: skip
+    spec = StreamSpec(
+        shards=shards,
+        shard_ids=[0, 1, 2],
+        cache_rows=[0, 1, 2],
+        cache_url=cache,
+        view=1,
+        recipe=recipe,
+        seed=0,
+        num_classes=10,
+    )
     batch = next(epoch_batches(spec, 16, 0, 64, seed=3))
     assert {"t_values", "t_indices", "t_lse"} <= batch.keys()
     assert (batch["lam"] < 1).any(), "the batch should hold mixed views"
@@ -115,8 +146,9 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
         t = [1.0, 3.0].index(tau)
         probs = losses.soft_target_probs(batch["t_values"], batch["t_indices"], batch["t_lse"][:, t], tau, 10)
         exact = F.softmax(live_logits / tau, dim=1)
-        torch.testing.assert_close(probs.gather(1, batch["t_indices"]), exact.gather(1, batch["t_indices"]),
-                                   rtol=2e-3, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            probs.gather(1, batch["t_indices"]), exact.gather(1, batch["t_indices"]), rtol=2e-3, atol=1e-4
+        )
         torch.testing.assert_close(probs.sum(dim=1), torch.ones(16), rtol=0, atol=1e-5)
 
     for distillation, tau in (("hard", 1.0), ("soft", 1.0), ("soft", 3.0)):
@@ -132,13 +164,23 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
             torch.testing.assert_close(cached.loss, live.loss, rtol=2e-3, atol=1e-5)
 
 
-def test_train_student_live_mode_matches_cached_mode(cache: str, digits_shards: str, tiny_teacher: str,
-                                                     tmp_path: Path) -> None:  # fmt: skip
+def test_train_student_live_mode_matches_cached_mode(
+    cache: str, digits_shards: str, tiny_teacher: str, tmp_path: Path
+) -> None:
     """End to end through train(): same init, same first batch, so the first step's losses agree."""
     first = {}
     for mode in ("cached", "live"):
-        cfg = student_cfg(digits_shards, cache, tmp_path / mode, epochs=1, max_steps_per_epoch=1, teacher_mode=mode,
-                          distillation="soft", tau=3.0, teacher_checkpoint=tiny_teacher)  # fmt: skip
+        cfg = student_cfg(
+            digits_shards,
+            cache,
+            tmp_path / mode,
+            epochs=1,
+            max_steps_per_epoch=1,
+            teacher_mode=mode,
+            distillation="soft",
+            tau=3.0,
+            teacher_checkpoint=tiny_teacher,
+        )
         train(cfg)
         first[mode] = next(m for m in read_metrics(cfg.out) if m["event"] == "train")
     assert first["cached"]["base_loss"] == first["live"]["base_loss"]
@@ -202,8 +244,14 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference_run: TrainConfig, tmp_
     cfg = dataclasses.replace(reference_run, out=str(tmp_path / "run"), checkpoint_every=4)
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    proc = subprocess.run([PY, "-c", KILLER, "train-student", "--config", str(path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**_env(), "KILL_AT_STEP_CALL": str(15 + 10 + 1)})  # fmt: skip
+    proc = subprocess.run(
+        [PY, "-c", KILLER, "train-student", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), "KILL_AT_STEP_CALL": str(15 + 10 + 1)},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     mid = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 8, 23)
@@ -247,9 +295,28 @@ def test_incomplete_cache_names_the_missing_units(digits_shards: str, tiny_teach
 
 def test_cache_of_another_seed_is_refused_by_the_cli(cache: str, digits_shards: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run([STILLROOM, "train-student", "--shards", digits_shards, "--cache", cache, "--seed", "1",
-                           "--out", str(out), "--epochs", "1", "--no-progress"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=_env())  # fmt: skip
+    proc = subprocess.run(
+        [
+            STILLROOM,
+            "train-student",
+            "--shards",
+            digits_shards,
+            "--cache",
+            cache,
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "does not match this training run" in proc.stderr and "seed: cache has 0, requested 1" in proc.stderr
     assert not (out / "last.pth").exists()
@@ -290,9 +357,14 @@ def test_uncached_tau_is_refused(cache: str, digits_shards: str, tmp_path: Path)
 
 def test_evaluate_reports_top1_top5_of_each_head(reference_run: TrainConfig, digits_val_shards: str) -> None:
     best = Path(reference_run.out) / "best.pth"
-    proc = subprocess.run([STILLROOM, "evaluate", "--checkpoint", str(best), "--shards", digits_val_shards,
-                           "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=_env())  # fmt: skip
+    proc = subprocess.run(
+        [STILLROOM, "evaluate", "--checkpoint", str(best), "--shards", digits_val_shards, "--workers", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["samples"] == 60
