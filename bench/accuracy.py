@@ -5,8 +5,9 @@ fewer student epochs (``--epochs``). One teacher (trained here, or ``--teacher-c
 cache (only the view blocks the run needs) are shared by every student run.
 
 Seeds: the cache fixes the data seed (the views), so a bench seed ``s`` varies what it can without
-invalidating the cache: the student's initial weights and the batch order (``stable_seed('init'|
-'batches', ...)`` get ``s`` mixed in; ``s = 0`` is exactly the unpatched pipeline).
+invalidating the cache: the student's initial weights, drop-path noise and the batch order
+(``stable_seed('init'|'noise'|'batches', ...)`` get ``s`` mixed in; ``s = 0`` is exactly the
+unpatched pipeline).
 
     .venv/bin/python bench/accuracy.py [--seeds 2] [--epochs 10] [--tau 1]
 """
@@ -40,7 +41,7 @@ MODES = ("cached hard", "cached soft", "live hard", "none")
 
 def _seeded(run_seed: int):
     def seed_fn(tag: str, *parts):
-        if run_seed and tag in ("init", "batches"):
+        if run_seed and tag in ("init", "batches", "noise"):
             return stable_seed(tag, *parts, "bench-seed", run_seed)
         return stable_seed(tag, *parts)
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the demo's")
     ap.add_argument("--teacher-checkpoint", default=None)
     ap.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+    ap.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     cfg = load_demo_config(None, "full")
@@ -173,7 +175,7 @@ def main() -> None:
         teacher_top1=teacher_top1,
         teacher_s=round(t_teacher, 1),
         cache_s=round(t_cache, 1),
-        note="measured while other processes shared the CPU cores",
+        note=args.note,
     )
     print(f"\nwrote {args.out}")
 

@@ -228,6 +228,7 @@ def main() -> None:
     ap.add_argument("--digits-shards", type=int, default=2, help="digits shards (300 samples each) to score")
     ap.add_argument("--synthetic-n", type=int, default=2000)
     ap.add_argument("--out", default=str(RESULTS / "storage_fidelity.json"))
+    ap.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -305,7 +306,7 @@ def main() -> None:
         {"storage": st, "fidelity": fid},
         digits_teacher=how,
         storage_wall_s=round(t_storage, 2),
-        note="measured while other processes shared the CPU cores",
+        note=args.note,
     )
     print(f"\nwrote {args.out}")
 

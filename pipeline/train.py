@@ -334,6 +334,9 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
     scaler = None  # bf16 autocast needs no loss scaling
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     global_step, best, start_step = 0, -1.0, 0
+    # Drop path draws from the global generator: seed it once everything is built, so building a
+    # live teacher (which consumes global draws for its init) cannot change the student's noise.
+    torch.manual_seed(stable_seed("noise", s.seed, d.rank))
     if state:
         model.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -347,7 +350,10 @@ def _train(cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
         # The schedule is rebuilt from this run's config (e.g. a larger --epochs) and fast-forwarded;
         # loading the stored scheduler state would keep the old run's length (t_initial).
         scheduler.step_update(num_updates=global_step)
-        ckpt.set_rng_state(state["rng"])
+        if d.rank == 0:
+            ckpt.set_rng_state(state["rng"])
+        else:  # the checkpoint holds rank 0's generator; other ranks draw fresh, distinct noise
+            torch.manual_seed(stable_seed("noise", s.seed, d.rank, global_step))
         log.info("resumed from %s: epoch %d, step %d", last_path, first_epoch, start_step)
 
     task = DistillationTask(
