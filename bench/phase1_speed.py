@@ -7,7 +7,7 @@ measures at 224 px with the DeiT recipe:
 * ``cache-teacher`` images·views/s with ``view_block = views`` (each image decoded once per unit)
   and with ``view_block = 1`` (decoded once per view), same everything else;
 * the teacher's bare forward throughput (same wrapper, batch size, inference mode and threads) on
-  views replayed beforehand and held in memory: the upper bound for the cache run.
+  views replayed beforehand and held in memory, best of ``--repeats`` passes: the upper bound.
 
 Prints a markdown table (with the machine and the command) and writes the numbers as JSON.
 
@@ -20,11 +20,7 @@ processes and every number drops by a large, unstable factor.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,11 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline.cache_teacher import CacheConfig, build_teacher, run  # noqa: E402
+from bench.common import RESULTS, write_result  # noqa: E402
+from pipeline.cache_teacher import CacheConfig, UnitStream, build_teacher, run  # noqa: E402
 from pipeline.cache_tools import status  # noqa: E402
 from pipeline.models import autocast  # noqa: E402
 from pipeline.pack import pack  # noqa: E402
@@ -48,25 +45,6 @@ from pipeline.shards import iter_decoded, load_shard_list  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
 TEACHER = "regnety_002"
 NUM_CLASSES = 1000
-
-
-def machine() -> dict[str, object]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def cache_run(shards: str, teacher: str, out: Path, args: argparse.Namespace, view_block: int) -> dict:
@@ -108,13 +86,40 @@ def bare_forward(shards: str, teacher: str, args: argparse.Namespace) -> dict:
     model, _ = build_teacher(cfg, NUM_CLASSES, device)
     with torch.inference_mode(), autocast(device):
         model(batches[0])  # warm-up (oneDNN primitive creation)
-        n = 0
-        t0 = time.perf_counter()
-        for b in batches:
-            model(b)
-            n += len(b)
-        dt = time.perf_counter() - t0
-    return {"views": n, "batches": len(batches), "wall_s": round(dt, 3), "images_views_per_s": n / dt}
+        times = []
+        for _ in range(args.repeats):  # best of N: the bound should not be lowered by a noisy pass
+            t0 = time.perf_counter()
+            for b in batches:
+                model(b)
+            times.append(time.perf_counter() - t0)
+    n, dt = sum(len(b) for b in batches), min(times)
+    return {
+        "views": n,
+        "batches": len(batches),
+        "wall_s": round(dt, 3),
+        "images_views_per_s": n / dt,
+        "all_passes_s": [round(t, 3) for t in times],
+    }
+
+
+def loader_only(shards: str, args: argparse.Namespace, view_block: int) -> dict:
+    """cache-teacher's data path alone (decode, replay, batch) with no teacher: the profile's other half."""
+    infos = load_shard_list(shards)
+    blocks = args.views // view_block
+    units = [(b, s) for b in range(blocks) for s in range(len(infos))]
+    block_views = {b: range(b * view_block, (b + 1) * view_block) for b in range(blocks)}
+    stream = UnitStream(
+        units, infos, block_views, make_recipe("deit", args.img_size), 0, NUM_CLASSES, args.batch_size, "raise"
+    )
+    workers = min(args.workers, len(units))
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    n = 0
+    t0 = time.perf_counter()
+    for item in loader:
+        if not item["end"]:
+            n += len(item["pixels"])
+    dt = time.perf_counter() - t0
+    return {"views": n, "wall_s": round(dt, 3), "images_views_per_s": n / dt, "workers": workers}
 
 
 def main() -> None:
@@ -126,8 +131,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--per-shard", type=int, default=50, help="samples per shard (200 images in total)")
     p.add_argument("--bare-views", type=int, default=512, help="pre-replayed views timed in the bare forward")
+    p.add_argument("--repeats", type=int, default=3, help="bare-forward passes; the fastest is the bound")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "phase1.json"))
+    p.add_argument("--out", default=str(RESULTS / "phase1.json"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,6 +148,7 @@ def main() -> None:
         torch.save(timm.create_model(TEACHER, num_classes=NUM_CLASSES).state_dict(), teacher)
 
         bare = bare_forward(shards, teacher, args)
+        loader = {b: loader_only(shards, args, b) for b in (args.views, 1)}
         runs = {}
         for block in (args.views, 1):
             runs[block] = cache_run(shards, teacher, t / f"cache-b{block}", args, block)
@@ -151,12 +158,9 @@ def main() -> None:
     once, per_view = runs[args.views], runs[1]
     st = once["status"]
     payload = 2 * args.topk + (2 if NUM_CLASSES <= 32767 else 4) * args.topk + 4 * 2  # values + indices + lse
-    mach = {**machine(), "load_average_1m_at_start": load_start, "load_average_1m_at_end": load_after}
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
-    command = " ".join(shlex.quote(a) for a in [*env, sys.executable, *sys.argv])
+    # On shared cores the loader and the teacher take turns: each view costs the sum of both times.
+    shared = 1.0 / (1.0 / loader[args.views]["images_views_per_s"] + 1.0 / bound)
     result = {
-        "machine": mach,
-        "command": command,
         "settings": {
             "teacher": TEACHER,
             "num_classes": NUM_CLASSES,
@@ -171,6 +175,9 @@ def main() -> None:
             "workers": args.workers,
         },
         "bare_forward": bare,
+        "loader_only": {f"view_block_{b}": r for b, r in loader.items()},
+        "predicted_if_cores_shared": shared,
+        "load_average_1m": [load_start, load_after],
         "cache_teacher": {f"view_block_{b}": {k: v for k, v in r.items() if k != "status"} for b, r in runs.items()},
         "decode_once_speedup": once["images_views_per_s"] / per_view["images_views_per_s"],
         "bytes_per_sample_view_on_disk": st["bytes_per_sample_view"],
@@ -193,22 +200,30 @@ def main() -> None:
         row("cache-teacher", f"view_block {args.views} (decode once per {args.views} views)", once),
         row("cache-teacher", "view_block 1 (decode once per view)", per_view),
         row("teacher forward only", f"pre-replayed tensors, batch {args.batch_size}", bare),
+        row("loader only (no teacher)", f"view_block {args.views}, {args.workers} workers", loader[args.views]),
+        row("loader only (no teacher)", f"view_block 1, {args.workers} workers", loader[1]),
         "",
+        f"- profile: loader and teacher share the same {os.cpu_count()} cores here, so one view costs the "
+        f"loader's time plus the teacher's: predicted {shared:,.1f} images·views/s "
+        f"({shared / bound:.2f} of bare forward) against {once['images_views_per_s']:,.1f} measured. "
+        "With the teacher on a GPU the two overlap and the bound is min(loader, GPU forward).",
         f"- decode-once gain (view_block {args.views} vs 1): {result['decode_once_speedup']:.2f}x",
         f"- bytes on disk per (sample, view) at K={args.topk}: {st['bytes_per_sample_view']} "
         f"(uncompressed payload {payload} B: fp16 values + int16 indices + 2 fp32 logsumexp; on disk: zstd "
         "chunks plus labels, keys, markers and metadata; a random-init teacher's logits may compress better "
         "than a trained one's)",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores ({mach['usable_cores']} usable), "
-        f"torch {mach['torch']} with {mach['torch_threads']} intra-op threads; 1-min load average "
-        f"{load_start} at start, {load_after} at end (other processes share these cores when it is above ~0.5)",
-        f"- command: `{command}`",
+        f"- 1-min load average {load_start} at start, {load_after} at end (other processes share these "
+        "cores when it is above ~0.5)",
     ]
+    doc = write_result(args.out, "phase1_speed", result)
+    m = doc["machine"]
+    lines.append(
+        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}, "
+        f"{m['torch_threads']} torch threads"
+    )
+    lines.append(f"- command: `{doc['command']}`")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
