@@ -12,7 +12,9 @@ API (import as ``from bench.common import ...`` after putting the repo root on `
   and returns it. Every bench JSON has these keys; ``bench/report.py`` relies on them.
 * ``md_table(headers, rows) -> str``: a GitHub markdown table; floats get ``fmt_num``.
 * ``fmt_num(x, digits=4) -> str``: compact formatting (``-`` for ``None``).
-* ``RESULTS``: ``bench/results`` (Path).
+* ``RESULTS``: ``bench/results`` (Path); ``IMAGENET_SAMPLE``: the 200 shared ImageNet JPEGs.
+* ``imagenet_sample_setup(folder, per_shard, teacher) -> (meta, shards, checkpoint)``: packs the
+  ImageNet sample into shards under ``folder`` and saves a randomly initialised teacher (seed 0).
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+
+
+def imagenet_sample_setup(folder: Path, per_shard: int, teacher: str) -> tuple[dict[str, Any], str, str]:
+    """Shards of the ImageNet sample plus a random-init ``teacher`` checkpoint for its classes.
+
+    No pretrained weights can be downloaded here; random weights cost the same per forward, which is
+    what the speed and storage benchmarks measure. Returns the pack sidecar's ``train`` entry, the
+    shard pattern and the checkpoint path.
+    """
+    import timm
+    import torch
+
+    from pipeline.pack import pack
+
+    meta = pack(str(IMAGENET_SAMPLE), str(folder / "data"), per_shard=per_shard)["train"]
+    torch.manual_seed(0)
+    checkpoint = folder / f"{teacher}-random.pth"
+    torch.save(timm.create_model(teacher, num_classes=meta["num_classes"]).state_dict(), checkpoint)
+    return meta, str(folder / "data" / meta["pattern"]), str(checkpoint)
 
 
 def _lscpu_model() -> str:

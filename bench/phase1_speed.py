@@ -29,20 +29,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from bench.common import RESULTS, write_result  # noqa: E402
+from bench.common import RESULTS, imagenet_sample_setup, write_result  # noqa: E402
 from pipeline.cache_teacher import CacheConfig, UnitStream, build_teacher, run  # noqa: E402
 from pipeline.cache_tools import status  # noqa: E402
 from pipeline.models import autocast  # noqa: E402
-from pipeline.pack import pack  # noqa: E402
 from pipeline.recipe import make_recipe  # noqa: E402
 from pipeline.replay import replay_shard  # noqa: E402
 from pipeline.shards import iter_decoded, load_shard_list  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
 TEACHER = "regnety_002"
 NUM_CLASSES = 1000
 
@@ -141,11 +138,7 @@ def main() -> None:
     load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="stillroom-bench-") as tmp:
         t = Path(tmp)
-        meta = pack(str(DATA), str(t / "data"), per_shard=args.per_shard)["train"]
-        shards = str(t / "data" / meta["pattern"])
-        torch.manual_seed(0)
-        teacher = str(t / f"{TEACHER}.pth")
-        torch.save(timm.create_model(TEACHER, num_classes=NUM_CLASSES).state_dict(), teacher)
+        meta, shards, teacher = imagenet_sample_setup(t, args.per_shard, TEACHER)
 
         bare = bare_forward(shards, teacher, args)
         loader = {b: loader_only(shards, args, b) for b in (args.views, 1)}

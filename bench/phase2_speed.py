@@ -37,16 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import timm  # noqa: E402
-import torch  # noqa: E402
 
-from bench.common import RESULTS, command, machine, md_table, write_result  # noqa: E402
+from bench.common import RESULTS, command, imagenet_sample_setup, machine, md_table, write_result  # noqa: E402
 from pipeline.cache_teacher import CacheConfig  # noqa: E402
 from pipeline.cache_teacher import run as cache_teacher  # noqa: E402
-from pipeline.pack import pack  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
 TEACHER = "regnety_016"
 STUDENT = "deit_tiny_distilled_patch16_224"
 NUM_CLASSES = 1000
@@ -114,11 +110,7 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stillroom-bench2-") as tmp:
         t = Path(tmp)
-        meta = pack(str(DATA), str(t / "data"), per_shard=args.per_shard)["train"]
-        shards = str(t / "data" / meta["pattern"])
-        torch.manual_seed(0)
-        teacher = str(t / f"{TEACHER}.pth")
-        torch.save(timm.create_model(TEACHER, num_classes=NUM_CLASSES).state_dict(), teacher)
+        meta, shards, teacher = imagenet_sample_setup(t, args.per_shard, TEACHER)
 
         t0 = time.perf_counter()
         cache = str(t / "cache.zarr")

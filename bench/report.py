@@ -114,6 +114,11 @@ def phase2(doc: dict[str, Any]) -> list[str]:
 
 def storage_fidelity(doc: dict[str, Any]) -> list[str]:
     r = doc["results"]
+    cfg = doc.get("settings", {})
+    where = (
+        f"{r['storage'][0]['sample_views']} sample-views, {cfg.get('img_size', '?')} px, "
+        f"{cfg.get('recipe', '?')} recipe, T={len(cfg.get('temperatures', [])) or '?'} temperatures"
+    )
     st = md_table(
         [
             "K",
@@ -165,7 +170,7 @@ def storage_fidelity(doc: dict[str, Any]) -> list[str]:
         ],
     )
     return [
-        "### Storage (ImageNet sample, 1000 classes, random-init regnety_002)",
+        f"### Storage (ImageNet sample, 1000 classes, {where}, random-init regnety_002)",
         "",
         st,
         "",

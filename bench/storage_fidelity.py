@@ -39,28 +39,21 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import RESULTS, md_table, write_result  # noqa: E402
+from bench import report  # noqa: E402
+from bench.common import RESULTS, imagenet_sample_setup, write_result  # noqa: E402
 from pipeline.losses import soft_target_probs  # noqa: E402
 from pipeline.models import topk_targets  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
 TEMPS = [1.0, 3.0]
 
 
 # -- (a) storage ---------------------------------------------------------------------------------
 def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
-    import timm
-
     from pipeline.cache import open_cache
     from pipeline.cache_teacher import CacheConfig, run
-    from pipeline.pack import pack
 
-    meta = pack(str(DATA), str(tmp / "inet"), per_shard=100)["train"]
-    shards = str(tmp / "inet" / meta["pattern"])
+    meta, shards, teacher = imagenet_sample_setup(tmp / "inet", 100, "regnety_002")
     num_classes = meta["num_classes"]
-    torch.manual_seed(0)
-    teacher = tmp / "regnety_002-random.pth"
-    torch.save(timm.create_model("regnety_002", num_classes=num_classes).state_dict(), teacher)
     rows = []
     for k in args.storage_k:
         out = tmp / f"cache-k{k}.zarr"
@@ -70,7 +63,7 @@ def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
                 shards=shards,
                 out=str(out),
                 teacher="regnety_002",
-                teacher_checkpoint=str(teacher),
+                teacher_checkpoint=teacher,
                 num_classes=num_classes,
                 recipe=args.storage_recipe,
                 img_size=args.img_size,
@@ -241,73 +234,16 @@ def main() -> None:
     fid = fidelity_rows(dl, [1, 2, 5, 10], "digits (trained)")
     fid += fidelity_rows(synthetic_logits(args.synthetic_n, 1000), [1, 5, 10, 20], "synthetic-1000 (not a network)")
 
-    print(
-        f"## Storage (ImageNet sample, {st[0]['sample_views']} sample-views, {args.img_size} px, "
-        f"{args.storage_recipe} recipe, T={len(TEMPS)} temperatures, random-init regnety_002)\n"
-    )
-    print(
-        md_table(
-            [
-                "K",
-                "bytes/(sample,view) on disk",
-                "of which values+indices+lse",
-                "raw 2K+2K+4T",
-                "dense fp32",
-                "dense / on disk",
-            ],
-            [
-                [
-                    r["K"],
-                    r["bytes_per_sample_view"],
-                    r["arrays_bytes_per_sample_view"],
-                    r["raw_bytes_per_sample_view"],
-                    r["dense_fp32_bytes"],
-                    r["ratio_dense_over_disk"],
-                ]
-                for r in st
-            ],
-        )
-    )
-    print(f"\n## Fidelity of rebuilt soft targets (digits teacher: {how})\n")
-    print(
-        md_table(
-            [
-                "teacher",
-                "K",
-                "tau",
-                "mean KL (nats)",
-                "max KL",
-                "mean TV",
-                "top-1 agree",
-                "mass outside top-K",
-                "teacher top-1 p",
-                "teacher entropy",
-            ],
-            [
-                [
-                    r["teacher"],
-                    r["K"],
-                    r["tau"],
-                    r["kl_mean"],
-                    r["kl_max"],
-                    r["tv_mean"],
-                    r["top1_agree"],
-                    r["mass_outside_topk"],
-                    r["teacher_top1_prob"],
-                    r["teacher_entropy"],
-                ]
-                for r in fid
-            ],
-        )
-    )
-    write_result(
+    doc = write_result(
         args.out,
         "storage_fidelity",
         {"storage": st, "fidelity": fid},
         digits_teacher=how,
         storage_wall_s=round(t_storage, 2),
+        settings={"img_size": args.img_size, "recipe": args.storage_recipe, "temperatures": TEMPS},
         note=args.note,
     )
+    print("\n".join(report.storage_fidelity(doc)))
     print(f"\nwrote {args.out}")
 
 
