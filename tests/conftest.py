@@ -14,11 +14,56 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 sys.path.insert(0, str(ROOT))
 
+from pipeline.cache_teacher import CacheConfig  # noqa: E402
 from pipeline.pack import _write_split, digits_items  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY_STUDENT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+# What every test cache shares (the ``tiny_teacher`` on 32 px digits); tests vary views, blocks, batch.
+TINY_CACHE = {
+    "teacher": "regnetx_002",
+    "img_size": 32,
+    "topk": 5,
+    "temperatures": [1.0, 3.0],
+    "workers": 0,
+    "progress": False,
+}
+
+
+def tiny_cache_config(shards: str, checkpoint: str, out: Path, **kw) -> CacheConfig:
+    """``TINY_CACHE`` over ``shards`` into ``out``; keyword arguments override any field."""
+    return CacheConfig(**{**TINY_CACHE, "shards": shards, "out": str(out), "teacher_checkpoint": checkpoint, **kw})
+
+
+def cache_cli_args(shards: str, checkpoint: str, out: Path, **kw) -> list[str]:
+    """``cache-teacher`` flags for the settings of ``tiny_cache_config(**kw)``; a ``None`` value
+    leaves its flag out (the CLI default applies)."""
+    fields = {**TINY_CACHE, "shards": shards, "out": str(out), "teacher_checkpoint": checkpoint, **kw}
+    args = ["cache-teacher"]
+    for name, value in fields.items():
+        flag = name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, list):
+            args += [f"--{flag}", ",".join(f"{v:g}" for v in value)]
+        else:
+            args += [f"--{flag}", str(value)]
+    return args
+
+
+def done_markers(out: Path) -> int:
+    """Completion markers a cache holds on disk (zarr's in-flight ``*.partial`` temp files excluded)."""
+    root = out / "done" / "c"
+    return sum(1 for p in root.rglob("*") if p.is_file() and not p.name.endswith(".partial")) if root.exists() else 0
+
+
+def stillroom_cmd() -> list[str]:
+    """The installed console script, or the module when the package is not installed."""
+    exe = Path(sys.executable).with_name("stillroom")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
 
 
 def write_digits_shards(out: Path, n: int, per_shard: int, prefix: str = "train", offset: int = 0) -> str:

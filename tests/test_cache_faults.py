@@ -12,13 +12,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+
+from tests.conftest import cache_cli_args, done_markers, stillroom_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")
@@ -29,38 +30,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBU
 pytestmark = pytest.mark.slow
 
 
-def _stillroom() -> list[str]:
-    exe = Path(sys.executable).with_name("stillroom")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
-
-
 def _args(shards: str, teacher: str, out: Path, *extra: str) -> list[str]:
-    return [
-        *_stillroom(),
-        "cache-teacher",
-        "--shards",
-        shards,
-        "--out",
-        str(out),
-        "--teacher",
-        "regnetx_002",
-        "--teacher-checkpoint",
-        teacher,
-        "--img-size",
-        "32",
-        "--views",
-        "6",
-        "--view-block",
-        "2",
-        "--topk",
-        "5",
-        "--temperatures",
-        "1,3",
-        "--batch-size",
-        "8",
-        "--no-progress",
-        *extra,
-    ]
+    settings = cache_cli_args(shards, teacher, out, views=6, view_block=2, batch_size=8, workers=None)
+    return [*stillroom_cmd(), *settings, *extra]
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -85,12 +57,6 @@ def _summary(text: str) -> tuple[int, int]:
     m = re.search(r"cache-teacher: (\d+) units done, (\d+) skipped", text)
     assert m, text
     return int(m.group(1)), int(m.group(2))
-
-
-def _done_markers(out: Path) -> int:
-    """Completion markers on disk (zarr's in-flight ``*.partial`` temp files excluded)."""
-    root = out / "done" / "c"
-    return sum(1 for p in root.rglob("*") if p.is_file() and not p.name.endswith(".partial")) if root.exists() else 0
 
 
 def _snapshot(out: Path) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
@@ -137,7 +103,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, reference, digits_shard
     # Same batch size as the reference: CPU kernels may round differently at another batch size.
     p = _start(_args(digits_shards, tiny_teacher, out, "--workers", "1"), tmp_path / "a.txt")
     deadline = time.monotonic() + 120
-    while _done_markers(out) < 2:
+    while done_markers(out) < 2:
         assert p.poll() is None, f"finished before it could be killed:\n{Path(p.log_file.name).read_text()}"
         assert time.monotonic() < deadline, "no unit finished in 120 s"
         time.sleep(0.01)

@@ -33,6 +33,7 @@ import pipeline.replay
 import pipeline.shards
 from cli.main import app
 from pipeline.cache_teacher import CacheConfig, run
+from tests.conftest import cache_cli_args, tiny_cache_config
 
 K = 5
 TEMPS = [1.0, 2.0, 4.0]
@@ -48,53 +49,12 @@ def _one_thread():
 
 
 def _cfg(shards: str, teacher: str, out: Path, **kw) -> CacheConfig:
-    base = dict(
-        shards=shards,
-        out=str(out),
-        teacher="regnetx_002",
-        teacher_checkpoint=teacher,
-        img_size=32,
-        views=4,
-        view_block=2,
-        topk=K,
-        temperatures=[1.0, 3.0],
-        batch_size=16,
-        workers=0,
-        progress=False,
-    )
-    base.update(kw)
-    return CacheConfig(**base)
+    return tiny_cache_config(shards, teacher, out, **{"views": 4, "view_block": 2, "topk": K, "batch_size": 16, **kw})
 
 
 def _cache_cli_args(shards: str, teacher: str, out: Path, *extra: str) -> list[str]:
     """CLI flags equal to ``_cfg`` defaults (so the fingerprint matches ``deit_cache``)."""
-    return [
-        "cache-teacher",
-        "--shards",
-        shards,
-        "--out",
-        str(out),
-        "--teacher",
-        "regnetx_002",
-        "--teacher-checkpoint",
-        teacher,
-        "--img-size",
-        "32",
-        "--views",
-        "4",
-        "--view-block",
-        "2",
-        "--topk",
-        str(K),
-        "--temperatures",
-        "1,3",
-        "--batch-size",
-        "16",
-        "--workers",
-        "0",
-        "--no-progress",
-        *extra,
-    ]
+    return [*cache_cli_args(shards, teacher, out, views=4, view_block=2, topk=K, batch_size=16), *extra]
 
 
 def _output(result) -> str:

@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cache_teacher import CacheConfig
 from pipeline.cache_teacher import run as cache_teacher
 from pipeline.data import rank_shards, steps_per_epoch
 from pipeline.shards import iter_raw, load_shard_list
 from pipeline.train import TrainConfig
-from tests.conftest import ROOT, TINY_STUDENT, write_digits_shards
+from tests.conftest import ROOT, TINY_STUDENT, tiny_cache_config, write_digits_shards
 
 TORCHRUN = str(ROOT / ".venv" / "bin" / "torchrun")
 STILLROOM = str(ROOT / ".venv" / "bin" / "stillroom")
@@ -33,21 +32,7 @@ TIMEOUT_S = 300
 
 
 def build_cache(shards: str, teacher: str, out: Path, views: int) -> str:
-    cache_teacher(
-        CacheConfig(
-            shards=shards,
-            out=str(out),
-            teacher="regnetx_002",
-            teacher_checkpoint=teacher,
-            img_size=32,
-            views=views,
-            view_block=2,
-            topk=5,
-            batch_size=64,
-            workers=0,
-            progress=False,
-        )
-    )
+    cache_teacher(tiny_cache_config(shards, teacher, out, views=views, view_block=2, batch_size=64))
     return str(out)
 
 

@@ -17,7 +17,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,21 +29,16 @@ import zarr
 from pipeline.cache import CacheError
 from pipeline.cache_teacher import CacheConfig, run
 from pipeline.train import TrainConfig, train
-from tests.conftest import TINY_STUDENT, write_digits_shards
+from tests.conftest import TINY_CACHE, TINY_STUDENT, done_markers, stillroom_cmd, tiny_cache_config, write_digits_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")
 RECIPE = {"name": "deit", "mix_window": 16}
 SETTINGS = {
-    "teacher": "regnetx_002",
+    **TINY_CACHE,
     "recipe": RECIPE,
-    "img_size": 32,
     "views": 4,
     "view_block": 1,
-    "topk": 5,
-    "temperatures": [1.0, 3.0],
-    "workers": 0,
-    "progress": False,
     # One batch size for every run: teacher output bits depend on the batch size (measured:
     # logsumexp bytes differed between batch 40 and batch 4 with everything else equal).
     "batch_size": 4,
@@ -57,7 +51,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": _THREADS, "MKL_NUM_THREADS": _THREADS, "
 
 
 def _cache_cfg(shards: str, teacher: str, out: Path, **kw) -> CacheConfig:
-    return CacheConfig(shards=shards, out=str(out), teacher_checkpoint=teacher, **{**SETTINGS, **kw})
+    return tiny_cache_config(shards, teacher, out, **{**SETTINGS, **kw})
 
 
 def _arrays(out: Path) -> dict[str, np.ndarray]:
@@ -176,16 +170,6 @@ def test_uncached_temperature_is_refused(tmp_path, reference, digits_shards):
 
 
 # -- (d) SIGKILL at random points, resumed each time ------------------------------------------------
-def _stillroom() -> list[str]:
-    exe = Path(sys.executable).with_name("stillroom")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
-
-
-def _markers(out: Path) -> int:
-    root = out / "done" / "c"
-    return sum(1 for p in root.rglob("*") if p.is_file() and not p.name.endswith(".partial")) if root.exists() else 0
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path, reference, digits_shards, tiny_teacher):
     config = tmp_path / "cache.yaml"
@@ -193,7 +177,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, reference, digits_shards
     config.write_text(
         yaml.safe_dump({**SETTINGS, "shards": digits_shards, "out": str(out), "teacher_checkpoint": tiny_teacher})
     )
-    args = [*_stillroom(), "cache-teacher", "--config", str(config)]
+    args = [*stillroom_cmd(), "cache-teacher", "--config", str(config)]
     rng = random.Random(1234)
     before = 0
     for kill in range(3):
@@ -203,7 +187,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, reference, digits_shards
         with open(log, "w") as f:
             p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 60
-            while _markers(out) < max(target, 0) or not (out / "done").exists():
+            while done_markers(out) < max(target, 0) or not (out / "done").exists():
                 assert p.poll() is None, f"finished before kill {kill}:\n{log.read_text()}"
                 assert time.monotonic() < deadline, f"no progress in 60 s:\n{log.read_text()}"
                 time.sleep(0.005)
@@ -211,7 +195,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, reference, digits_shards
             assert p.poll() is None, f"finished before kill {kill}:\n{log.read_text()}"
             os.killpg(p.pid, signal.SIGKILL)
             assert p.wait() == -signal.SIGKILL
-        now = _markers(out)
+        now = done_markers(out)
         assert before <= now < UNITS, (kill, before, now)
         done = _arrays(out)["done"]
         assert int((done >= 0).sum()) == now and set(done[done >= 0].tolist()) <= {40}

@@ -191,9 +191,10 @@ def test_replay_is_identical_in_fresh_processes(digits_shards):
         assert not diff, f"{len(diff)} views differ across processes, e.g. {diff[:3]}"
 
 
-def _stream_views(pattern: str, recipe: Recipe, view: int, workers: int) -> dict[str, tuple]:
+def _spec(pattern: str, recipe: Recipe, view: int) -> StreamSpec:
+    """Every shard of ``pattern`` at one view, with no cache (the trainer's data path alone)."""
     shards = load_shard_list(pattern)
-    spec = StreamSpec(
+    return StreamSpec(
         shards=shards,
         shard_ids=list(range(len(shards))),
         cache_rows=None,
@@ -203,6 +204,10 @@ def _stream_views(pattern: str, recipe: Recipe, view: int, workers: int) -> dict
         seed=SEED,
         num_classes=10,
     )
+
+
+def _stream_views(pattern: str, recipe: Recipe, view: int, workers: int) -> dict[str, tuple]:
+    spec = _spec(pattern, recipe, view)
     loader = DataLoader(ViewStream(spec, chunk=16), batch_size=None, num_workers=workers)
     out = {}
     for batch in loader:
@@ -223,17 +228,7 @@ def test_dataloader_workers_do_not_change_views(digits_shards, view):
         px2, label2, mix_label2, lam2 = parallel[key]
         assert torch.equal(px, px2) and (label, mix_label, lam) == (label2, mix_label2, lam2), key
     # The same views reach the trainer through shuffled, exact-size batches, whatever the worker count.
-    shards = load_shard_list(digits_shards)
-    spec = StreamSpec(
-        shards=shards,
-        shard_ids=[0, 1, 2],
-        cache_rows=None,
-        cache_url=None,
-        view=view,
-        recipe=recipe,
-        seed=SEED,
-        num_classes=10,
-    )
+    spec = _spec(digits_shards, recipe, view)
     for workers in (0, 2):
         seen = set()
         for batch in epoch_batches(spec, batch_size=8, workers=workers, shuffle_buffer=24, seed=workers):

@@ -74,13 +74,20 @@ BAD_SAMPLES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
-def test_bad_sample_raises_naming_shard_and_key(tmp_path, case):
-    spoil, word = BAD_SAMPLES[case]
+def _spoiled_shard(tmp_path, case):
+    """A good shard of N samples whose sample BAD is spoiled as ``BAD_SAMPLES[case]`` says."""
+    spoil, _ = BAD_SAMPLES[case]
     samples = good_samples()
     samples[BAD] = spoil(samples[BAD])
     url = write_tar(tmp_path / f"{case}-000000.tar", samples)
     [shard] = load_shard_list(url)
+    return url, shard
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_bad_sample_raises_naming_shard_and_key(tmp_path, case):
+    url, shard = _spoiled_shard(tmp_path, case)
+    word = BAD_SAMPLES[case][1]
     assert shard.count == N  # a bad sample is still a sample: it keeps its place in the count
     with pytest.raises(DataError) as info:
         list(iter_decoded(shard, 0, num_classes=3))
@@ -90,11 +97,7 @@ def test_bad_sample_raises_naming_shard_and_key(tmp_path, case):
 
 @pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
 def test_bad_sample_skipped_is_counted_and_leaves_a_gap(tmp_path, case):
-    spoil, _ = BAD_SAMPLES[case]
-    samples = good_samples()
-    samples[BAD] = spoil(samples[BAD])
-    url = write_tar(tmp_path / f"{case}-000000.tar", samples)
-    [shard] = load_shard_list(url)
+    _, shard = _spoiled_shard(tmp_path, case)
     stats = SkipStats()
     out = list(iter_decoded(shard, 4, num_classes=3, on_error="skip", stats=stats))
     assert stats.total == 1, stats.reasons

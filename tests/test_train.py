@@ -18,7 +18,6 @@ import yaml
 
 from pipeline import losses
 from pipeline.cache import CacheError, open_cache
-from pipeline.cache_teacher import CacheConfig
 from pipeline.cache_teacher import run as cache_teacher
 from pipeline.data import StreamSpec, epoch_batches
 from pipeline.models import Normalized, create, load_model, model_stats
@@ -27,7 +26,7 @@ from pipeline.replay import eval_view
 from pipeline.shards import iter_decoded, load_shard_list
 from pipeline.task import DistillationTask
 from pipeline.train import TrainConfig, train
-from tests.conftest import ROOT, TINY_STUDENT, write_digits_shards
+from tests.conftest import ROOT, TINY_STUDENT, tiny_cache_config, write_digits_shards
 
 STUDENT = "deit_tiny_distilled_patch16_224"
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -51,21 +50,7 @@ def _env() -> dict[str, str]:
 
 
 def build_cache(shards: str, teacher: str, out: Path, **kw) -> str:
-    cfg = CacheConfig(
-        shards=shards,
-        out=str(out),
-        teacher="regnetx_002",
-        teacher_checkpoint=teacher,
-        img_size=32,
-        views=2,
-        view_block=1,
-        topk=5,
-        temperatures=[1.0, 3.0],
-        batch_size=64,
-        workers=0,
-        progress=False,
-    )
-    cache_teacher(dataclasses.replace(cfg, **kw))
+    cache_teacher(tiny_cache_config(shards, teacher, out, **{"views": 2, "view_block": 1, "batch_size": 64, **kw}))
     return str(out)
 
 
@@ -164,25 +149,24 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
             torch.testing.assert_close(cached.loss, live.loss, rtol=2e-3, atol=1e-5)
 
 
+def _train_cached_and_live(cache: str, shards: str, teacher: str, tmp_path: Path, **kw) -> dict[str, str]:
+    """The same one-epoch run with cached targets and with the live teacher; returns each run's folder."""
+    outs = {}
+    for mode in ("cached", "live"):
+        cfg = student_cfg(shards, cache, tmp_path / mode, epochs=1, teacher_mode=mode, teacher_checkpoint=teacher, **kw)
+        train(cfg)
+        outs[mode] = cfg.out
+    return outs
+
+
 def test_train_student_live_mode_matches_cached_mode(
     cache: str, digits_shards: str, tiny_teacher: str, tmp_path: Path
 ) -> None:
     """End to end through train(): same init, same first batch, so the first step's losses agree."""
-    first = {}
-    for mode in ("cached", "live"):
-        cfg = student_cfg(
-            digits_shards,
-            cache,
-            tmp_path / mode,
-            epochs=1,
-            max_steps_per_epoch=1,
-            teacher_mode=mode,
-            distillation="soft",
-            tau=3.0,
-            teacher_checkpoint=tiny_teacher,
-        )
-        train(cfg)
-        first[mode] = next(m for m in read_metrics(cfg.out) if m["event"] == "train")
+    outs = _train_cached_and_live(
+        cache, digits_shards, tiny_teacher, tmp_path, max_steps_per_epoch=1, distillation="soft", tau=3.0
+    )
+    first = {mode: next(m for m in read_metrics(out) if m["event"] == "train") for mode, out in outs.items()}
     assert first["cached"]["base_loss"] == first["live"]["base_loss"]
     assert first["cached"]["distill_loss"] == pytest.approx(first["live"]["distill_loss"], rel=2e-3, abs=1e-5)
     assert first["cached"]["loss"] == pytest.approx(first["live"]["loss"], rel=2e-3, abs=1e-5)
@@ -193,22 +177,17 @@ def test_hard_distillation_trains_identically_from_cache_and_live_teacher(
 ) -> None:
     """Hard targets are the teacher's argmax, exact in the cache: several steps with drop path on
     (global-RNG noise) must leave bit-identical weights whether the teacher is cached or live."""
-    weights = {}
-    for mode in ("cached", "live"):
-        cfg = student_cfg(
-            digits_shards,
-            cache,
-            tmp_path / mode,
-            epochs=1,
-            max_steps_per_epoch=3,
-            teacher_mode=mode,
-            distillation="hard",
-            drop_path=0.2,  # timm spreads it linearly over depth: block 1 of 2 gets all of it
-            model_kwargs={**TINY_STUDENT, "depth": 2},
-            teacher_checkpoint=tiny_teacher,
-        )
-        train(cfg)
-        weights[mode] = torch.load(Path(cfg.out) / "last.pth", weights_only=True)["model"]
+    outs = _train_cached_and_live(
+        cache,
+        digits_shards,
+        tiny_teacher,
+        tmp_path,
+        max_steps_per_epoch=3,
+        distillation="hard",
+        drop_path=0.2,  # timm spreads it linearly over depth: block 1 of 2 gets all of it
+        model_kwargs={**TINY_STUDENT, "depth": 2},
+    )
+    weights = {mode: torch.load(Path(out) / "last.pth", weights_only=True)["model"] for mode, out in outs.items()}
     assert_same_weights(weights["cached"], weights["live"])
 
 
