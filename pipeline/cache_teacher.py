@@ -23,13 +23,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import cache as cache_mod
 from .models import (
-    Normalized,
     autocast,
     file_sha256,
     index_dtype,
-    load_model,
-    model_stats,
-    read_state_dict,
+    load_teacher,
     resolve_device,
     topk_targets,
 )
@@ -176,27 +173,17 @@ class UnitBuffer:
 
 def build_teacher(cfg: CacheConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Frozen teacher in eval mode wrapped with its normalisation, and its identity for the cache."""
-    kwargs = dict(cfg.teacher_kwargs)
-    if cfg.teacher_checkpoint:
-        _, meta = read_state_dict(cfg.teacher_checkpoint)
-        if meta.get("name") and meta["name"] != cfg.teacher:
-            raise ValueError(f"--teacher {cfg.teacher!r} but {cfg.teacher_checkpoint!r} holds a {meta['name']!r}")
-        kwargs = {**meta.get("kwargs", {}), **kwargs}
-    elif not cfg.teacher_pretrained:
+    if not cfg.teacher_checkpoint and not cfg.teacher_pretrained:
         raise ValueError("cache-teacher needs --teacher-checkpoint FILE (or --teacher-pretrained with a model hub)")
-    model = load_model(cfg.teacher, num_classes, cfg.teacher_checkpoint, pretrained=cfg.teacher_pretrained, **kwargs)
-    mean, std = model_stats(model)
-    model = Normalized(model, mean, std).eval().requires_grad_(False).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            model = torch.compile(model)
+    model, built = load_teacher(
+        cfg.teacher, num_classes, cfg.teacher_checkpoint, device, cfg.teacher_kwargs, cfg.teacher_pretrained
+    )
+    if device.type == "cuda" and cfg.compile:
+        model = torch.compile(model)
     ident = {
         "name": cfg.teacher,
         "checkpoint_sha256": file_sha256(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else "pretrained",
-        "kwargs": kwargs,
-        "mean": list(mean),
-        "std": list(std),
+        **built,
     }
     return model, ident
 

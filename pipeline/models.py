@@ -72,19 +72,56 @@ def create(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any)
         raise
 
 
+def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[:3]
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {' '.join(first)}") from e
+
+
 def load_model(
     name: str, num_classes: int, checkpoint: str | None, pretrained: bool = False, **kwargs: Any
 ) -> nn.Module:
     """Create a timm model and load ``checkpoint`` strictly (missing or extra keys are errors)."""
     model = create(name, num_classes, pretrained=pretrained, **kwargs)
     if checkpoint:
-        sd, _ = read_state_dict(checkpoint)
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[:3]
-            raise CheckpointError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {' '.join(first)}") from e
+        _load_strict(model, read_state_dict(checkpoint)[0], checkpoint, name)
     return model
+
+
+def load_teacher(
+    name: str,
+    num_classes: int,
+    checkpoint: str | None,
+    device: torch.device,
+    kwargs: dict[str, Any] | None = None,
+    pretrained: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen teacher as both phases run it (cache-teacher, and train-student's live mode).
+
+    The checkpoint is read once: its weights, and the model name and kwargs our own checkpoints
+    carry (``kwargs`` override those). The model is wrapped with its own normalisation, in eval
+    mode without gradients, and channels_last on CUDA.
+
+    Returns:
+        The model and ``{"kwargs", "mean", "std"}`` it was built with (part of a cache's identity).
+    """
+    kwargs = dict(kwargs or {})
+    sd = None
+    if checkpoint:
+        sd, meta = read_state_dict(checkpoint)
+        if meta.get("name") and meta["name"] != name:
+            raise ValueError(f"--teacher {name!r} but {checkpoint!r} holds a {meta['name']!r}")
+        kwargs = {**meta.get("kwargs", {}), **kwargs}
+    model = create(name, num_classes, pretrained=pretrained, **kwargs)
+    if sd is not None:
+        _load_strict(model, sd, checkpoint, name)  # type: ignore[arg-type]
+    mean, std = model_stats(model)
+    wrapped = Normalized(model, mean, std).eval().requires_grad_(False).to(device)
+    if device.type == "cuda":
+        wrapped = wrapped.to(memory_format=torch.channels_last)
+    return wrapped, {"kwargs": kwargs, "mean": list(mean), "std": list(std)}
 
 
 def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -29,7 +29,7 @@ from .cache import Cache, CacheError, check_versions, diff_fields, open_cache
 from .data import StreamSpec, epoch_batches, rank_shards, steps_per_epoch, view_for_epoch
 from .distributed import Dist, all_min, barrier, init, shutdown
 from .evaluate import evaluate
-from .models import Normalized, create, load_model, model_stats, resolve_device
+from .models import Normalized, create, load_teacher, model_stats, resolve_device
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
 from .seeding import stable_seed
@@ -231,13 +231,7 @@ def build_live_teacher(s: Setup, device: torch.device) -> nn.Module:
     name = cfg.teacher or (s.cache.meta["teacher"]["name"] if s.cache else None)
     if not name or not cfg.teacher_checkpoint:
         raise ValueError("--teacher-mode live needs --teacher NAME and --teacher-checkpoint FILE")
-    from .models import read_state_dict
-
-    _, meta = read_state_dict(cfg.teacher_checkpoint)
-    kwargs = {**meta.get("kwargs", {}), **cfg.teacher_kwargs}
-    teacher = load_model(name, s.num_classes, cfg.teacher_checkpoint, **kwargs)
-    mean, std = model_stats(teacher)
-    return Normalized(teacher, mean, std).eval().requires_grad_(False).to(device)
+    return load_teacher(name, s.num_classes, cfg.teacher_checkpoint, device, cfg.teacher_kwargs)[0]
 
 
 def _state(
