@@ -12,13 +12,16 @@ API (import as ``from bench.common import ...`` after putting the repo root on `
   and returns it. Every bench JSON has these keys; ``bench/report.py`` relies on them.
 * ``md_table(headers, rows) -> str``: a GitHub markdown table; floats get ``fmt_num``.
 * ``fmt_num(x, digits=4) -> str``: compact formatting (``-`` for ``None``).
-* ``RESULTS``: ``bench/results`` (Path); ``IMAGENET_SAMPLE``: the 200 shared ImageNet JPEGs.
-* ``imagenet_sample_setup(folder, per_shard, teacher) -> (meta, shards, checkpoint)``: packs the
-  ImageNet sample into shards under ``folder`` and saves a randomly initialised teacher (seed 0).
+* ``RESULTS``: ``bench/results`` (Path).
+* ``add_images_argument(parser)``: the ``--images DIR`` argument of benchmarks that need real photos
+  (a folder ``stillroom pack`` accepts: an ImageFolder tree, or flat files with ``classes.tsv``).
+* ``photo_folder_setup(folder, per_shard, teacher, images) -> (meta, shards, checkpoint)``: packs
+  ``images`` into shards under ``folder`` and saves a randomly initialised teacher (seed 0).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -32,11 +35,29 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 
 
-def imagenet_sample_setup(folder: Path, per_shard: int, teacher: str) -> tuple[dict[str, Any], str, str]:
-    """Shards of the ImageNet sample plus a random-init ``teacher`` checkpoint for its classes.
+def _photo_folder(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a folder of photos (an ImageFolder tree, or images with a classes.tsv)"
+        )
+    return path
+
+
+def add_images_argument(parser: argparse.ArgumentParser) -> None:
+    """``--images DIR``: the real photos a benchmark packs (required; no default path exists)."""
+    parser.add_argument(
+        "--images",
+        type=_photo_folder,
+        required=True,
+        help="folder of real photos to pack: ImageFolder tree (<class>/<image>) or flat files with classes.tsv",
+    )
+
+
+def photo_folder_setup(folder: Path, per_shard: int, teacher: str, images: Path) -> tuple[dict[str, Any], str, str]:
+    """Shards of the photos in ``images`` plus a random-init ``teacher`` checkpoint for their classes.
 
     No pretrained weights can be downloaded here; random weights cost the same per forward, which is
     what the speed and storage benchmarks measure. Returns the pack sidecar's ``train`` entry, the
@@ -47,7 +68,7 @@ def imagenet_sample_setup(folder: Path, per_shard: int, teacher: str) -> tuple[d
 
     from pipeline.pack import pack
 
-    meta = pack(str(IMAGENET_SAMPLE), str(folder / "data"), per_shard=per_shard)["train"]
+    meta = pack(str(images), str(folder / "data"), per_shard=per_shard)["train"]
     torch.manual_seed(0)
     checkpoint = folder / f"{teacher}-random.pth"
     torch.save(timm.create_model(teacher, num_classes=meta["num_classes"]).state_dict(), checkpoint)

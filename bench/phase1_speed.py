@@ -1,6 +1,7 @@
 """Phase 1 speed: cache-teacher throughput next to the teacher's bare forward, in one run.
 
-Packs the 200 ImageNet sample JPEGs (``../shared/data/imagenet-sample``) into shards in a temp
+Packs the real photos of ``--images DIR`` (e.g. 200 ImageNet JPEGs
+with a ``classes.tsv`` of the 1000 classes) into shards in a temp
 dir, saves a randomly initialised ``regnety_002`` (1000 classes) as the teacher checkpoint, and
 measures at 224 px with the DeiT recipe:
 
@@ -11,7 +12,7 @@ measures at 224 px with the DeiT recipe:
 
 Prints a markdown table (with the machine and the command) and writes the numbers as JSON.
 
-    .venv/bin/python bench/phase1_speed.py [--views 8] [--workers 2] [--threads N] [--out bench/results/phase1.json]
+    .venv/bin/python bench/phase1_speed.py --images DIR [--views 8] [--workers 2] [--threads N]
 
 Run it on an otherwise idle machine: on 2 busy cores, torch's OpenMP threads spin against other
 processes and every number drops by a large, unstable factor.
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from bench.common import RESULTS, imagenet_sample_setup, write_result  # noqa: E402
+from bench.common import RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
 from pipeline.cache_teacher import CacheConfig, UnitStream, build_teacher, run  # noqa: E402
 from pipeline.cache_tools import status  # noqa: E402
 from pipeline.models import autocast  # noqa: E402
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--bare-views", type=int, default=512, help="pre-replayed views timed in the bare forward")
     p.add_argument("--repeats", type=int, default=3, help="bare-forward passes; the fastest is the bound")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_images_argument(p)
     p.add_argument("--out", default=str(RESULTS / "phase1.json"))
     args = p.parse_args()
     if args.threads:
@@ -138,7 +140,7 @@ def main() -> None:
     load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="stillroom-bench-") as tmp:
         t = Path(tmp)
-        meta, shards, teacher = imagenet_sample_setup(t, args.per_shard, TEACHER)
+        meta, shards, teacher = photo_folder_setup(t, args.per_shard, TEACHER, args.images)
 
         bare = bare_forward(shards, teacher, args)
         loader = {b: loader_only(shards, args, b) for b in (args.views, 1)}

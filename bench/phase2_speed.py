@@ -1,6 +1,7 @@
 """Phase 2 speed: student training images/s with cached targets, a live teacher, and no teacher.
 
-Packs the 200 ImageNet sample JPEGs (``../shared/data/imagenet-sample``, 1000 classes) into
+Packs the real photos of ``--images DIR`` (e.g. 200 ImageNet JPEGs with a
+``classes.tsv`` of the 1000 classes) into
 shards in a temp dir, saves a randomly initialised ``regnety_016`` teacher, caches a few views of
 it (DeiT recipe, 224 px), then trains ``deit_tiny_distilled_patch16_224`` on the same replayed
 views with the same batch size, workers and number of steps in three modes, side by side:
@@ -17,7 +18,7 @@ burst of load from other processes on the machine hits all modes alike; the CPU 
 run (this process and its loader workers) are reported too, as they depend less on such load.
 Prints a markdown table with the ratios, the machine and the command, and writes JSON.
 
-    .venv/bin/python bench/phase2_speed.py [--steps 5] [--rounds 2] [--out bench/results/phase2.json]
+    .venv/bin/python bench/phase2_speed.py --images DIR [--steps 5] [--rounds 2] [--out bench/results/phase2.json]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from bench.common import RESULTS, command, imagenet_sample_setup, machine, md_table, write_result  # noqa: E402
+from bench.common import RESULTS, add_images_argument, command, machine, md_table, photo_folder_setup, write_result  # noqa: E402
 from pipeline.cache_teacher import CacheConfig  # noqa: E402
 from pipeline.cache_teacher import run as cache_teacher  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--per-shard", type=int, default=50, help="samples per shard (200 images in total)")
+    add_images_argument(p)
     p.add_argument("--out", default=str(RESULTS / "phase2.json"))
     args = p.parse_args()
     if args.views < args.epochs:
@@ -110,7 +112,7 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stillroom-bench2-") as tmp:
         t = Path(tmp)
-        meta, shards, teacher = imagenet_sample_setup(t, args.per_shard, TEACHER)
+        meta, shards, teacher = photo_folder_setup(t, args.per_shard, TEACHER, args.images)
 
         t0 = time.perf_counter()
         cache = str(t / "cache.zarr")

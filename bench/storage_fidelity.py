@@ -1,6 +1,6 @@
 """Storage and fidelity of the top-k cache, measured (not claimed).
 
-(a) Storage: the 200 ImageNet sample JPEGs (``../shared/data/imagenet-sample``, 1000 classes) are
+(a) Storage: the real photos of ``--images DIR`` (e.g. 200 ImageNet JPEGs, 1000 classes) are
 packed into 2 shards in a temp dir and cached by ``pipeline.cache_teacher.run`` with K = 5, 10, 20
 (same data, views, recipe; a randomly initialised ``regnety_002`` teacher, 64 px). Reported: bytes
 on disk per (sample, view), for the whole zarr group and for the three per-view arrays, next to
@@ -23,7 +23,7 @@ and the mean probability mass outside the top K. Two teachers, labelled in the t
   stand-in for an ImageNet teacher. K = 1, 5, 10, 20. Its top-1 probability and entropy are
   printed so the reader can judge how realistic it is.
 
-    .venv/bin/python bench/storage_fidelity.py [--teacher-epochs 3] [--teacher-checkpoint FILE]
+    .venv/bin/python bench/storage_fidelity.py --images DIR [--teacher-epochs 3] [--teacher-checkpoint FILE]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
-from bench.common import RESULTS, imagenet_sample_setup, write_result  # noqa: E402
+from bench.common import RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
 from pipeline.losses import soft_target_probs  # noqa: E402
 from pipeline.models import topk_targets  # noqa: E402
 
@@ -52,7 +52,7 @@ def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
     from pipeline.cache import open_cache
     from pipeline.cache_teacher import CacheConfig, run
 
-    meta, shards, teacher = imagenet_sample_setup(tmp / "inet", 100, "regnety_002")
+    meta, shards, teacher = photo_folder_setup(tmp / "inet", 100, "regnety_002", args.images)
     num_classes = meta["num_classes"]
     rows = []
     for k in args.storage_k:
@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--teacher-checkpoint", default=None, help="a digits regnety_002 checkpoint (skips training)")
     ap.add_argument("--digits-shards", type=int, default=2, help="digits shards (300 samples each) to score")
     ap.add_argument("--synthetic-n", type=int, default=2000)
+    add_images_argument(ap)
     ap.add_argument("--out", default=str(RESULTS / "storage_fidelity.json"))
     ap.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
     args = ap.parse_args()

@@ -1,4 +1,4 @@
-"""The teacher cache: a zarr v3 group laid out as ``../shared/DESIGN.md`` says.
+"""The teacher cache: a zarr v3 group laid out as ``docs/cache-format.md`` describes.
 
 Rows are addressed by position (``row = shard_index * capacity + position``). A unit of work is
 (shard, view block); each array gets exactly one chunk per unit, so one writer owns each stored

@@ -5,7 +5,7 @@ Sources:
       upscaled and written as RGB PNGs.
     * an ImageFolder tree ``root/<class>/<image>``.
     * a flat folder with ``classes.tsv`` (index, synset, name) whose file names start with the
-      synset, like ``../shared/data/imagenet-sample``.
+      synset (``n01440764_tench.JPEG``), the layout of small ImageNet samples.
 
 Keys derive from the relative path (never random), and the order of samples is a stable hash
 order, so shards mix classes (mixup partners are drawn inside a shard) and repacking the same

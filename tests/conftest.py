@@ -1,4 +1,8 @@
-"""Shared fixtures: small real data (scikit-learn digits, the ImageNet sample) and tiny models."""
+"""Fixtures for the whole suite: small real data (scikit-learn digits) and tiny models.
+
+Photo-like images in every mode and format are made by ``tests/photos.py``; the suite reads nothing
+from outside the repository.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 sys.path.insert(0, str(ROOT))
 
 from pipeline.cache_teacher import CacheConfig  # noqa: E402

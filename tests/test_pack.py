@@ -1,7 +1,8 @@
 """Packing real image sets into shards and reading every sample back.
 
 Sources: scikit-learn's digits (labels checked against ``load_digits().target`` by key index) and
-the ImageNet sample (flat ``<synset>_<name>.JPEG`` files labelled by ``classes.tsv``). Packing is
+a flat folder laid out like an ImageNet sample (``<synset>_<name>.JPEG`` files labelled by
+``classes.tsv``, photo-like JPEGs made by ``tests/photos.py``, some grayscale). Packing is
 deterministic (same bytes twice), the sidecar's counts are the shards' real counts, and every image
 decodes to 3-channel RGB whatever its mode (grayscale, CMYK, palette, alpha).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMAGENET_SAMPLE
+from photos import write_synset_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -34,16 +35,24 @@ def digits_data():
 
 
 @pytest.fixture(scope="module")
-def imagenet_classes() -> list[str]:
-    rows = [line.split("\t") for line in (IMAGENET_SAMPLE / "classes.tsv").read_text().splitlines() if line.strip()]
+def synset_folder(tmp_path_factory) -> Path:
+    """40 photo-like JPEGs of 12 classes in a flat folder with ``classes.tsv``; 5 are grayscale."""
+    root = tmp_path_factory.mktemp("synsets")
+    write_synset_folder(root, classes=12, images=40, gray_every=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet_classes(synset_folder) -> list[str]:
+    rows = [line.split("\t") for line in (synset_folder / "classes.tsv").read_text().splitlines() if line.strip()]
     assert [int(r[0]) for r in rows] == list(range(len(rows)))
     return [r[1] for r in rows]
 
 
 @pytest.fixture(scope="module")
-def packed_imagenet(tmp_path_factory) -> tuple[Path, dict]:
+def packed_imagenet(tmp_path_factory, synset_folder) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("inet-pack")
-    return out, pack(str(IMAGENET_SAMPLE), str(out), per_shard=64)
+    return out, pack(str(synset_folder), str(out), per_shard=16)
 
 
 def read_split(out: Path, meta: dict) -> list:
@@ -89,21 +98,21 @@ def test_pack_digits_with_val_split(tmp_path, digits_data):
         assert len(side["class_counts"]) == 10
 
 
-def test_pack_imagenet_sample_labels_bytes_and_modes(packed_imagenet, imagenet_classes):
+def test_pack_synset_folder_labels_bytes_and_modes(packed_imagenet, imagenet_classes, synset_folder):
     """Every file is packed once, byte for byte, labelled by the classes.tsv index of its synset."""
     out, meta = packed_imagenet
     assert set(meta) == {"train"} and meta["train"]["classes"] == imagenet_classes
-    assert [s["count"] for s in meta["train"]["shards"]] == [64, 64, 64, 8]
+    assert [s["count"] for s in meta["train"]["shards"]] == [16, 16, 8]
     samples = read_split(out, meta["train"])
-    files = {p.stem: p for p in IMAGENET_SAMPLE.glob("*.JPEG")}
-    assert len(files) == 200 and {s.key for s in samples} == set(files)
+    files = {p.stem: p for p in synset_folder.glob("*.JPEG")}
+    assert len(files) == 40 and {s.key for s in samples} == set(files)
     for s in samples:
         synset = s.key.split("_")[0]
         assert s.label == imagenet_classes.index(synset), s.key
         assert s.image.mode == "RGB"
         assert s.image.size == Image.open(files[s.key]).size
     gray = [s for s in samples if Image.open(files[s.key]).mode == "L"]
-    assert len(gray) == 5  # the sample's grayscale JPEGs, now RGB with equal channels
+    assert len(gray) == 5  # the folder's grayscale JPEGs, now RGB with equal channels
     for s in gray:
         r, g, b = s.image.split()
         assert r.tobytes() == g.tobytes() == b.tobytes()
@@ -112,14 +121,14 @@ def test_pack_imagenet_sample_labels_bytes_and_modes(packed_imagenet, imagenet_c
             assert raw.image == files[raw.key].read_bytes()
 
 
-def test_repacking_gives_identical_shards(tmp_path, packed_imagenet, monkeypatch):
+def test_repacking_gives_identical_shards(tmp_path, packed_imagenet, synset_folder, monkeypatch):
     """Packing the same source again, at another time, writes the same bytes (same keys, same order)."""
     out, meta = packed_imagenet
     monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)  # tar headers must not record "now"
-    again = pack(str(IMAGENET_SAMPLE), str(tmp_path), per_shard=64)
+    again = pack(str(synset_folder), str(tmp_path), per_shard=16)
     assert again == meta
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(p.name for p in tmp_path.iterdir()) and len(names) == 5
+    assert names == sorted(p.name for p in tmp_path.iterdir()) and len(names) == 4
     for name in names:
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
 

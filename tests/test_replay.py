@@ -2,8 +2,8 @@
 
 These tests protect the central invariant of the design: the pixels the student trains on are
 the pixels the teacher saw. They compare replays across fresh processes, DataLoader worker counts,
-re-sharded copies of the data, moved shards and polluted global RNG state, on real images (the
-scikit-learn digits and JPEGs of the ImageNet sample, some of them grayscale), and check the
+re-sharded copies of the data, moved shards and polluted global RNG state, on the scikit-learn
+digits (real scans) and on photo-like JPEGs made by ``tests/photos.py`` (some grayscale), and check the
 mixup/cutmix pairing contract: partners in the same shard and window, one shared lambda, crossed
 labels, an odd leftover unmixed, and mixed pixels that really are the mix of the two unmixed views.
 """
@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import IMAGENET_SAMPLE, write_digits_shards
+from conftest import write_digits_shards
+from photos import jpeg
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -36,14 +37,14 @@ from pipeline.shards import ShardInfo, SkipStats, iter_decoded, load_shard_list
 
 SEED = 1234
 TESTS_DIR = Path(__file__).resolve().parent
-# A few ImageNet-sample files, two of them grayscale JPEGs (decoded to RGB before augmentation).
-IMAGENET_NAMES = [
-    "n01440764_tench.JPEG",
-    "n01514668_cock.JPEG",
-    "n01530575_brambling.JPEG",
-    "n01688243_frilled_lizard.JPEG",
-    "n03697007_lumbermill.JPEG",  # grayscale
-    "n04372370_switch.JPEG",  # grayscale
+# Photo-like JPEGs of photo sizes: (key, (width, height), mode); two grayscale (decoded to RGB first).
+PHOTOS = [
+    ("tench", (160, 120), "RGB"),
+    ("cock", (120, 160), "RGB"),
+    ("brambling", (200, 133), "RGB"),
+    ("lizard", (96, 96), "RGB"),
+    ("lumbermill", (150, 100), "L"),
+    ("switch", (128, 90), "L"),
 ]
 
 
@@ -75,7 +76,7 @@ def shard_views(pattern: str, recipe: Recipe, views: list[int], seed: int = SEED
 
 
 def replay_digests(spec: dict) -> dict[str, str]:
-    """Digests of digits shard views (mixing on) and of ImageNet-sample views (per sample).
+    """Digests of digits shard views (mixing on) and of photo views (per sample).
 
     Runs in the test process and, unchanged, in fresh interpreters
     (``test_replay_is_identical_in_fresh_processes``).
@@ -90,29 +91,35 @@ def replay_digests(spec: dict) -> dict[str, str]:
             img = decode_image(f.read())
         key = Path(path).stem
         for view in spec["views"]:
-            out[f"imagenet/{key}/{view}"] = tensor_digest(augment_view(img, big, SEED, view, key))
+            out[f"photo/{key}/{view}"] = tensor_digest(augment_view(img, big, SEED, view, key))
     return out
 
 
 @pytest.fixture(scope="module")
-def imagenet_images() -> dict[str, Image.Image]:
-    """Decoded ImageNet-sample images by key (file stem)."""
-    images = {}
-    for name in IMAGENET_NAMES:
-        images[Path(name).stem] = decode_image((IMAGENET_SAMPLE / name).read_bytes())
-    return images
+def photo_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The ``PHOTOS`` written as JPEG files, by key (file stem)."""
+    folder = tmp_path_factory.mktemp("photos")
+    files = {}
+    for i, (key, size, mode) in enumerate(PHOTOS):
+        files[key] = folder / f"{key}.jpg"
+        files[key].write_bytes(jpeg(i, size, mode))
+    return files
 
 
 @pytest.fixture(scope="module")
-def imagenet_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One shard of 31 real ImageNet JPEGs (textured, so cutmix boxes are visible), odd count on purpose."""
-    out = tmp_path_factory.mktemp("inet") / "inet-000000.tar"
-    names = sorted(p.name for p in IMAGENET_SAMPLE.glob("*.JPEG"))[::6][:31]
-    classes = [line.split("\t")[1] for line in (IMAGENET_SAMPLE / "classes.tsv").read_text().splitlines()]
+def photos(photo_files: dict[str, Path]) -> dict[str, Image.Image]:
+    """Decoded photo-like images by key."""
+    return {key: decode_image(path.read_bytes()) for key, path in photo_files.items()}
+
+
+@pytest.fixture(scope="module")
+def photo_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One shard of 31 textured photo-like JPEGs (so cutmix boxes are visible), odd count on purpose."""
+    out = tmp_path_factory.mktemp("photos-shard") / "photos-000000.tar"
     with wds.TarWriter(str(out)) as sink:
-        for name in names:
-            label = classes.index(name.split("_")[0]) % 10  # 10 classes keeps the shard readable with num_classes=10
-            sink.write({"__key__": Path(name).stem, "jpg": (IMAGENET_SAMPLE / name).read_bytes(), "cls": b"%d" % label})
+        for i in range(31):
+            size = (64 + 9 * (i % 6), 48 + 7 * (i % 5))
+            sink.write({"__key__": f"photo{i:03d}", "jpg": jpeg(100 + i, size), "cls": b"%d" % (i % 10)})
     return str(out)
 
 
@@ -120,12 +127,11 @@ def imagenet_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
 # Determinism of one view
 
 
-def test_same_identity_gives_identical_tensor(imagenet_images, digits_shards):
+def test_same_identity_gives_identical_tensor(photo_files, digits_shards):
     """Decoding the same bytes again and replaying the same (seed, view, key) is bit-identical."""
     recipe = make_recipe("deit", img_size=64)
-    for name in IMAGENET_NAMES:
-        key = Path(name).stem
-        data = (IMAGENET_SAMPLE / name).read_bytes()
+    for key, path in photo_files.items():
+        data = path.read_bytes()
         for view in (0, 5):
             a = augment_view(decode_image(data), recipe, SEED, view, key)
             b = augment_view(decode_image(data), recipe, SEED, view, key)
@@ -139,10 +145,10 @@ def test_same_identity_gives_identical_tensor(imagenet_images, digits_shards):
         assert torch.equal(v.pixels, w.pixels) and (v.label, v.mix_label, v.lam) == (w.label, w.mix_label, w.lam), k
 
 
-def test_views_and_keys_and_seeds_differ(imagenet_images):
+def test_views_and_keys_and_seeds_differ(photos):
     """Different views, keys or cache seeds of the same bytes give different pixels."""
     recipe = make_recipe("deit", img_size=64)
-    for key, img in imagenet_images.items():
+    for key, img in photos.items():
         views = [augment_view(img, recipe, SEED, v, key) for v in range(4)]
         for i in range(len(views)):
             for j in range(i + 1, len(views)):
@@ -151,21 +157,21 @@ def test_views_and_keys_and_seeds_differ(imagenet_images):
         assert not torch.equal(views[0], augment_view(img, recipe, SEED + 1, 0, key))
 
 
-def test_eval_recipe_is_deterministic_center_crop(imagenet_images):
+def test_eval_recipe_is_deterministic_center_crop(photos):
     """The eval recipe has no randomness: every view and key give the same centre crop."""
     recipe = make_recipe("eval", img_size=48)
-    for key, img in imagenet_images.items():
+    for key, img in photos.items():
         a = augment_view(img, recipe, SEED, 0, key)
         assert a.shape == (3, 48, 48)
         assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
         assert torch.equal(a, augment_view(img, recipe, SEED + 1, 3, "another-key"))
 
 
-def test_replay_is_identical_in_fresh_processes(digits_shards):
+def test_replay_is_identical_in_fresh_processes(digits_shards, photo_files):
     """Two fresh interpreters (different hash salts and thread counts) and this process agree bit for bit."""
     spec = {
         "pattern": digits_shards,
-        "files": [str(IMAGENET_SAMPLE / n) for n in IMAGENET_NAMES],
+        "files": [str(p) for p in photo_files.values()],
         "views": [0, 1, 7],
     }
     code = (
@@ -184,7 +190,7 @@ def test_replay_is_identical_in_fresh_processes(digits_shards):
         assert p.returncode == 0, stderr[-3000:]
         line = next(s for s in stdout.splitlines() if s.startswith("DIGESTS="))
         results.append(json.loads(line.removeprefix("DIGESTS=")))
-    assert len(here) == 120 * 3 + len(IMAGENET_NAMES) * 3
+    assert len(here) == 120 * 3 + len(PHOTOS) * 3
     for other in results:
         assert other.keys() == here.keys()
         diff = [k for k in here if here[k] != other[k]]
@@ -287,17 +293,17 @@ def _states_equal(a, b) -> bool:
     return a[0] == b[0] and same_np and torch.equal(a[2], b[2])
 
 
-def test_replay_ignores_and_preserves_global_rng(imagenet_images, imagenet_shard):
+def test_replay_ignores_and_preserves_global_rng(photos, photo_shard):
     """Global random/numpy/torch seeds do not change a replay, and a replay does not move them."""
     recipe = make_recipe("deit", img_size=32)
-    shard = ShardInfo(imagenet_shard, 31)
+    shard = ShardInfo(photo_shard, 31)
     results = []
     for global_seed in (0, 99):
         random.seed(global_seed)
         np.random.seed(global_seed)
         torch.manual_seed(global_seed)
         before = _rng_states()
-        pixels = [augment_view(img, recipe, SEED, v, key) for key, img in imagenet_images.items() for v in range(3)]
+        pixels = [augment_view(img, recipe, SEED, v, key) for key, img in photos.items() for v in range(3)]
         pixels += [v.pixels for w in replay_shard(iter_decoded(shard, 0, 10), [0, 1], recipe, SEED, "x") for v in w]
         assert _states_equal(before, _rng_states()), "view replay read or changed a global RNG"
         results.append(pixels)
@@ -430,33 +436,33 @@ def test_mixup_pairs_within_shard_window(tmp_path):
         assert kinds["mixup"] == (45 - 1) * n_views
 
 
-def test_cutmix_pairs_paste_one_box(imagenet_shard):
-    """CutMix only on textured ImageNet images: each member is its own view with one box from its partner."""
+def test_cutmix_pairs_paste_one_box(photo_shard):
+    """CutMix only on textured photos: each member is its own view with one box from its partner."""
     recipe = dataclasses.replace(make_recipe("deit", img_size=32), mixup=0.0, mix_window=8)
-    kinds = check_pairs(ShardInfo(imagenet_shard, 31), recipe, [0, 1])
+    kinds = check_pairs(ShardInfo(photo_shard, 31), recipe, [0, 1])
     assert kinds.get("cutmix", 0) + kinds.get("cutmix-partial", 0) >= 40
     # On textured photos the changed pixels span the whole box, so its area matches lambda exactly.
     assert kinds.get("cutmix", 0) >= 0.9 * (kinds.get("cutmix", 0) + kinds.get("cutmix-partial", 0))
     assert "mixup" not in kinds
 
 
-def test_deit_mixing_pairs(imagenet_shard):
+def test_deit_mixing_pairs(photo_shard):
     """The full DeiT recipe (mixup or cutmix per pair, window 64) keeps the pairing contract."""
     recipe = make_recipe("deit", img_size=32)
-    kinds = check_pairs(ShardInfo(imagenet_shard, 31), recipe, [0, 1, 2])
+    kinds = check_pairs(ShardInfo(photo_shard, 31), recipe, [0, 1, 2])
     assert kinds.get("mixup", 0) > 0 and kinds.get("cutmix", 0) > 0
     assert kinds["alone"] >= 3  # 31 samples in one window: one leftover per view
 
 
-def test_skipped_sample_leaves_a_gap_not_a_shift(tmp_path, imagenet_shard):
+def test_skipped_sample_leaves_a_gap_not_a_shift(tmp_path, photo_shard):
     """A bad sample skipped in one window does not change pairs or views in any other window."""
     recipe = dataclasses.replace(make_recipe("deit", img_size=32), cutmix=0.0, mix_window=8)
-    good = ShardInfo(imagenet_shard, 31)
+    good = ShardInfo(photo_shard, 31)
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
-    bad_url = str(bad_dir / Path(imagenet_shard).name)  # same shard name: same mixing seeds
+    bad_url = str(bad_dir / Path(photo_shard).name)  # same shard name: same mixing seeds
     with wds.TarWriter(bad_url) as sink:
-        for i, s in enumerate(wds.WebDataset(imagenet_shard, shardshuffle=False)):
+        for i, s in enumerate(wds.WebDataset(photo_shard, shardshuffle=False)):
             data = b"not a jpeg" if i == 3 else s["jpg"]
             sink.write({"__key__": s["__key__"], "jpg": data, "cls": s["cls"]})
     bad = ShardInfo(bad_url, 31)

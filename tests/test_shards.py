@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import IMAGENET_SAMPLE, write_digits_shards
+from conftest import write_digits_shards
+from photos import jpeg
 from PIL import Image
 
 from pipeline.shards import (
@@ -41,7 +42,7 @@ def _jpeg(color: tuple[int, int, int]) -> bytes:
 
 
 def _photo() -> bytes:
-    return (IMAGENET_SAMPLE / "n01440764_tench.JPEG").read_bytes()
+    return jpeg(7, (250, 187))
 
 
 def good_samples() -> list[dict]:
@@ -283,13 +284,11 @@ def test_shard_identity_survives_a_move(tmp_path, digits_shards):
     assert [s.url for s in a] != [s.url for s in b]
 
 
-def test_grayscale_jpeg_from_the_imagenet_sample_decodes_to_rgb(tmp_path):
-    name = "n04372370_switch.JPEG"  # a grayscale JPEG in the sample
-    assert Image.open(IMAGENET_SAMPLE / name).mode == "L"
-    url = write_tar(
-        tmp_path / "gray-000000.tar", [{"__key__": "g", "jpg": (IMAGENET_SAMPLE / name).read_bytes(), "cls": b"0"}]
-    )
+def test_grayscale_jpeg_decodes_to_rgb(tmp_path):
+    data = jpeg(3, (128, 90), "L")
+    assert Image.open(io.BytesIO(data)).mode == "L"
+    url = write_tar(tmp_path / "gray-000000.tar", [{"__key__": "g", "jpg": data, "cls": b"0"}])
     [s] = list(iter_decoded(load_shard_list(url)[0], 0, 1))
-    assert s.image.mode == "RGB" and s.image.size == Image.open(IMAGENET_SAMPLE / name).size
+    assert s.image.mode == "RGB" and s.image.size == (128, 90)
     r, g, b = s.image.split()
     assert r.tobytes() == g.tobytes() == b.tobytes()
