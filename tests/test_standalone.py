@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The folder as a relative path, as a path component in code ("shared" between quotes), and the
+# The folder as a relative path, as a quoted path component in code, and the
 # image sample inside it. Spelled in pieces so that this file does not match itself.
 _NAME = "sha" + "red"
 OUTSIDE = re.compile(r"\.\./" + _NAME + r"|[\"']" + _NAME + r"[\"']|imagenet" + r"-sample")
