@@ -1,8 +1,12 @@
-"""YAML configs with CLI overrides, resolved into typed dataclasses.
+"""Options declared once, read from YAML and flags, resolved into typed dataclasses.
 
-Precedence: dataclass defaults < YAML file (``--config``) < explicit CLI flags. Unknown keys are
-errors that name the key and the file, so a typo never silently falls back to a default. The
-resolved config is written next to the outputs (``resolved-config.yaml``).
+An option is a dataclass field made by :func:`option`: its name, type, default, help text and
+choices are written there and nowhere else. The CLI builds its flags from these fields
+(``cli/flags.py``), YAML files use the same names, and :func:`resolve` merges them with the
+precedence defaults < YAML file (``--config``) < flags given on the command line. Unknown keys,
+values of the wrong type and values outside the declared choices are errors that name the key and
+where it came from, so a typo never silently falls back to a default. Each config class checks
+its own cross-field rules in a ``check()`` method, called here once the values are merged.
 """
 
 from __future__ import annotations
@@ -11,15 +15,51 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import yaml
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and key."""
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Sequence[str] | None = None,
+    factory: Callable[[], Any] | None = None,
+    positional: bool = False,
+) -> Any:
+    """A config field: the one declaration of an option.
+
+    Args:
+        default: The default value (use ``factory`` for lists and dicts).
+        help: What the option does, as ``--help`` shows it (the default is appended there).
+        choices: The allowed values of a string option; anything else is refused by name.
+        factory: Builds a mutable default.
+        positional: A command-line argument rather than a ``--flag``.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def fields(cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -35,66 +75,120 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Light coercion for YAML/CLI values (e.g. '1,3' -> [1.0, 3.0] for list[float])."""
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not a YAML/JSON mapping ({e})") from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping such as {{key: value}}, got {value!r}")
+    return dict(value)
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn a YAML or command-line value into ``tp``; ``where`` names the option in errors.
+
+    A string for a list of numbers may be comma separated (``1,3``); a string for a mapping is read
+    as YAML (``{img_size: 32}``). A string for a list of strings is one item: shard specs may hold
+    spaces (``pipe:`` commands) and commas (brace patterns), so they are never split.
+    """
     if value is None:
         return None
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        for a in non_none:
+        options = [a for a in args if a is not type(None)]
+        if str in options and isinstance(value, str) and not value.lstrip().startswith("{"):
+            return value  # e.g. a recipe name, not a mapping
+        for a in options:
             try:
-                return _coerce(value, a, where)
-            except (ConfigError, TypeError, ValueError):
+                return coerce(value, a, where)
+            except ConfigError:
                 continue
-        raise ConfigError(f"{where}: cannot use {value!r} as {tp}")
+        raise ConfigError(f"{where}: cannot use {value!r} (expected {_type_name(tp)})")
     if origin in (list, tuple):
         inner = args[0] if args else Any
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return [_coerce(v, inner, where) for v in items if v != ""]
-    if tp is bool and isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
-    if tp in (int, float, str):
+        if isinstance(value, str):
+            items: list[Any] = [value] if inner is str else [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        return [coerce(v, inner, where) for v in items]
+    if origin is dict or tp is dict:
+        return _mapping(value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             return tp(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
     return value
 
 
-def from_mapping(cls: type[T], data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Validate and coerce a mapping of ``cls`` fields; ``where`` names the source in errors."""
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Validate and coerce a mapping of ``cls`` option names (``view_block`` or ``view-block``)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
-        values[name] = _coerce(value, hints[name], f"{where}: {key}")
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        values[name] = coerce(value, hints[name], f"{where}: {key}")
     return values
 
 
-def resolve(cls: type[T], config_path: str | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build ``cls`` from defaults, an optional YAML file and CLI overrides (``None`` = not given)."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def check_choices(cfg: Any) -> None:
+    for f in fields(type(cfg)):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"{flag_name(f.name)} {value!r}: expected one of {', '.join(choices)}")
+
+
+def resolve(cls: type[T], config_path: str | None = None, overrides: Mapping[str, Any] | None = None) -> T:
+    """Build and check ``cls`` from its defaults, an optional YAML file and overrides.
+
+    ``overrides`` are option values given on the command line, by field name; ``None`` means the flag
+    was not given.
+    """
     values: dict[str, Any] = {}
     if config_path:
         values.update(from_mapping(cls, read_yaml(config_path), f"config file {config_path!r}"))
-    for key, value in (overrides or {}).items():
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for name, value in (overrides or {}).items():
         if value is None:
             continue
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"unknown option {key!r}")
-        values[name] = _coerce(value, hints[name], f"--{key.replace('_', '-')}")
-    return cls(**values)
+        if name not in known:
+            raise ConfigError(f"unknown option {flag_name(name)}")
+        values[name] = coerce(value, hints[name], flag_name(name))
+    return finish(cls(**values))
+
+
+def finish(cfg: T) -> T:
+    """Check a config built in code (declared choices, then the class's own rules); returns it."""
+    check_choices(cfg)
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        check()
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

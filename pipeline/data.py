@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cache import CacheError, open_cache
+from .cache import UnitData, open_cache
+from .errors import CacheError
 from .partition import my_share
 from .recipe import Recipe
 from .replay import View, replay_shard
@@ -86,7 +87,7 @@ class ViewStream(IterableDataset):
                 yield collate(pending, rows, shard)
 
 
-def collate(window: list[View], rows: dict[str, np.ndarray] | None, shard: ShardInfo) -> dict[str, Any]:
+def collate(window: list[View], rows: UnitData | None, shard: ShardInfo) -> dict[str, Any]:
     batch: dict[str, Any] = {
         "pixels": torch.stack([v.pixels for v in window]),
         "label": torch.tensor([v.label for v in window]),
@@ -96,15 +97,15 @@ def collate(window: list[View], rows: dict[str, np.ndarray] | None, shard: Shard
     }
     if rows is not None:
         pos = np.array([v.position for v in window])
-        for v, stored, label in zip(window, rows["keys"][pos], rows["labels"][pos], strict=True):
+        for v, stored, label in zip(window, rows.keys[pos], rows.labels[pos], strict=True):
             if stored != v.key or label != v.label:
                 raise CacheError(
                     f"shard {shard.url!r} position {v.position}: cache row holds key {stored!r} label {label}, "
                     f"the shard has key {v.key!r} label {v.label}; this cache was not built from these shards"
                 )
-        batch["t_values"] = torch.from_numpy(rows["values"][pos].astype(np.float32))
-        batch["t_indices"] = torch.from_numpy(rows["indices"][pos].astype(np.int64))
-        batch["t_lse"] = torch.from_numpy(rows["logsumexp"][pos])
+        batch["t_values"] = torch.from_numpy(rows.values[pos].astype(np.float32))
+        batch["t_indices"] = torch.from_numpy(rows.indices[pos].astype(np.int64))
+        batch["t_lse"] = torch.from_numpy(rows.logsumexp[pos])
     return batch
 
 

@@ -13,12 +13,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .cache_teacher import CacheConfig
 from .cache_teacher import run as run_cache
 from .cache_tools import status
-from .config import from_mapping, read_yaml, write_resolved
+from .config import finish, from_mapping, read_yaml, write_resolved
+from .options import CacheConfig, DemoConfig, TrainConfig
 from .pack import pack
-from .train import TrainConfig, train
+from .train import train
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -35,8 +35,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def load_demo_config(path: str | None, size: str) -> dict[str, Any]:
     cfg = read_yaml(path or str(DEFAULT_CONFIG))
-    if size not in ("full", "tiny"):
-        raise ValueError(f"--size {size!r}: expected full or tiny")
     tiny = cfg.pop("tiny", {})
     cfg.pop("recipe", None)  # only an anchor for the sections below
     return _merge(cfg, tiny) if size == "tiny" else cfg
@@ -48,80 +46,117 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
-def run_demo(out: str, size: str = "full", config: str | None = None, console: Console | None = None) -> dict:
+class _Steps:
+    """The demo's steps, sharing one working folder and the settings of ``configs/demo.yaml``."""
+
+    def __init__(self, demo: DemoConfig, preset: dict[str, Any], console: Console):
+        self.out, self.preset, self.console = Path(demo.out), preset, console
+        self.progress = "auto" if demo.size == "full" else "off"
+        self.seconds: dict[str, float] = {}
+        self.common: dict[str, Any] = {}
+
+    def timed(self, name: str, title: str, fn: Any, *args: Any) -> Any:
+        self.console.rule(title)
+        result, self.seconds[name] = _timed(fn, *args)
+        return result
+
+    def pack(self) -> dict[str, Any]:
+        data = self.out / "data"
+        meta = self.timed(
+            "pack", "1/5 pack digits into webdataset shards", lambda: pack("digits", str(data), **self.preset["pack"])
+        )
+        self.common = {
+            "shards": str(data / meta["train"]["pattern"]),
+            "val_shards": str(data / meta["val"]["pattern"]),
+            "device": "cpu",
+            "workers": 1,
+            "progress": self.progress,
+            "eval_every": 1000,
+        }
+        return meta
+
+    def train_config(self, section: str, name: str, **extra: Any) -> TrainConfig:
+        mapping = {**self.common, **self.preset[section], **extra, "out": str(self.out / name)}
+        cfg = TrainConfig(**from_mapping(TrainConfig, mapping, f"demo config [{name}]"))
+        write_resolved(cfg, cfg.out)
+        return cfg
+
+    def cache(self) -> str:
+        url = str(self.out / "cache.zarr")
+        mapping = {
+            **self.preset["cache"],
+            "shards": self.common["shards"],
+            "out": url,
+            "teacher_checkpoint": str(self.out / "teacher" / "last.pth"),
+            "workers": 1,
+            "progress": self.progress,
+            "force_new": True,
+        }
+        cfg = CacheConfig(**from_mapping(CacheConfig, mapping, "demo config [cache]"))
+        self.cache_summary = self.timed("cache", "3/5 cache-teacher: top-k logits of every view, once", run_cache, cfg)
+        return url
+
+
+def run_demo(demo: DemoConfig, console: Console | None = None) -> dict:
     """Run every step and return the table's numbers (also written to ``OUT/demo-results.json``)."""
+    demo = finish(demo)
     console = console or Console(width=110)
-    cfg = load_demo_config(config, size)
-    out_path = Path(out)
-    data = out_path / "data"
-    progress = size == "full"
-
-    console.rule("1/5 pack digits into webdataset shards")
-    meta, t_pack = _timed(lambda: pack("digits", str(data), **cfg["pack"]))
-    train_shards = str(data / meta["train"]["pattern"])
-    val_shards = str(data / meta["val"]["pattern"])
-    common = {
-        "shards": train_shards,
-        "val_shards": val_shards,
-        "device": "cpu",
-        "workers": 1,
-        "progress": progress,
-        "eval_every": 1000,
-    }
-
-    def train_cfg(section: dict[str, Any], name: str, **extra: Any) -> TrainConfig:
-        values = from_mapping(
-            TrainConfig, {**common, **section, **extra, "out": str(out_path / name)}, f"demo config [{name}]"
-        )
-        tc = TrainConfig(**values)
-        write_resolved(tc, tc.out)
-        return tc
-
-    console.rule("2/5 train the teacher (RegNetY, no distillation)")
-    teacher_res, t_teacher = _timed(train, train_cfg(cfg["teacher"], "teacher"))
-    teacher_ckpt = str(out_path / "teacher" / "last.pth")
-
-    console.rule("3/5 cache-teacher: top-k logits of every view, once")
-    cache_url = str(out_path / "cache.zarr")
-    cc = CacheConfig(
-        **from_mapping(
-            CacheConfig,
-            {
-                **cfg["cache"],
-                "shards": train_shards,
-                "out": cache_url,
-                "teacher_checkpoint": teacher_ckpt,
-                "workers": 1,
-                "progress": progress,
-                "force_new": True,
-            },
-            "demo config [cache]",
-        )
+    preset = load_demo_config(demo.preset, demo.size)
+    steps = _Steps(demo, preset, console)
+    meta = steps.pack()
+    teacher = steps.timed(
+        "teacher", "2/5 train the teacher (RegNetY, no distillation)", train, steps.train_config("teacher", "teacher")
     )
-    cache_sum, t_cache = _timed(run_cache, cc)
-    st = status(cache_url)
-
-    console.rule("4/5 train-student: tiny DeiT with cached hard distillation")
-    student = dict(cfg["student"])
-    distilled, t_distilled = _timed(train, train_cfg(student, "student-cached", cache=cache_url, distillation="hard"))
-
-    console.rule("5/5 train-student: the same DeiT without distillation (baseline)")
-    plain, t_plain = _timed(
+    cache_url = steps.cache()
+    distilled = steps.timed(
+        "student_cached",
+        "4/5 train-student: tiny DeiT with cached hard distillation",
         train,
-        train_cfg(
-            student,
+        steps.train_config("student", "student-cached", cache=cache_url, distillation="hard"),
+    )
+    plain = steps.timed(
+        "student_none",
+        "5/5 train-student: the same DeiT without distillation (baseline)",
+        train,
+        steps.train_config(
+            "student",
             "student-none",
             distillation="none",
-            recipe=cfg["cache"]["recipe"],
-            seed=int(cfg["cache"].get("seed", 0)),
+            recipe=preset["cache"]["recipe"],
+            seed=preset["cache"].get("seed", 0),
         ),
     )
+    st = status(cache_url)
+    results = {
+        "size": demo.size,
+        "teacher_top1": teacher["top1_avg"],
+        "student_none_top1": plain["top1_avg"],
+        "student_cached_top1": distilled["top1_avg"],
+        "student_cached_top1_dist_head": distilled.get("top1_dist"),
+        "seconds": steps.seconds,
+        "cache_bytes_per_sample_view": st["bytes_per_sample_view"],
+        "cache_summary": steps.cache_summary,
+        "student_img_per_s": {"cached": distilled["img_per_s"], "none": plain["img_per_s"]},
+    }
+    _print_table(console, demo.size, meta, results, distilled, st)
+    os.makedirs(demo.out, exist_ok=True)
+    with open(Path(demo.out) / "demo-results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    return results
 
+
+def _print_table(console: Console, size: str, meta: dict, results: dict, distilled: dict, st: dict) -> None:
+    secs = results["seconds"]
     rows = [
-        ("teacher (RegNetY, trained here)", teacher_res["top1_avg"], None, t_teacher),
-        ("cache-teacher (phase 1)", None, None, t_cache),
-        ("student, no distillation", plain["top1_avg"], None, t_plain),
-        ("student, cached hard distillation", distilled["top1_avg"], distilled.get("top1_dist"), t_distilled),
+        ("teacher (RegNetY, trained here)", results["teacher_top1"], None, secs["teacher"]),
+        ("cache-teacher (phase 1)", None, None, secs["cache"]),
+        ("student, no distillation", results["student_none_top1"], None, secs["student_none"]),
+        (
+            "student, cached hard distillation",
+            distilled["top1_avg"],
+            distilled.get("top1_dist"),
+            secs["student_cached"],
+        ),
     ]
     table = Table(
         title=f"stillroom demo ({size}): digits, {meta['train']['num_samples']} train / "
@@ -129,39 +164,16 @@ def run_demo(out: str, size: str = "full", config: str | None = None, console: C
     )
     for col in ("step", "val top-1 % (avg heads)", "val top-1 % (dist head)", "wall time s"):
         table.add_column(col, justify="right" if col != "step" else "left")
-    for name, top1, dist, secs in rows:
-        table.add_row(
-            name, f"{top1:.2f}" if top1 is not None else "-", f"{dist:.2f}" if dist is not None else "-", f"{secs:.1f}"
-        )
+    for name, top1, dist, s in rows:
+        table.add_row(name, "-" if top1 is None else f"{top1:.2f}", "-" if dist is None else f"{dist:.2f}", f"{s:.1f}")
     console.print(table)
-    views = st["samples_views_cached"]
     console.print(
-        f"cache: {views} (sample, view) pairs, {st['bytes_on_disk']} bytes on disk = "
+        f"cache: {st['samples_views_cached']} (sample, view) pairs, {st['bytes_on_disk']} bytes on disk = "
         f"{st['bytes_per_sample_view']} bytes per (sample, view) at K={st['topk']}; "
         f"teacher top-1 vs label on cached (augmented, mixed) views: {st['teacher_top1_vs_label_pct']}%"
     )
+    img_s = results["student_img_per_s"]
     console.print(
-        f"pack: {t_pack:.1f}s. Student throughput: cached {distilled['img_per_s']} img/s, "
-        f"no distillation {plain['img_per_s']} img/s (last epoch)."
+        f"pack: {secs['pack']:.1f}s. Student throughput: cached {img_s['cached']} img/s, "
+        f"no distillation {img_s['none']} img/s (last epoch)."
     )
-    results = {
-        "size": size,
-        "teacher_top1": teacher_res["top1_avg"],
-        "student_none_top1": plain["top1_avg"],
-        "student_cached_top1": distilled["top1_avg"],
-        "student_cached_top1_dist_head": distilled.get("top1_dist"),
-        "seconds": {
-            "pack": t_pack,
-            "teacher": t_teacher,
-            "cache": t_cache,
-            "student_cached": t_distilled,
-            "student_none": t_plain,
-        },
-        "cache_bytes_per_sample_view": st["bytes_per_sample_view"],
-        "cache_summary": cache_sum,
-        "student_img_per_s": {"cached": distilled["img_per_s"], "none": plain["img_per_s"]},
-    }
-    os.makedirs(out, exist_ok=True)
-    with open(out_path / "demo-results.json", "w") as f:
-        json.dump(results, f, indent=1)
-    return results

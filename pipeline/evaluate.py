@@ -9,11 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
+from .config import finish
 from .data import StreamSpec, eval_batches
 from .distributed import Dist, all_sum
-from .models import Normalized, autocast
+from .errors import CheckpointError
+from .models import Normalized, autocast, create, resolve_device
+from .options import EvalConfig
 from .recipe import eval_recipe
-from .shards import ShardInfo
+from .shards import OnError, ShardInfo, load_shard_list
 
 
 def head_logits(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -38,8 +42,13 @@ def evaluate(
     batch_size: int = 256,
     workers: int = 2,
     crop_pct: float = 0.875,
+    on_error: OnError = "raise",
 ) -> dict[str, Any]:
-    """Top-1/top-5 (percent) per head over all ranks' shares of ``shards``."""
+    """Top-1/top-5 (percent) per head over all ranks' shares of ``shards``.
+
+    ``on_error`` is the run's bad-sample policy: a skipped validation sample is counted and logged,
+    and left out of the accuracy's denominator.
+    """
     was_training = model.training
     model.eval()
     recipe = dataclasses.replace(eval_recipe(img_size), crop_pct=crop_pct)
@@ -53,6 +62,7 @@ def evaluate(
         recipe=recipe,
         seed=0,
         num_classes=num_classes,
+        on_error=on_error,
     )
     names = ("cls", "dist", "avg")
     counts = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=device)
@@ -78,29 +88,30 @@ def evaluate(
     return out
 
 
-def evaluate_checkpoint(
-    path: str, shards_spec: str, batch_size: int = 256, workers: int = 2, device: str = "cpu", ema: bool = False
-) -> dict[str, Any]:
+def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a ``train-student`` checkpoint; the model is rebuilt from the metadata it carries."""
-    from . import checkpoint as ckpt
-    from .distributed import Dist
-    from .models import create, resolve_device
-    from .shards import load_shard_list
-
-    state = ckpt.load(path)
+    cfg = finish(cfg)
+    state = ckpt.load(cfg.checkpoint)
     meta = state.get("model_meta")
     if not meta:
-        raise ValueError(f"checkpoint {path!r} has no model_meta: not written by train-student")
+        raise CheckpointError(f"checkpoint {cfg.checkpoint!r} has no model_meta: not written by train-student")
     model = create(meta["name"], int(meta["num_classes"]), **meta.get("kwargs", {}))
-    weights = state["ema"] if ema else state["model"]
+    weights = state["ema"] if cfg.ema else state["model"]
     if weights is None:
-        raise ValueError(f"checkpoint {path!r} holds no EMA weights")
+        raise CheckpointError(f"checkpoint {cfg.checkpoint!r} holds no EMA weights")
     model.load_state_dict(weights)
-    dev = resolve_device(device)
-    wrapped = Normalized(model, tuple(meta["mean"]), tuple(meta["std"])).to(dev)
-    crop_pct = float(meta.get("crop_pct", 0.875))
-    shards = load_shard_list(shards_spec)
+    device = resolve_device(cfg.device)
+    wrapped = Normalized(model, tuple(meta["mean"]), tuple(meta["std"])).to(device)
     result = evaluate(
-        wrapped, shards, int(meta["img_size"]), int(meta["num_classes"]), dev, Dist(), batch_size, workers, crop_pct
+        wrapped,
+        load_shard_list(cfg.shards),
+        int(meta["img_size"]),
+        int(meta["num_classes"]),
+        device,
+        Dist(),
+        cfg.batch_size,
+        cfg.workers,
+        float(meta.get("crop_pct", 0.875)),
+        cfg.on_error,  # type: ignore[arg-type]
     )
-    return {"checkpoint": path, "epoch": state.get("epoch"), **result}
+    return {"checkpoint": cfg.checkpoint, "epoch": state.get("epoch"), **result}

@@ -6,7 +6,6 @@ model's device, so one pixel tensor serves a teacher and a student with differen
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
@@ -14,17 +13,8 @@ import timm
 import torch
 from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    """A weights file cannot be read or does not fit the model; the message names the file."""
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from .errors import CheckpointError, ConfigError
+from .recipe import IMAGENET_MEAN, IMAGENET_STD
 
 
 def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -64,12 +54,9 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def create(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a clear error for an unknown name."""
-    try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"model {name!r} is not a timm model") from e
-        raise
+    if not timm.is_model(name):
+        raise ConfigError(f"model {name!r} is not a timm model")
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
 
 
 def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
@@ -112,7 +99,7 @@ def load_teacher(
     if checkpoint:
         sd, meta = read_state_dict(checkpoint)
         if meta.get("name") and meta["name"] != name:
-            raise ValueError(f"--teacher {name!r} but {checkpoint!r} holds a {meta['name']!r}")
+            raise CheckpointError(f"--teacher {name!r} but {checkpoint!r} holds a {meta['name']!r}")
         kwargs = {**meta.get("kwargs", {}), **kwargs}
     model = create(name, num_classes, pretrained=pretrained, **kwargs)
     if sd is not None:
@@ -127,8 +114,8 @@ def load_teacher(
 def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std the model was (pre)trained with, from timm's pretrained config."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(float(x) for x in cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(float(x) for x in cfg.get("std", (0.229, 0.224, 0.225)))
+    mean = tuple(float(x) for x in cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(float(x) for x in cfg.get("std", IMAGENET_STD))
     return mean, std
 
 
@@ -153,15 +140,12 @@ def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device for ``--device``; under torchrun, CUDA rank r uses GPU ``LOCAL_RANK``."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
-
-
-def index_dtype(num_classes: int) -> str:
-    return "int16" if num_classes <= 32767 else "int32"
 
 
 @torch.no_grad()
@@ -177,7 +161,7 @@ def topk_targets(
     """
     logits = logits.float()
     if k > logits.shape[-1]:
-        raise ValueError(f"--topk {k} is larger than the number of classes {logits.shape[-1]}")
+        raise ConfigError(f"--topk {k} is larger than the number of classes {logits.shape[-1]}")
     values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
     lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
     return (values.half() if half else values), indices, lse

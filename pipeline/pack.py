@@ -14,7 +14,6 @@ source gives the same shards.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,10 +22,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from .config import finish
+from .errors import DataError
+from .options import PackConfig
+from .seeding import hash64
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -47,7 +52,7 @@ class Item:
 
 
 def _hash01(key: str) -> float:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+    return hash64(key) / 2**64
 
 
 def _safe_key(rel: str) -> str:
@@ -77,6 +82,10 @@ def digits_items(size: int = 32) -> tuple[list[str], Iterator[Item]]:
 
 def folder_items(root: str) -> tuple[list[str], Iterator[Item]]:
     """ImageFolder tree, or a flat folder labelled by ``classes.tsv`` synset prefixes."""
+    if not os.path.isdir(root):
+        raise DataError(
+            f"{root!r} is not a folder (expected 'digits', an ImageFolder root or a folder with classes.tsv)"
+        )
     tsv = os.path.join(root, "classes.tsv")
     if os.path.exists(tsv):
         synsets = []
@@ -99,13 +108,13 @@ def folder_items(root: str) -> tuple[list[str], Iterator[Item]]:
             top = rel.split(os.sep)[0] if os.sep in rel else None
             cls = top if top in index else name.split("_")[0]
             if cls not in index:
-                raise ValueError(
+                raise DataError(
                     f"{os.path.join(root, rel)}: cannot tell its class (not under a class folder "
                     f"and no synset prefix from classes.tsv)"
                 )
             files.append((rel, index[cls]))
     if not files:
-        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     files.sort()
 
     def gen() -> Iterator[Item]:
@@ -155,35 +164,25 @@ def _write_split(items: list[Item], out: str, prefix: str, per_shard: int, class
     return meta
 
 
-def pack(
-    source: str,
-    out: str,
-    per_shard: int = 1000,
-    val_fraction: float = 0.0,
-    prefix: str = "train",
-    digits_size: int = 32,
-) -> dict[str, dict]:
+def pack(source: str, out: str, **options: Any) -> dict[str, dict]:
     """Pack ``source`` into ``out/<prefix>-NNNNNN.tar`` (and ``val-NNNNNN.tar``) plus sidecars.
+
+    Args:
+        source, out, options: The fields of :class:`~pipeline.options.PackConfig`.
 
     Returns:
         The sidecar metadata of each split written, by split name.
     """
-    if per_shard < 1:
-        raise ValueError("--per-shard must be >= 1")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError("--val-fraction must be in [0, 1)")
-    if val_fraction > 0 and prefix == "val":
-        # The validation split is written as val-*.tar + val.json: it would overwrite the training split.
-        raise ValueError("--prefix val clashes with the validation split of --val-fraction; choose another prefix")
-    classes, items_iter = digits_items(digits_size) if source == "digits" else folder_items(source)
+    cfg = finish(PackConfig(source=source, out=out, **options))
+    classes, items_iter = digits_items(cfg.digits_size) if source == "digits" else folder_items(source)
     items = list(items_iter)
     dup = [k for k, n in Counter(it.key for it in items).items() if n > 1]
     if dup:
-        raise ValueError(f"{source}: two files map to the key {dup[0]!r}; rename one")
+        raise DataError(f"{source}: two files map to the key {dup[0]!r}; rename one")
     items.sort(key=lambda it: (_hash01("order:" + it.key), it.key))
-    val = [it for it in items if _hash01("split:" + it.key) < val_fraction]
-    train = [it for it in items if _hash01("split:" + it.key) >= val_fraction]
-    result = {prefix: _write_split(train, out, prefix, per_shard, classes)}
-    if val_fraction > 0:
-        result["val"] = _write_split(val, out, "val", per_shard, classes)
+    val = [it for it in items if _hash01("split:" + it.key) < cfg.val_fraction]
+    train = [it for it in items if _hash01("split:" + it.key) >= cfg.val_fraction]
+    result = {cfg.prefix: _write_split(train, out, cfg.prefix, cfg.per_shard, classes)}
+    if cfg.val_fraction > 0:
+        result["val"] = _write_split(val, out, "val", cfg.per_shard, classes)
     return result

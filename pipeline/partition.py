@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 # (index variable, count variable, what sets them)
@@ -51,7 +53,7 @@ def job_slot(
                 if idx_var == "SLURM_ARRAY_TASK_ID":
                     i -= int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
                 if cnt_var not in env:
-                    raise ValueError(f"{name}: {idx_var} is set but {cnt_var} is not; pass --job-count")
+                    raise ConfigError(f"{name}: {idx_var} is set but {cnt_var} is not; pass --job-count")
                 found.append((i, int(env[cnt_var]), name))
         if found:
             # torchrun inside an array job: each array task's ranks share that task's slice, so the
@@ -60,7 +62,7 @@ def job_slot(
             for i, n, name in found[1:2]:
                 index, count, source = i * count + index, n * count, f"{name} x {source}"
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"job index {index} is not in [0, {count}) (from {source})")
+        raise ConfigError(f"job index {index} is not in [0, {count}) (from {source})")
     return index, count, source
 
 

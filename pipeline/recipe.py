@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -32,12 +34,12 @@ class RandAugmentSpec:
         """Parse the timm config string; unknown sections are an error, not ignored."""
         parts = spec.split("-")
         if parts[0] != "rand":
-            raise ValueError(f"auto_augment {spec!r}: only RandAugment ('rand-...') is supported")
+            raise ConfigError(f"auto_augment {spec!r}: only RandAugment ('rand-...') is supported")
         values: dict[str, Any] = {}
         for part in parts[1:]:
             m = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
             if not m:
-                raise ValueError(f"auto_augment {spec!r}: cannot parse section {part!r}")
+                raise ConfigError(f"auto_augment {spec!r}: cannot parse section {part!r}")
             name, val = m.groups()
             if name == "m":
                 values["magnitude"] = float(val)
@@ -52,7 +54,7 @@ class RandAugmentSpec:
             elif name == "mmax":
                 values["magnitude_max"] = float(val)
             else:
-                raise ValueError(f"auto_augment {spec!r}: unknown section {part!r}")
+                raise ConfigError(f"auto_augment {spec!r}: unknown section {part!r}")
         return cls(**values)
 
 
@@ -111,17 +113,13 @@ class Recipe:
             d[k] = [float(x) for x in d[k]]
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        return cls(**_coerce_fields(d))
-
 
 def _coerce_fields(d: dict[str, Any]) -> dict[str, Any]:
     """Check field names and turn YAML/JSON lists back into tuples."""
     known = {f.name for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"recipe: unknown field(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"recipe: unknown field(s) {unknown}; known: {sorted(known)}")
     d = dict(d)
     for k in ("scale", "ratio", "mean", "std"):
         if k in d:
@@ -160,7 +158,7 @@ def make_recipe(spec: str | dict[str, Any] | Recipe, img_size: int | None = None
         elif spec == "eval":
             recipe = eval_recipe()
         else:
-            raise ValueError(f"recipe {spec!r}: expected 'deit', 'eval' or a mapping of fields")
+            raise ConfigError(f"recipe {spec!r}: expected 'deit', 'eval' or a mapping of fields")
     else:
         d = dict(spec)
         base = d.pop("name", "deit")

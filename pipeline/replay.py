@@ -25,6 +25,7 @@ from PIL import Image, ImageEnhance
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS, NAME_TO_OP
 from torchvision.transforms import InterpolationMode
 
+from .errors import ConfigError
 from .recipe import RandAugmentSpec, Recipe
 from .seeding import view_generators, window_rng
 
@@ -123,7 +124,7 @@ def _rand_augment_args(name: str, level: float, rng: random.Random) -> tuple:
         return (min(256, int(frac * 256)),)
     if name == "SolarizeAdd":
         return (min(128, int(frac * 110)),)
-    raise ValueError(f"RandAugment op {name!r} is not supported by view replay")
+    raise ConfigError(f"RandAugment op {name!r} is not supported by view replay")
 
 
 def rand_augment(img: Image.Image, spec: RandAugmentSpec, recipe: Recipe, rng: random.Random) -> Image.Image:

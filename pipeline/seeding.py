@@ -13,6 +13,11 @@ import random
 import torch
 
 
+def hash64(text: str) -> int:
+    """A 64-bit integer from BLAKE2b of ``text``: the same on every machine and process."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def stable_seed(*parts: object) -> int:
     """Return a 63-bit integer derived from ``parts`` only.
 
@@ -22,9 +27,7 @@ def stable_seed(*parts: object) -> int:
     Returns:
         A non-negative integer usable by ``random.Random`` and ``torch.Generator``.
     """
-    text = "\x1f".join(str(p) for p in parts).encode("utf-8")
-    digest = hashlib.blake2b(text, digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return hash64("\x1f".join(str(p) for p in parts)) & ((1 << 63) - 1)
 
 
 def view_generators(seed: int, view: int, key: str) -> tuple[random.Random, torch.Generator]:

@@ -12,7 +12,6 @@ import glob
 import json
 import logging
 import os
-import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -22,16 +21,14 @@ from typing import IO, Literal
 import braceexpand
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from . import storage
+from .errors import DataError
 from .replay import DecodedSample, decode_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 OnError = Literal["raise", "skip"]
-
-
-class DataError(RuntimeError):
-    """Bad input data; the message names the shard and, where known, the sample key."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class ShardInfo:
 
 
 def shard_name(url: str) -> str:
-    return posixpath.basename(url.rstrip("/").split("::")[-1]) if not url.startswith("pipe:") else url
+    return url if storage.is_pipe(url) else storage.basename(url)
 
 
 @dataclass
@@ -69,14 +66,15 @@ class SkipStats:
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
     """Expand brace patterns (``train-{000000..000146}.tar``) and local globs into URLs.
 
-    Several specs may be given as a list or separated by whitespace. Order is preserved (globs
-    are sorted), so the shard list, and with it every cache row address, is deterministic.
+    A string is one spec (a ``pipe:`` command may hold spaces); several specs come as a list.
+    Order is preserved (globs are sorted), so the shard list, and with it every cache row
+    address, is deterministic.
     """
-    specs = spec.split() if isinstance(spec, str) else list(spec)
+    specs = [s.strip() for s in ([spec] if isinstance(spec, str) else spec) if s.strip()]
     urls: list[str] = []
     for s in specs:
         for u in braceexpand.braceexpand(s):
-            if "://" not in u and not u.startswith("pipe:") and any(c in u for c in "*?["):
+            if storage.is_local(u) and any(c in u for c in "*?["):
                 matches = sorted(glob.glob(u))
                 if not matches:
                     raise DataError(f"shard pattern {u!r} matches no file")
@@ -93,25 +91,16 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 
 def open_shard(url: str) -> IO[bytes]:
     """Open a shard for streaming: local path, ``pipe:`` command, or any fsspec URL."""
-    if url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    if "://" in url and not url.startswith("file://"):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    path = url.removeprefix("file://")
-    if not os.path.exists(path):
+    if storage.is_local(url) and not storage.exists(url):
         raise DataError(f"shard {url!r} does not exist")
-    return open(path, "rb")
+    return storage.open_read(url)
 
 
 def _sidecar_path(url: str) -> str | None:
     """``<dir>/<prefix>.json`` for a local shard ``<dir>/<prefix>-NNNNNN.tar``, if it exists."""
-    if ("://" in url and not url.startswith("file://")) or url.startswith("pipe:"):
+    if not storage.is_local(url):
         return None
-    path = url.removeprefix("file://")
+    path = storage.local_path(url)
     name = os.path.basename(path)
     if "-" not in name:
         return None
@@ -152,11 +141,17 @@ def load_shard_list(spec: str | Sequence[str], counts: dict[str, int] | None = N
     """Resolve shard URLs and their expected sample counts.
 
     Counts come from ``counts`` (e.g. a cache's recorded list), else the pack sidecar, else a
-    header scan of each tar.
+    header scan of each tar. A local shard that does not exist is refused here, before any work,
+    even when its count is known from a sidecar that still lists it.
     """
     infos = []
     sidecars: dict[str, dict[str, int]] = {}
-    for url in expand_urls(spec):
+    urls = expand_urls(spec)
+    missing = [u for u in urls if storage.is_local(u) and not storage.exists(u)]
+    if missing:
+        more = f" ({len(missing) - 1} more missing, e.g. {missing[1]!r})" if len(missing) > 1 else ""
+        raise DataError(f"shard {missing[0]!r} does not exist{more}")
+    for url in urls:
         name = shard_name(url)
         n = counts.get(name) if counts else None
         side_path = _sidecar_path(url) if n is None else None

@@ -8,11 +8,13 @@ so the two modes differ only by the cache's fp16 rounding of the top-k logits.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
 from .models import autocast, topk_targets
@@ -22,9 +24,12 @@ Distillation = Literal["none", "hard", "soft"]
 
 @dataclass
 class TaskOutput:
+    """The loss to backpropagate and its two terms (detached), all on the device: reading them
+    back to the host is the caller's choice, once per step."""
+
     loss: torch.Tensor
-    base_loss: float
-    distill_loss: float
+    base_loss: torch.Tensor
+    distill_loss: torch.Tensor
 
 
 class DistillationTask(nn.Module):
@@ -34,7 +39,9 @@ class DistillationTask(nn.Module):
         student: Model taking replayed pixels; returns ``(cls, dist)`` logits for a distilled model in
             training mode, or one tensor.
         num_classes: Number of classes.
-        distillation: ``none``, ``hard`` (teacher argmax) or ``soft`` (KL at ``tau``).
+        distillation: ``hard`` (teacher argmax), ``soft`` (KL at ``tau``) or ``none``: the class head
+            learns the labels and the distillation head gets no loss, as in DeiT (a model without a
+            distillation head trains its only head on the labels).
         alpha: Weight of the distillation term.
         tau: Temperature of soft distillation; must be one of ``temperatures``.
         temperatures: The temperatures whose logsumexp is in the batch (the cache's order).
@@ -46,6 +53,7 @@ class DistillationTask(nn.Module):
 
     def __init__(
         self,
+        *,
         student: nn.Module,
         num_classes: int,
         distillation: Distillation = "hard",
@@ -58,16 +66,32 @@ class DistillationTask(nn.Module):
         amp: bool = True,
     ):
         super().__init__()
-        if distillation not in ("none", "hard", "soft"):
-            raise ValueError(f"--distillation {distillation!r}: expected none, hard or soft")
-        temperatures = list(temperatures or [tau])
-        if distillation == "soft" and float(tau) not in [float(t) for t in temperatures]:
-            raise ValueError(f"--tau {tau} is not a cached temperature (cache has {temperatures})")
         self.student = student
         self.teacher = teacher
         self.num_classes, self.distillation = num_classes, distillation
-        self.alpha, self.tau, self.temperatures = float(alpha), float(tau), temperatures
+        self.alpha, self.tau = float(alpha), float(tau)
+        self.temperatures = [float(t) for t in (temperatures or [tau])]
         self.smoothing, self.topk, self.amp = smoothing, topk, amp
+
+    def train(self, mode: bool = True) -> DistillationTask:
+        """Training mode for the student only: a live teacher stays frozen in eval mode."""
+        self.student.train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        self.training = mode
+        return self
+
+    def prepare_distributed(self, device: torch.device) -> None:
+        """Wrap the student for data-parallel training (call once the process group exists)."""
+        self.student = DistributedDataParallel(
+            self.student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce (accumulation micro-steps); a no-op without DDP."""
+        if isinstance(self.student, DistributedDataParallel):
+            return self.student.no_sync()
+        return contextlib.nullcontext()
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(values, indices, lse)`` from the batch (cached) or from the live teacher."""
@@ -82,12 +106,10 @@ class DistillationTask(nn.Module):
         target = losses.mixed_targets(
             batch["label"], batch["mix_label"], batch["lam"], self.num_classes, self.smoothing
         )
-        if self.distillation == "none":
-            logits = outputs if isinstance(outputs, torch.Tensor) else (outputs[0] + outputs[1]) / 2
-            base = losses.soft_cross_entropy(logits, target)
-            return TaskOutput(base, float(base.detach()), 0.0)
         cls_logits, dist_logits = outputs if isinstance(outputs, tuple | list) else (outputs, outputs)
         base = losses.soft_cross_entropy(cls_logits, target)
+        if self.distillation == "none":
+            return TaskOutput(base, base.detach(), torch.zeros_like(base).detach())
         values, indices, lse = self.teacher_targets(batch)
         if self.distillation == "hard":
             distill = losses.hard_distillation(dist_logits, indices[:, 0])
@@ -95,7 +117,7 @@ class DistillationTask(nn.Module):
             t = self.temperatures.index(self.tau)
             probs = losses.soft_target_probs(values, indices, lse[:, t], self.tau, self.num_classes)
             distill = losses.soft_distillation(dist_logits, probs, self.tau)
-        return TaskOutput(losses.combine(base, distill, self.alpha), float(base.detach()), float(distill.detach()))
+        return TaskOutput(losses.combine(base, distill, self.alpha), base.detach(), distill.detach())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
         with autocast(batch["pixels"].device, self.amp):

@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cache_teacher import CacheConfig  # noqa: E402
+from pipeline.options import CacheConfig  # noqa: E402
 from pipeline.pack import _write_split, digits_items  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -30,7 +30,7 @@ TINY_CACHE = {
     "topk": 5,
     "temperatures": [1.0, 3.0],
     "workers": 0,
-    "progress": False,
+    "progress": "off",
 }
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
-from tests.conftest import cache_cli_args, done_markers, stillroom_cmd
+from conftest import cache_cli_args, done_markers, stillroom_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")

@@ -25,6 +25,7 @@ import pytest
 import timm
 import torch
 import zarr
+from conftest import cache_cli_args, tiny_cache_config
 from PIL import Image
 from torchvision import transforms as T
 from typer.testing import CliRunner
@@ -32,8 +33,8 @@ from typer.testing import CliRunner
 import pipeline.replay
 import pipeline.shards
 from cli.main import app
-from pipeline.cache_teacher import CacheConfig, run
-from tests.conftest import cache_cli_args, tiny_cache_config
+from pipeline.cache_teacher import run
+from pipeline.options import CacheConfig
 
 K = 5
 TEMPS = [1.0, 2.0, 4.0]

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, TINY_STUDENT, tiny_cache_config, write_digits_shards
 
 from pipeline.cache_teacher import run as cache_teacher
 from pipeline.data import rank_shards, steps_per_epoch
+from pipeline.options import TrainConfig
 from pipeline.shards import iter_raw, load_shard_list
-from pipeline.train import TrainConfig
-from tests.conftest import ROOT, TINY_STUDENT, tiny_cache_config, write_digits_shards
 
 TORCHRUN = str(ROOT / ".venv" / "bin" / "torchrun")
 STILLROOM = str(ROOT / ".venv" / "bin" / "stillroom")
@@ -100,7 +100,7 @@ def cfg_for(shards: str, cache: str, out: Path, **kw) -> TrainConfig:
         workers=1,
         warmup_epochs=1,
         log_every=1,
-        progress=False,
+        progress="off",
     )
     return dataclasses.replace(base, **kw)
 

@@ -49,7 +49,8 @@ def test_documented_two_phase_commands(tmp_path: Path) -> None:
         "0",
         "--out",
         str(tmp_path / "teacher"),
-        "--no-progress",
+        "--progress",
+        "off",
     )
     ckpt = tmp_path / "teacher" / "last.pth"
     assert (tmp_path / "teacher" / "resolved-config.yaml").exists()
@@ -77,7 +78,8 @@ def test_documented_two_phase_commands(tmp_path: Path) -> None:
         "0",
         "--batch-size",
         "64",
-        "--no-progress",
+        "--progress",
+        "off",
     )
     assert "units done" in out
     status = json.loads(invoke("cache-status", cache))
@@ -107,7 +109,8 @@ def test_documented_two_phase_commands(tmp_path: Path) -> None:
         "0",
         "--out",
         str(tmp_path / "student"),
-        "--no-progress",
+        "--progress",
+        "off",
     )
     final = json.loads(out.strip().splitlines()[-1])["final"]
     assert {"top1_cls", "top1_dist", "top1_avg"} <= set(final)

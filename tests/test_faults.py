@@ -25,11 +25,12 @@ import pytest
 import torch
 import yaml
 import zarr
+from conftest import TINY_CACHE, TINY_STUDENT, done_markers, stillroom_cmd, tiny_cache_config, write_digits_shards
 
-from pipeline.cache import CacheError
-from pipeline.cache_teacher import CacheConfig, run
-from pipeline.train import TrainConfig, train
-from tests.conftest import TINY_CACHE, TINY_STUDENT, done_markers, stillroom_cmd, tiny_cache_config, write_digits_shards
+from pipeline.cache_teacher import run
+from pipeline.errors import CacheError, ConfigError
+from pipeline.options import CacheConfig, TrainConfig
+from pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")
@@ -137,7 +138,7 @@ def _train_cfg(tmp_path: Path, shards: str, cache: Path, **kw) -> TrainConfig:
         max_steps_per_epoch=2,
         warmup_epochs=0,
         workers=0,
-        progress=False,
+        progress="off",
         **{"distillation": "hard", **kw},
     )
 
@@ -158,14 +159,14 @@ def test_same_names_other_samples_caught_by_key_check(tmp_path, reference):
 
 # -- (c) bad flags --------------------------------------------------------------------------------
 def test_topk_larger_than_classes_is_refused(tmp_path, digits_shards, tiny_teacher):
-    with pytest.raises(ValueError, match=r"--topk 11 is larger than the number of classes \(10\)"):
+    with pytest.raises(ConfigError, match=r"--topk 11 is larger than the number of classes \(10\)"):
         run(_cache_cfg(digits_shards, tiny_teacher, tmp_path / "cache", topk=11))
     assert not (tmp_path / "cache").exists()
 
 
 def test_uncached_temperature_is_refused(tmp_path, reference, digits_shards):
     cfg = _train_cfg(tmp_path, digits_shards, reference, distillation="soft", tau=2.0)
-    with pytest.raises(ValueError, match=r"--tau 2\.0 is not a cached temperature \(cache has \[1\.0, 3\.0\]\)"):
+    with pytest.raises(ConfigError, match=r"--tau 2\.0 is not a cached temperature \(cache has \[1\.0, 3\.0\]\)"):
         train(cfg)
 
 

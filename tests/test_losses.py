@@ -8,6 +8,8 @@ alpha`` with ``base`` timm's SoftTargetCrossEntropy of the class head on mixup t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,25 +119,48 @@ def test_task_loss_matches_deit_distillation_loss(distillation: str, tau: float,
         "lam": torch.full((n,), lam),
         **cached_targets(t, C, [1.0, 3.0]),  # the task must pick tau's logsumexp column
     }
-    task = DistillationTask(torch.nn.Identity(), C, distillation, alpha, tau, [1.0, 3.0], smoothing=0.1)  # type: ignore[arg-type]
+    task = DistillationTask(
+        student=torch.nn.Identity(),
+        num_classes=C,
+        distillation=distillation,  # type: ignore[arg-type]
+        alpha=alpha,
+        tau=tau,
+        temperatures=[1.0, 3.0],
+        smoothing=0.1,
+    )
     out = task.loss((cls_out, dist_out), batch)
 
     base = SoftTargetCrossEntropy()(cls_out, mixup_target(label, C, lam, smoothing=0.1))
     distill = deit_hard(dist_out, t) if distillation == "hard" else deit_soft(dist_out, t, tau)
     torch.testing.assert_close(out.loss, base * (1 - alpha) + distill * alpha, rtol=1e-5, atol=1e-6)
-    assert out.base_loss == pytest.approx(float(base), rel=1e-5)
-    assert out.distill_loss == pytest.approx(float(distill), rel=1e-5)
+    assert float(out.base_loss) == pytest.approx(float(base), rel=1e-5)
+    assert float(out.distill_loss) == pytest.approx(float(distill), rel=1e-5)
 
 
-def test_task_none_trains_the_average_of_both_heads() -> None:
-    cls_out, dist_out = logits(4, 11), logits(4, 12)
+def test_task_none_trains_the_class_head_only_as_deit() -> None:
+    """DeiT's ``none`` on a distilled model: the class head learns the labels, the distillation head
+    gets no loss (DistillationLoss returns the base loss before looking at ``outputs_kd``)."""
+    cls_out, dist_out = logits(4, 11).requires_grad_(), logits(4, 12).requires_grad_()
     label = torch.tensor([1, 2, 3, 4])
     batch = {"label": label, "mix_label": label, "lam": torch.ones(4)}
-    task = DistillationTask(torch.nn.Identity(), C, "none", smoothing=0.0)  # type: ignore[arg-type]
+    task = DistillationTask(student=torch.nn.Identity(), num_classes=C, distillation="none", smoothing=0.0)
     out = task.loss((cls_out, dist_out), batch)
-    torch.testing.assert_close(out.loss, F.cross_entropy((cls_out + dist_out) / 2, label))
+    torch.testing.assert_close(out.loss, F.cross_entropy(cls_out, label))
+    assert float(out.distill_loss) == 0.0
+    out.loss.backward()
+    assert cls_out.grad is not None and cls_out.grad.abs().sum() > 0
+    assert dist_out.grad is None, "the distillation head must get no gradient"
+    # A model with one head trains it on the labels.
+    single = task.loss(cls_out, batch)
+    torch.testing.assert_close(single.loss, F.cross_entropy(cls_out, label))
 
 
-def test_task_refuses_an_uncached_tau() -> None:
-    with pytest.raises(ValueError, match=r"--tau 2\.0 is not a cached temperature"):
-        DistillationTask(torch.nn.Identity(), C, "soft", tau=2.0, temperatures=[1.0, 3.0])
+def test_uncached_tau_is_refused_by_the_config() -> None:
+    from pipeline.config import finish
+    from pipeline.errors import ConfigError
+    from pipeline.options import TrainConfig
+
+    live = TrainConfig(shards=["x.tar"], distillation="soft", teacher_mode="live", teacher_checkpoint="t.pth")
+    with pytest.raises(ConfigError, match=r"--tau 2\.0 is not one of --temperatures \[1\.0, 3\.0\]"):
+        finish(dataclasses.replace(live, tau=2.0))
+    assert finish(dataclasses.replace(live, tau=3.0)).tau == 3.0

@@ -23,6 +23,7 @@ from photos import write_synset_folder
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.errors import ConfigError, DataError
 from pipeline.pack import pack
 from pipeline.shards import count_samples, iter_decoded, iter_raw, load_shard_list, num_classes_from_sidecar
 
@@ -198,11 +199,11 @@ def test_pack_refuses_ambiguous_inputs(tmp_path):
     (root / "classes.tsv").write_text("0\tn0001\tcat\n1\tn0002\tdog\n")
     (root / "n0001_a.png").write_bytes(_image_bytes(Image.new("RGB", (8, 8)), "PNG"))
     (root / "n0009_b.png").write_bytes(_image_bytes(Image.new("RGB", (8, 8)), "PNG"))
-    with pytest.raises(ValueError, match=re.escape("n0009_b.png")):
+    with pytest.raises(DataError, match=re.escape("n0009_b.png")):
         pack(str(root), str(tmp_path / "o1"))
     (root / "n0009_b.png").unlink()
     (root / "n0001_a.jpg").write_bytes(_image_bytes(Image.new("RGB", (8, 8)), "JPEG"))  # same key as the png
-    with pytest.raises(ValueError, match="n0001_a"):
+    with pytest.raises(DataError, match="n0001_a"):
         pack(str(root), str(tmp_path / "o2"))
     for bad in (
         {"per_shard": 0},
@@ -210,9 +211,9 @@ def test_pack_refuses_ambiguous_inputs(tmp_path):
         {"val_fraction": -0.1},
         {"val_fraction": 0.2, "prefix": "val"},
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             pack("digits", str(tmp_path / "o3"), **bad)
-    with pytest.raises((ValueError, FileNotFoundError)):
+    with pytest.raises(DataError, match="no-such-folder"):
         pack(str(tmp_path / "no-such-folder"), str(tmp_path / "o4"))
 
 

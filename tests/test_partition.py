@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.partition import job_slot, my_share
 
 UNITS = [(b, s) for b in range(3) for s in range(7)]
@@ -47,7 +48,7 @@ def test_torchrun_inside_array_job_flattens_task_and_rank() -> None:
 
 def test_flags_win_and_bad_slots_are_refused() -> None:
     assert job_slot(1, 3, env={"RANK": "0", "WORLD_SIZE": "2"})[:2] == (1, 3)
-    with pytest.raises(ValueError, match="not in"):
+    with pytest.raises(ConfigError, match="not in"):
         job_slot(3, 3)
-    with pytest.raises(ValueError, match="STILLROOM_JOB_COUNT"):
+    with pytest.raises(ConfigError, match="STILLROOM_JOB_COUNT"):
         job_slot(env={"JOB_COMPLETION_INDEX": "0"})

@@ -245,7 +245,7 @@ def test_missing_shards_and_empty_patterns(tmp_path):
         str(tmp_path / "nothing-*.tar"),  # glob matching no file
         str(tmp_path / "have-{000000..000002}.tar"),  # brace range naming files that do not exist
         str(tmp_path / "missing-000000.tar"),
-        f"{tmp_path / 'have-000000.tar'} {tmp_path / 'gone-000007.tar'}",
+        [str(tmp_path / "have-000000.tar"), str(tmp_path / "gone-000007.tar")],
     ):
         with pytest.raises(DataError) as info:
             load_shard_list(spec)
@@ -269,7 +269,7 @@ def test_shard_list_expansion_order_and_duplicates(tmp_path):
     listed = expand_urls([f"{base}/x-000002.tar", f"{base}/x-000000.tar"])
     assert listed == [f"{base}/x-000002.tar", f"{base}/x-000000.tar"]  # an explicit list keeps its order
     with pytest.raises(DataError, match="more than once"):
-        expand_urls(f"{base}/x-000000.tar {base}/x-*.tar")
+        expand_urls([f"{base}/x-000000.tar", f"{base}/x-*.tar"])
     infos = load_shard_list(f"{base}/x-*.tar")
     assert [s.count for s in infos] == [N] * 3 and [s.name for s in infos] == [f"x-{i:06d}.tar" for i in range(3)]
 

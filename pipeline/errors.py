@@ -1,0 +1,32 @@
+"""Expected failures: bad options, bad input data, a bad cache, an unreadable checkpoint.
+
+Each is a :class:`StillroomError` whose message is one line naming what is at fault (the option,
+file, shard, key, unit or field). The CLI prints such an error as ``error: <message>`` and exits
+with status 2; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class StillroomError(Exception):
+    """Base of every expected failure."""
+
+
+class ConfigError(StillroomError):
+    """An option or config file is invalid; the message names the option or the file and key."""
+
+
+class DataError(StillroomError):
+    """Bad input data; the message names the shard and, where known, the sample key."""
+
+
+class CacheError(StillroomError):
+    """A cache is missing, incomplete, damaged or does not match; the message names the field or unit."""
+
+
+class CheckpointError(StillroomError):
+    """A weights or checkpoint file cannot be read or does not fit; the message names the file."""
+
+
+class StorageError(StillroomError):
+    """A file or object store cannot be reached or written; the message names the URL."""

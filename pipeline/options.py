@@ -1,0 +1,294 @@
+"""Every option of every command, declared once: name, type, default, help and choices.
+
+The CLI's flags are generated from these dataclasses and YAML configs use the same keys, so adding
+an option is one edit here. Each class's ``check()`` holds its cross-field rules; it runs when a
+config is resolved (:func:`pipeline.config.resolve`) or finished in code (:func:`pipeline.config.finish`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .config import option
+from .errors import ConfigError
+
+ON_ERROR = ("raise", "skip")
+DEVICES = ("cpu", "cuda")
+PROGRESS = ("auto", "bar", "log", "off")
+PROGRESS_HELP = "progress display: auto (a bar on a terminal, plain log lines otherwise), bar, log or off"
+ON_ERROR_HELP = "raise: stop at a bad sample, naming shard and key; skip: count and log it, then go on"
+SHARDS_HELP = (
+    "shard URLs: a path, brace pattern (train-{000000..000146}.tar), glob, fsspec URL (s3://...) or "
+    "pipe: command; repeat the flag (or give a YAML list) for several"
+)
+
+
+def _positive(**values: float | None) -> None:
+    """Refuse any given value below 1, naming its flag."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _not_negative(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+def _required(**values: Any) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name, value in values.items() if not value]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+
+
+@dataclass
+class PackConfig:
+    """Options of ``stillroom pack``."""
+
+    source: str = option("", positional=True, help="'digits', an ImageFolder root, or a folder with classes.tsv")
+    out: str = option("", positional=True, help="output folder for <prefix>-NNNNNN.tar shards and <prefix>.json")
+    per_shard: int = option(1000, help="samples per shard")
+    val_fraction: float = option(0.0, help="fraction of samples (by stable key hash) written as val-*.tar")
+    prefix: str = option("train", help="shard name prefix of the training split")
+    digits_size: int = option(32, help="side in pixels of the upscaled digits images")
+
+    def check(self) -> None:
+        _required(source=self.source, out=self.out)
+        _positive(per_shard=self.per_shard, digits_size=self.digits_size)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction > 0 and self.prefix == "val":
+            raise ConfigError("--prefix val clashes with the validation split of --val-fraction; choose another")
+
+
+@dataclass
+class CacheConfig:
+    """Options of ``stillroom cache-teacher`` (phase 1)."""
+
+    shards: list[str] = option(factory=list, help=SHARDS_HELP)
+    out: str = option("", help="cache location: a local path or fsspec URL of a zarr v3 group")
+    teacher: str = option("regnety_160", help="timm model name of the teacher")
+    teacher_checkpoint: str | None = option(None, help=".pth/.safetensors weights (timm or plain state dict)")
+    teacher_pretrained: bool = option(False, help="load timm's pretrained weights (needs a model hub)")
+    teacher_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments, as YAML")
+    num_classes: int | None = option(None, help="number of classes (default: from the pack sidecar)")
+    recipe: str | dict[str, Any] = option(
+        "deit", help="augmentation recipe: deit (random views), eval (resize + center crop) or a YAML mapping"
+    )
+    img_size: int | None = option(None, help="view size in pixels (overrides the recipe's)")
+    views: int = option(10, help="V, views per sample in the cache")
+    view_range: str | None = option(None, help="START:STOP, the views this job computes (on view-block edges)")
+    view_block: int = option(5, help="B, views per unit of work (each image is decoded once per unit)")
+    topk: int = option(10, help="K, logits kept per view")
+    temperatures: list[float] = option(
+        factory=lambda: [1.0, 3.0], help="temperatures whose logsumexp is stored (comma list)"
+    )
+    capacity: int | None = option(None, help="rows per shard (default: the largest shard)")
+    seed: int = option(0, help="cache seed, part of every view's identity")
+    batch_size: int = option(128, help="teacher batch size")
+    workers: int = option(2, help="data loader worker processes")
+    device: str = option("cpu", choices=DEVICES, help="where the teacher runs")
+    compile: bool = option(False, help="torch.compile the teacher (CUDA)")
+    job_index: int | None = option(None, help="this job's index (default: from torchrun/AWS Batch/K8s/Slurm)")
+    job_count: int | None = option(None, help="number of jobs sharing the units")
+    on_error: str = option("raise", choices=ON_ERROR, help=ON_ERROR_HELP)
+    force_new: bool = option(
+        False, help="replace an existing cache whose settings differ (one with the same settings is resumed)"
+    )
+    progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
+
+    def check(self) -> None:
+        _required(shards=self.shards, out=self.out)
+        _positive(
+            views=self.views,
+            view_block=self.view_block,
+            topk=self.topk,
+            batch_size=self.batch_size,
+            capacity=self.capacity,
+            num_classes=self.num_classes,
+            img_size=self.img_size,
+            job_count=self.job_count,
+        )
+        _not_negative(workers=self.workers, job_index=self.job_index)
+        if not self.temperatures or any(not float(t) > 0 for t in self.temperatures):
+            raise ConfigError(f"--temperatures must be one or more positive numbers, got {self.temperatures}")
+        self.view_bounds()
+
+    def view_bounds(self) -> tuple[int, int]:
+        """The views ``[start, stop)`` this job computes (``--view-range``, else all)."""
+        if not self.view_range:
+            return 0, self.views
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.view_range)
+        if not m:
+            raise ConfigError(f"--view-range {self.view_range!r}: expected START:STOP")
+        a, b = int(m.group(1)), int(m.group(2))
+        edge = self.view_block
+        if not (0 <= a < b <= self.views) or a % edge or (b % edge and b != self.views):
+            raise ConfigError(f"--view-range {a}:{b} must lie in [0, {self.views}] on view-block ({edge}) edges")
+        return a, b
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``stillroom train-student`` (phase 2). Defaults are DeiT's."""
+
+    shards: list[str] = option(factory=list, help=SHARDS_HELP)
+    val_shards: list[str] = option(factory=list, help="validation shard URLs (same forms as --shards)")
+    cache: str | None = option(None, help="teacher cache made by cache-teacher")
+    out: str = option("runs/student", help="output folder: checkpoints, metrics.jsonl, resolved-config.yaml")
+    model: str = option("deit_small_distilled_patch16_224", help="timm model name of the student")
+    model_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments, as YAML")
+    num_classes: int | None = option(None, help="number of classes (default: from the cache or pack sidecar)")
+    distillation: str = option(
+        "hard",
+        choices=("none", "hard", "soft"),
+        help="hard: the distillation head learns the teacher's argmax; soft: its distribution at --tau; "
+        "none: no teacher, the class head learns the labels and the distillation head gets no loss (as DeiT)",
+    )
+    alpha: float = option(0.5, help="weight of the distillation loss, in [0, 1]")
+    tau: float = option(1.0, help="soft distillation temperature (must be a cached one)")
+    teacher_mode: str = option(
+        "cached", choices=("cached", "live"), help="cached: read the cache; live: run the teacher in the loop"
+    )
+    teacher: str | None = option(None, help="timm name of the live teacher (default: the cache's)")
+    teacher_checkpoint: str | None = option(None, help="weights of the live teacher")
+    teacher_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments of the teacher")
+    topk: int = option(10, help="K of the live teacher's targets when there is no cache")
+    temperatures: list[float] = option(
+        factory=lambda: [1.0, 3.0], help="temperatures of the live teacher's targets when there is no cache"
+    )
+    recipe: str | dict[str, Any] | None = option(None, help="augmentation recipe (default: the cache's, else deit)")
+    img_size: int | None = option(None, help="view size in pixels (overrides the recipe's)")
+    seed: int | None = option(None, help="seed of the views and of training (default: the cache's, else 0)")
+    epochs: int = option(300, help="epochs")
+    batch_size: int = option(64, help="batch size per rank")
+    accum_steps: int = option(1, help="gradient accumulation steps")
+    lr: float = option(5e-4, help="learning rate for a global batch of 512 (scaled linearly)")
+    min_lr: float = option(1e-5, help="final learning rate of the cosine schedule")
+    warmup_lr: float = option(1e-6, help="learning rate at the start of the warmup")
+    warmup_epochs: int = option(5, help="linear warmup epochs")
+    weight_decay: float = option(0.05, help="AdamW weight decay")
+    clip_grad: float | None = option(None, help="gradient norm clipping (off by default)")
+    drop_path: float = option(0.1, help="stochastic depth rate")
+    model_ema: bool = option(False, help="keep an exponential moving average of the weights")
+    model_ema_decay: float = option(0.99996, help="decay of the weights' moving average")
+    amp: bool = option(True, help="bf16 autocast on CUDA")
+    workers: int = option(2, help="data loader worker processes per rank")
+    shuffle_buffer: int | None = option(None, help="samples in the shuffle buffer (default: 2 x batch size)")
+    eval_every: int = option(1, help="evaluate every N epochs (and after the last); 0: never")
+    eval_batch_size: int = option(256, help="evaluation batch size")
+    checkpoint_every: int = option(0, help="also checkpoint every N steps (mid-epoch resume); 0: epoch ends only")
+    log_every: int = option(20, help="steps between train lines in metrics.jsonl")
+    max_steps_per_epoch: int | None = option(None, help="cap the steps of each epoch (smoke tests, benchmarks)")
+    resume: bool = option(False, help="continue from OUT/last.pth")
+    device: str = option("cpu", choices=DEVICES, help="where the student (and a live teacher) run")
+    on_error: str = option("raise", choices=ON_ERROR, help=ON_ERROR_HELP)
+    progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
+    deterministic: bool = option(False, help="torch.use_deterministic_algorithms (tests, debugging)")
+
+    @property
+    def cached(self) -> bool:
+        """Targets come from the cache (distillation with a cached teacher)."""
+        return self.distillation != "none" and self.teacher_mode == "cached"
+
+    @property
+    def live(self) -> bool:
+        return self.distillation != "none" and self.teacher_mode == "live"
+
+    def check(self) -> None:
+        _required(shards=self.shards, out=self.out)
+        _positive(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            accum_steps=self.accum_steps,
+            eval_batch_size=self.eval_batch_size,
+            max_steps_per_epoch=self.max_steps_per_epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            num_classes=self.num_classes,
+            img_size=self.img_size,
+            topk=self.topk,
+        )
+        _not_negative(
+            workers=self.workers,
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+            log_every=self.log_every,
+            warmup_epochs=self.warmup_epochs,
+            weight_decay=self.weight_decay,
+            clip_grad=self.clip_grad,
+        )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not self.tau > 0:
+            raise ConfigError(f"--tau must be > 0, got {self.tau}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if self.cached and not self.cache:
+            raise ConfigError("--distillation hard/soft with --teacher-mode cached needs --cache")
+        if self.live and not self.teacher_checkpoint:
+            raise ConfigError("--teacher-mode live needs --teacher-checkpoint (and --teacher without a cache)")
+        if self.distillation == "soft" and not self.cache and float(self.tau) not in self.temperatures:
+            raise ConfigError(f"--tau {self.tau} is not one of --temperatures {self.temperatures}")
+
+
+@dataclass
+class StatusConfig:
+    """Options of ``stillroom cache-status``."""
+
+    cache: str = option("", positional=True, help="cache location")
+
+    def check(self) -> None:
+        _required(cache=self.cache)
+
+
+@dataclass
+class VerifyConfig:
+    """Options of ``stillroom verify-cache``."""
+
+    cache: str = option("", positional=True, help="cache location")
+    shards: list[str] = option(factory=list, help="the shards the cache was built from")
+    teacher_checkpoint: str = option("", help="the teacher weights the cache was built with")
+    samples: int = option(64, help="random (sample, view) pairs to replay and run the teacher on")
+    seed: int = option(0, help="seed of the random choice of pairs")
+    device: str = option("cpu", choices=DEVICES, help="where the teacher runs")
+    atol: float = option(0.05, help="largest allowed |cached - live| top-k logit")
+
+    def check(self) -> None:
+        _required(cache=self.cache, shards=self.shards, teacher_checkpoint=self.teacher_checkpoint)
+        _positive(samples=self.samples)
+        _not_negative(atol=self.atol)
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``stillroom evaluate``."""
+
+    checkpoint: str = option("", help="checkpoint written by train-student")
+    shards: list[str] = option(factory=list, help="validation shard URLs")
+    batch_size: int = option(256, help="batch size")
+    workers: int = option(2, help="data loader worker processes")
+    device: str = option("cpu", choices=DEVICES, help="where the model runs")
+    ema: bool = option(False, help="evaluate the EMA weights")
+    on_error: str = option("raise", choices=ON_ERROR, help=ON_ERROR_HELP)
+
+    def check(self) -> None:
+        _required(checkpoint=self.checkpoint, shards=self.shards)
+        _positive(batch_size=self.batch_size)
+        _not_negative(workers=self.workers)
+
+
+@dataclass
+class DemoConfig:
+    """Options of ``stillroom demo``."""
+
+    out: str = option("demo-out", help="working folder for shards, caches and checkpoints")
+    size: str = option("full", choices=("full", "tiny"), help="full (~5 min on 2 cores) or tiny (a smoke run)")
+    preset: str | None = option(None, help="demo preset YAML with one section per step (default configs/demo.yaml)")
+
+    def check(self) -> None:
+        _required(out=self.out)
