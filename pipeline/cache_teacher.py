@@ -27,7 +27,7 @@ from .options import CacheConfig
 from .partition import job_slot, my_share
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
-from .replay import replay_shard
+from .replay import View, replay_shard, stack
 from .shards import OnError, ShardInfo, SkipStats, iter_decoded, load_shard_list, num_classes_from_sidecar
 
 log = logging.getLogger(__name__)
@@ -63,24 +63,24 @@ class UnitStream(IterableDataset):
         views = self.meta.block_views(block)
         stats = SkipStats()
         samples = iter_decoded(shard, s, self.meta.num_classes, self.on_error, stats)
-        pending: list = []
+        pending: list[View] = []
         positions: set[int] = set()
-        for window in replay_shard(samples, views, self.recipe, self.meta.seed, shard.name):
-            pending.extend(window)
-            positions.update(v.position for v in window)
-            while len(pending) >= self.batch_size:
-                yield self._batch(block, s, pending[: self.batch_size])
-                pending = pending[self.batch_size :]
+        for view in replay_shard(samples, views, self.recipe, self.meta.seed, shard.name, shard.count):
+            pending.append(view)
+            positions.add(view.position)
+            if len(pending) == self.batch_size:
+                yield self._batch(block, s, pending)
+                pending = []
         if pending:
             yield self._batch(block, s, pending)
         yield {"unit": (block, s), "end": True, "count": len(positions), "skipped": dict(stats.reasons)}
 
     @staticmethod
-    def _batch(block: int, s: int, views: list) -> dict[str, Any]:
+    def _batch(block: int, s: int, views: list[View]) -> dict[str, Any]:
         return {
             "unit": (block, s),
             "end": False,
-            "pixels": torch.stack([v.pixels for v in views]),
+            "pixels": stack([v.pixels for v in views]),
             "position": torch.tensor([v.position for v in views]),
             "view": torch.tensor([v.view for v in views]),
             "label": torch.tensor([v.label for v in views]),
@@ -135,7 +135,9 @@ def prepare(cfg: CacheConfig) -> Phase1:
     """Resolve shards, teacher and recipe; create or reopen the cache (refusing a mismatch)."""
     shards = load_shard_list(cfg.shards)
     num_classes = _num_classes(cfg, shards)
-    recipe = make_recipe(cfg.recipe, cfg.img_size)
+    recipe = make_recipe(cfg.recipe, cfg.img_size, cfg.repeats)
+    if cfg.views % recipe.repeats:
+        raise ConfigError(f"--views {cfg.views} must be a multiple of --repeats {recipe.repeats}")
     device = resolve_device(cfg.device)
     teacher, ident = build_teacher(cfg, num_classes, device)
     ident["input_size"] = recipe.img_size

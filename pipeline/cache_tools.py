@@ -17,7 +17,7 @@ from .errors import CacheError
 from .models import autocast, load_teacher, resolve_device, topk_targets
 from .options import VerifyConfig
 from .recipe import make_recipe
-from .replay import replay_shard
+from .replay import replay_shard, stack
 from .shards import ShardInfo, iter_decoded, iter_raw, load_shard_list
 
 
@@ -138,20 +138,21 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
         shard = by_name[meta.shards[s].name]
         rows = cache.read_view(v, s)
         samples = iter_decoded(shard, s, meta.num_classes, on_error="skip")
-        for window in replay_shard(samples, [v], recipe, meta.seed, shard.name):
-            chosen = [x for x in window if x.position in positions]
-            if not chosen:
-                continue
-            with torch.inference_mode(), autocast(device):
-                logits = teacher(torch.stack([x.pixels for x in chosen]).to(device))
-            values, indices, _ = topk_targets(logits, meta.topk, list(meta.temperatures), half=False)
-            for j, x in enumerate(chosen):
-                agreement.add(
-                    rows.indices[x.position].astype(np.int64),
-                    rows.values[x.position].astype(np.float32),
-                    indices[j].cpu().numpy(),
-                    values[j].cpu().numpy(),
-                )
+        chosen = [
+            x for x in replay_shard(samples, [v], recipe, meta.seed, shard.name, shard.count) if x.position in positions
+        ]
+        if not chosen:
+            continue
+        with torch.inference_mode(), autocast(device):
+            logits = teacher(stack([x.pixels for x in chosen]).to(device))
+        values, indices, _ = topk_targets(logits, meta.topk, list(meta.temperatures), half=False)
+        for j, x in enumerate(chosen):
+            agreement.add(
+                rows.indices[x.position].astype(np.int64),
+                rows.values[x.position].astype(np.float32),
+                indices[j].cpu().numpy(),
+                values[j].cpu().numpy(),
+            )
     return _report(cfg, meta.topk, agreement, problems, min_top1)
 
 

@@ -1,14 +1,21 @@
-"""Phase 2 input: replayed views of this rank's shards, joined to their cached teacher rows.
+"""Phase 2 input: replayed copies of this rank's shards, joined to their cached teacher rows.
 
 Every rank gets a disjoint set of shards each epoch (a seeded permutation of the shard list), and
 a step budget computed from shard counts alone, identical on all ranks, so no rank waits forever
-for a peer with more data. DataLoader workers each take whole shards, replay view ``v(epoch)``
-through the same :func:`pipeline.replay.replay_shard` as phase 1, and look up each sample's
-cache row by (shard, position), checking that the stored key is the sample's key.
+for a peer with more data (:mod:`pipeline.samplers`). DataLoader workers each take whole shards,
+decode only the samples the epoch trains, replay their copies (one per view of the epoch's plan)
+through the same :mod:`pipeline.replay` as phase 1, and look up each copy's cache row by (view,
+shard, position), checking that the stored key and label are the sample's.
+
+Workers send chunks of about 32 views (few, large messages), a sample's copies next to each other.
+The trainer's :class:`ShuffleBuffer` draws whole samples at random from a few thousand views, so a
+sample's copies land in the same or the next batch, as DeiT's repeated-augmentation sampler puts
+them, and a batch costs O(batch size) whatever the buffer size.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,27 +29,11 @@ from .cache import UnitData, open_cache
 from .errors import CacheError
 from .partition import my_share
 from .recipe import Recipe
-from .replay import View, replay_shard
-from .seeding import stable_seed
+from .replay import View, concat, replay_copies, stack
+from .samplers import EpochPlan, covered
 from .shards import OnError, ShardInfo, iter_decoded
 
-
-def view_for_epoch(epoch: int, num_views: int) -> int:
-    """The cached view trained on in ``epoch``; views repeat after ``num_views`` epochs."""
-    return epoch % num_views
-
-
-def rank_shards(shards: list[ShardInfo], epoch: int, seed: int, rank: int, world: int) -> list[int]:
-    """Indices (into ``shards``) that ``rank`` reads in ``epoch``: disjoint across ranks."""
-    order = list(range(len(shards)))
-    random.Random(stable_seed("shard-order", seed, epoch)).shuffle(order)
-    return my_share(order, rank, world)
-
-
-def steps_per_epoch(shards: list[ShardInfo], epoch: int, seed: int, world: int, batch_size: int) -> int:
-    """Batches every rank yields in ``epoch``: the smallest rank's full batches."""
-    per_rank = [sum(shards[i].count for i in rank_shards(shards, epoch, seed, r, world)) for r in range(world)]
-    return min(per_rank) // batch_size
+CHUNK_VIEWS = 32
 
 
 @dataclass
@@ -53,7 +44,7 @@ class StreamSpec:
     shard_ids: list[int]  # indices into ``shards`` for this rank
     cache_rows: list[int] | None  # cache shard index of each entry of ``shards``; None = no cache
     cache_url: str | None
-    view: int
+    plan: EpochPlan
     recipe: Recipe
     seed: int
     num_classes: int
@@ -61,9 +52,9 @@ class StreamSpec:
 
 
 class ViewStream(IterableDataset):
-    """Yields collated windows of replayed views (with cached targets when a cache is given)."""
+    """Yields collated chunks of copies (with cached targets when a cache is given)."""
 
-    def __init__(self, spec: StreamSpec, chunk: int = 32):
+    def __init__(self, spec: StreamSpec, chunk: int = CHUNK_VIEWS):
         self.spec, self.chunk = spec, chunk
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -75,78 +66,134 @@ class ViewStream(IterableDataset):
             shard = spec.shards[i]
             rows = None
             if cache is not None and spec.cache_rows is not None:
-                rows = cache.read_view(spec.view, spec.cache_rows[i])
-            samples = iter_decoded(shard, i, spec.num_classes, spec.on_error)
-            pending: list[View] = []
-            for window in replay_shard(samples, [spec.view], spec.recipe, spec.seed, shard.name):
-                pending.extend(window)
-                if len(pending) >= self.chunk:  # fewer, larger messages between worker and trainer
+                rows = {v: cache.read_view(v, spec.cache_rows[i]) for v in spec.plan.views}
+            positions = set(covered(spec.plan, spec.seed, shard))
+            samples = iter_decoded(shard, i, spec.num_classes, spec.on_error, positions=positions)
+            pending: list[list[View]] = []
+            for copies in replay_copies(samples, spec.plan.views, spec.recipe, spec.seed, shard.name, shard.count):
+                pending.append(copies)
+                if sum(len(c) for c in pending) >= self.chunk:
                     yield collate(pending, rows, shard)
                     pending = []
             if pending:
                 yield collate(pending, rows, shard)
 
 
-def collate(window: list[View], rows: UnitData | None, shard: ShardInfo) -> dict[str, Any]:
+def collate(items: list[list[View]], rows: dict[int, UnitData] | None, shard: ShardInfo) -> dict[str, Any]:
+    """One chunk: the views of ``items`` (each a sample's copies) in order, ``item`` numbering them."""
+    views = [v for copies in items for v in copies]
     batch: dict[str, Any] = {
-        "pixels": torch.stack([v.pixels for v in window]),
-        "label": torch.tensor([v.label for v in window]),
-        "mix_label": torch.tensor([v.mix_label for v in window]),
-        "lam": torch.tensor([v.lam for v in window], dtype=torch.float32),
-        "keys": [v.key for v in window],
+        "pixels": stack([v.pixels for v in views]),
+        "label": torch.tensor([v.label for v in views]),
+        "mix_label": torch.tensor([v.mix_label for v in views]),
+        "lam": torch.tensor([v.lam for v in views], dtype=torch.float32),
+        "views": torch.tensor([v.view for v in views]),
+        "item": torch.tensor([n for n, copies in enumerate(items) for _ in copies]),
+        "keys": [v.key for v in views],
     }
     if rows is not None:
-        pos = np.array([v.position for v in window])
-        for v, stored, label in zip(window, rows.keys[pos], rows.labels[pos], strict=True):
-            if stored != v.key or label != v.label:
-                raise CacheError(
-                    f"shard {shard.url!r} position {v.position}: cache row holds key {stored!r} label {label}, "
-                    f"the shard has key {v.key!r} label {v.label}; this cache was not built from these shards"
-                )
-        batch["t_values"] = torch.from_numpy(rows.values[pos].astype(np.float32))
-        batch["t_indices"] = torch.from_numpy(rows.indices[pos].astype(np.int64))
-        batch["t_lse"] = torch.from_numpy(rows.logsumexp[pos])
+        batch.update(_targets(views, rows, shard))
     return batch
 
 
-def _cat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+def _targets(views: list[View], rows: dict[int, UnitData], shard: ShardInfo) -> dict[str, torch.Tensor]:
+    """Each copy's cached teacher targets, after checking that its row holds this very sample."""
+    values, indices, lse = [], [], []
+    for v in views:
+        row = rows[v.view]
+        stored, label = row.keys[v.position], row.labels[v.position]
+        if stored != v.key or label != v.label:
+            raise CacheError(
+                f"shard {shard.url!r} position {v.position}: cache row holds key {stored!r} label {label}, "
+                f"the shard has key {v.key!r} label {v.label}; this cache was not built from these shards"
+            )
+        values.append(row.values[v.position])
+        indices.append(row.indices[v.position])
+        lse.append(row.logsumexp[v.position])
+    return {
+        "t_values": torch.from_numpy(np.stack(values).astype(np.float32)),
+        "t_indices": torch.from_numpy(np.stack(indices).astype(np.int64)),
+        "t_lse": torch.from_numpy(np.stack(lse)),
+    }
+
+
+def _join(parts: list[tuple[dict[str, Any], int, int]]) -> dict[str, Any]:
+    """One batch from slices ``[a, b)`` of chunks; copies only the views it takes."""
     out: dict[str, Any] = {}
-    for k in parts[0]:
-        out[k] = [x for p in parts for x in p[k]] if k == "keys" else torch.cat([p[k] for p in parts])
+    for key in parts[0][0]:
+        if key == "keys":
+            out[key] = [k for chunk, a, b in parts for k in chunk[key][a:b]]
+        elif key == "pixels":
+            out[key] = concat([chunk[key][a:b] for chunk, a, b in parts])
+        else:
+            out[key] = torch.cat([chunk[key][a:b] for chunk, a, b in parts])
     return out
 
 
-def _take(buf: dict[str, Any], idx: list[int]) -> dict[str, Any]:
-    t = torch.tensor(idx)
-    return {k: ([v[i] for i in idx] if k == "keys" else v[t]) for k, v in buf.items()}
+class ShuffleBuffer:
+    """Chunks of views held for shuffling; batches are drawn a whole sample (all its copies) at a time.
+
+    Drawing a sample is O(1) (swap with the last, pop) and assembling a batch copies only its own views,
+    so a batch costs O(batch size) however large the buffer. A sample whose copies do not fit in the
+    batch being filled starts the next one.
+    """
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.items: list[tuple[int, int, int]] = []  # (chunk id, first view, end) of each sample's copies
+        self.chunks: dict[int, dict[str, Any]] = {}
+        self.refs: dict[int, int] = {}  # samples of a chunk not yet drawn in full
+        self.carry: list[tuple[int, int, int]] = []  # the rest of a sample split by the last batch
+        self.views = 0
+        self._next_id = 0
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        cid, self._next_id = self._next_id, self._next_id + 1
+        item = chunk.pop("item").tolist()
+        starts = [i for i in range(len(item)) if i == 0 or item[i] != item[i - 1]] + [len(item)]
+        self.items += [(cid, a, b) for a, b in itertools.pairwise(starts)]
+        self.chunks[cid], self.refs[cid] = chunk, len(starts) - 1
+        self.views += len(item)
+
+    def batch(self, size: int) -> dict[str, Any]:
+        """``size`` views: the carried-over rest of the last sample first, then random whole samples."""
+        parts, need = [], size
+        while need:
+            cid, a, b = self.carry.pop() if self.carry else self._draw()
+            take = min(need, b - a)
+            parts.append((cid, a, a + take))
+            if a + take < b:
+                self.carry.append((cid, a + take, b))
+            else:
+                self.refs[cid] -= 1
+            need -= take
+        self.views -= size
+        out = _join([(self.chunks[cid], a, b) for cid, a, b in parts])
+        for cid in {cid for cid, _, _ in parts}:
+            if not self.refs[cid]:
+                del self.refs[cid], self.chunks[cid]
+        return out
+
+    def _draw(self) -> tuple[int, int, int]:
+        k = self.rng.randrange(len(self.items))
+        self.items[k], self.items[-1] = self.items[-1], self.items[k]
+        return self.items.pop()
 
 
 def shuffled_batches(
-    windows: Iterator[dict[str, Any]], batch_size: int, buffer: int, seed: int
+    chunks: Iterator[dict[str, Any]], batch_size: int, buffer: int, seed: int
 ) -> Iterator[dict[str, Any]]:
-    """Re-batch windows into exact ``batch_size`` batches drawn at random from a buffer.
+    """Re-batch chunks into exact ``batch_size`` batches drawn at random from about ``buffer`` views.
 
     Shuffling happens after replay and mixing, so it changes batch composition only, never a view.
     """
-    rng = random.Random(seed)
-    pool: list[dict[str, Any]] = []
-    n = 0
-    for w in windows:
-        pool.append(w)
-        n += len(w["keys"])
-        while n >= max(buffer, batch_size):
-            merged = _cat(pool)
-            order = list(range(n))
-            rng.shuffle(order)
-            yield _take(merged, order[:batch_size])
-            rest = order[batch_size:]
-            pool, n = [_take(merged, rest)], len(rest)
-    if n >= batch_size:
-        merged = _cat(pool)
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield _take(merged, order[start : start + batch_size])
+    buf = ShuffleBuffer(seed)
+    for chunk in chunks:
+        buf.add(chunk)
+        while buf.views >= max(buffer, batch_size):
+            yield buf.batch(batch_size)
+    while buf.views >= batch_size:
+        yield buf.batch(batch_size)
 
 
 def epoch_batches(
@@ -172,13 +219,22 @@ def eval_batches(spec: StreamSpec, batch_size: int, workers: int) -> Iterator[di
     """All of one rank's evaluation samples, in order, in batches of at most ``batch_size``."""
     workers = min(workers, len(spec.shard_ids))
     loader = DataLoader(ViewStream(spec), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
-    pool: list[dict[str, Any]] = []
-    n = 0
-    for w in loader:
-        pool.append(w)
-        n += len(w["keys"])
-        if n >= batch_size:
-            yield _cat(pool)
-            pool, n = [], 0
-    if pool:
-        yield _cat(pool)
+    pending: list[tuple[dict[str, Any], int, int]] = []
+    held = 0
+    for chunk in loader:
+        chunk.pop("item")
+        pending.append((chunk, 0, len(chunk["keys"])))
+        held += len(chunk["keys"])
+        while held >= batch_size:
+            parts, need = [], batch_size
+            while need:
+                c, a, b = pending.pop(0)
+                take = min(need, b - a)
+                parts.append((c, a, a + take))
+                if a + take < b:
+                    pending.insert(0, (c, a + take, b))
+                need -= take
+            held -= batch_size
+            yield _join(parts)
+    if pending:
+        yield _join(pending)

@@ -17,6 +17,7 @@ from .errors import CheckpointError
 from .models import Normalized, autocast, create, resolve_device
 from .options import EvalConfig
 from .recipe import eval_recipe
+from .samplers import epoch_plan
 from .shards import OnError, ShardInfo, load_shard_list
 
 
@@ -24,7 +25,7 @@ def head_logits(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tenso
     """Logits of each head. A distilled DeiT gives ``cls``, ``dist`` and their average ``avg``."""
     inner = model.model if isinstance(model, Normalized) else model
     if hasattr(inner, "head_dist"):
-        x = (pixels - model.mean) / model.std if isinstance(model, Normalized) else pixels
+        x = model.normalize(pixels) if isinstance(model, Normalized) else pixels
         feats = inner.forward_features(x)
         cls, dist = inner.head(feats[:, 0]), inner.head_dist(feats[:, 1])
         return {"cls": cls, "dist": dist, "avg": (cls + dist) / 2}
@@ -58,7 +59,7 @@ def evaluate(
         shard_ids=ids,
         cache_rows=None,
         cache_url=None,
-        view=0,
+        plan=epoch_plan(0, 1, 1),
         recipe=recipe,
         seed=0,
         num_classes=num_classes,

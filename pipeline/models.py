@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .recipe import IMAGENET_MEAN, IMAGENET_STD
+from .replay import model_input
 
 
 def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -120,7 +121,7 @@ def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class Normalized(nn.Module):
-    """Wrap a model so it takes replayed (un-normalised, 0-1) pixels and normalises on device."""
+    """Wrap a model so it takes compact replayed pixels (uint8 or float16, 0-1 scale) and normalises on device."""
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -128,10 +129,12 @@ class Normalized(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Compact replayed pixels (uint8 or float16) -> the model's normalised float32 input."""
+        return (model_input(pixels) - self.mean) / self.std
+
     def forward(self, pixels: torch.Tensor) -> Any:
-        if pixels.dtype == torch.uint8:
-            pixels = pixels.float().div_(255.0)
-        return self.model((pixels - self.mean) / self.std)
+        return self.model(self.normalize(pixels))
 
 
 def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:

@@ -79,6 +79,11 @@ class CacheConfig:
         "deit", help="augmentation recipe: deit (random views), eval (resize + center crop) or a YAML mapping"
     )
     img_size: int | None = option(None, help="view size in pixels (overrides the recipe's)")
+    repeats: int | None = option(
+        None,
+        help="R, the repeated-augmentation copies train-student will use (DeiT: 3): mixing partners are "
+        "drawn for it; --views must be a multiple (overrides the recipe's, default 1)",
+    )
     views: int = option(10, help="V, views per sample in the cache")
     view_range: str | None = option(None, help="START:STOP, the views this job computes (on view-block edges)")
     view_block: int = option(5, help="B, views per unit of work (each image is decoded once per unit)")
@@ -111,6 +116,7 @@ class CacheConfig:
             num_classes=self.num_classes,
             img_size=self.img_size,
             job_count=self.job_count,
+            repeats=self.repeats,
         )
         _not_negative(workers=self.workers, job_index=self.job_index)
         if not self.temperatures or any(not float(t) > 0 for t in self.temperatures):
@@ -162,6 +168,11 @@ class TrainConfig:
     )
     recipe: str | dict[str, Any] | None = option(None, help="augmentation recipe (default: the cache's, else deit)")
     img_size: int | None = option(None, help="view size in pixels (overrides the recipe's)")
+    repeats: int | None = option(
+        None,
+        help="copies of each trained sample per epoch, each with its own view (DeiT's repeated augmentation; "
+        "an epoch then covers 1/R of the samples in as many steps); 1 or the cache's (default: the cache's, else 1)",
+    )
     seed: int | None = option(None, help="seed of the views and of training (default: the cache's, else 0)")
     epochs: int = option(300, help="epochs")
     batch_size: int = option(64, help="batch size per rank")
@@ -177,7 +188,9 @@ class TrainConfig:
     model_ema_decay: float = option(0.99996, help="decay of the weights' moving average")
     amp: bool = option(True, help="bf16 autocast on CUDA")
     workers: int = option(2, help="data loader worker processes per rank")
-    shuffle_buffer: int | None = option(None, help="samples in the shuffle buffer (default: 2 x batch size)")
+    shuffle_buffer: int = option(
+        2048, help="views held for shuffling between shards (2048 x 224 px views: 300 MB uint8, 600 MB float16)"
+    )
     eval_every: int = option(1, help="evaluate every N epochs (and after the last); 0: never")
     eval_batch_size: int = option(256, help="evaluation batch size")
     checkpoint_every: int = option(0, help="also checkpoint every N steps (mid-epoch resume); 0: epoch ends only")
@@ -210,6 +223,7 @@ class TrainConfig:
             num_classes=self.num_classes,
             img_size=self.img_size,
             topk=self.topk,
+            repeats=self.repeats,
         )
         _not_negative(
             workers=self.workers,

@@ -74,7 +74,9 @@ class Recipe:
         mixup_switch_prob: Probability of cutmix when both are on.
         mixup_prob: Probability that a pair is mixed at all.
         smoothing: Label smoothing for the ground-truth targets.
-        mix_window: W, the window of consecutive shard positions inside which partners are drawn.
+        repeats: R, the repeated-augmentation copies phase 2 trains per sample and epoch (DeiT: 3);
+            mixing partners of view ``v`` are drawn within the group of the shard that is trained with
+            ``v`` (:mod:`pipeline.samplers`), so the cache is made for one ``R``.
         crop_pct: Center-crop fraction of the evaluation resize.
         mean, std: Normalisation of the recipe's pixel space (used by random-erasing noise).
     """
@@ -92,7 +94,7 @@ class Recipe:
     mixup_switch_prob: float = 0.5
     mixup_prob: float = 1.0
     smoothing: float = 0.1
-    mix_window: int = 64
+    repeats: int = 1
     crop_pct: float = 0.875
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -144,11 +146,11 @@ def eval_recipe(img_size: int = 224, **overrides: Any) -> Recipe:
     )
 
 
-def make_recipe(spec: str | dict[str, Any] | Recipe, img_size: int | None = None) -> Recipe:
+def make_recipe(spec: str | dict[str, Any] | Recipe, img_size: int | None = None, repeats: int | None = None) -> Recipe:
     """Build a recipe from a name (``deit``/``eval``), a dict of fields, or a recipe.
 
-    ``img_size`` overrides the size of whichever recipe results, so tests and demos can run the
-    DeiT recipe at 32 px.
+    ``img_size`` and ``repeats`` override those fields of whichever recipe results (e.g. DeiT's
+    recipe at 32 px for tests and demos).
     """
     if isinstance(spec, Recipe):
         recipe = spec
@@ -165,4 +167,8 @@ def make_recipe(spec: str | dict[str, Any] | Recipe, img_size: int | None = None
         recipe = dataclasses.replace(make_recipe(base), **_coerce_fields(d))
     if img_size is not None:
         recipe = dataclasses.replace(recipe, img_size=int(img_size))
+    if repeats is not None:
+        recipe = dataclasses.replace(recipe, repeats=int(repeats))
+    if recipe.repeats < 1:
+        raise ConfigError(f"recipe: repeats must be >= 1, got {recipe.repeats}")
     return recipe

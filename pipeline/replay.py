@@ -5,10 +5,14 @@ one code path. Every random decision of a view is drawn from generators private 
 (:mod:`pipeline.seeding`); nothing reads Python's, numpy's or torch's global RNG, so the result
 does not depend on rank, worker, batch, epoch or shard order.
 
-Pixels are returned un-normalised (float32, 0-1 range, CHW). Each model normalises them with its
-own mean/std on its device; random-erasing noise is drawn in the recipe's normalised space and
-mapped back, which is exactly equivalent after normalisation. Mixup and cutmix are affine with
-weights summing to one, so they commute with normalisation too.
+A view's pixels are compact (:func:`compact`): uint8 CHW while they are whole numbers (no random
+erasing, no mixup), else float16; the model sees ``float32(float16(x))`` either way
+(:func:`model_input`), whatever else is in its batch, so the teacher in phase 1 and the student in
+phase 2 get the same numbers. Each model normalises them with its own mean/std on its device;
+random-erasing noise is drawn in the recipe's normalised space and mapped back, which is exactly
+equivalent after normalisation. Mixup and cutmix are affine with weights summing to one, so they
+commute with normalisation too. Random erasing is decided with the view but applied only when the
+view is finished, so a shard's views wait as uint8.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,8 +31,9 @@ from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS
 from torchvision.transforms import InterpolationMode
 
 from .errors import ConfigError
+from .mixing import mix_pair, partners
 from .recipe import RandAugmentSpec, Recipe
-from .seeding import view_generators, window_rng
+from .seeding import view_generators
 
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 _PIL_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -50,8 +56,9 @@ def decode_image(data: bytes) -> Image.Image:
 class View:
     """One augmented view of one sample, with its ground-truth mix.
 
-    ``label``/``mix_label``/``lam``: the ground-truth target is ``lam * onehot(label) +
-    (1 - lam) * onehot(mix_label)`` (before label smoothing). Unmixed views have ``lam == 1``.
+    ``pixels``: compact CHW (uint8 or float16, see :func:`compact`). ``label``/``mix_label``/``lam``:
+    the ground-truth target is ``lam * onehot(label) + (1 - lam) * onehot(mix_label)`` (before label
+    smoothing). Unmixed views have ``lam == 1``.
     """
 
     key: str
@@ -159,11 +166,11 @@ def _color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Imag
     return img
 
 
-def _random_erase(x: torch.Tensor, recipe: Recipe, rng: random.Random, gen: torch.Generator) -> torch.Tensor:
-    """timm RandomErasing (pixel mode, one box); noise is N(0,1) in the recipe's normalised space."""
+def _erase_box(shape: tuple[int, ...], recipe: Recipe, rng: random.Random) -> tuple[int, int, int, int] | None:
+    """timm RandomErasing's decision and box (pixel mode, one box): ``(top, left, h, w)`` or ``None``."""
     if rng.random() >= recipe.reprob:
-        return x
-    _, h_img, w_img = x.shape
+        return None
+    _, h_img, w_img = shape
     area = h_img * w_img
     log_ratio = (math.log(0.3), math.log(1 / 0.3))
     for _ in range(10):
@@ -172,36 +179,83 @@ def _random_erase(x: torch.Tensor, recipe: Recipe, rng: random.Random, gen: torc
         h = round(math.sqrt(target_area * aspect))
         w = round(math.sqrt(target_area / aspect))
         if w < w_img and h < h_img:
-            top = rng.randint(0, h_img - h)
-            left = rng.randint(0, w_img - w)
-            noise = torch.randn((3, h, w), generator=gen)
-            mean = torch.tensor(recipe.mean).view(3, 1, 1)
-            std = torch.tensor(recipe.std).view(3, 1, 1)
-            x = x.clone()
-            x[:, top : top + h, left : left + w] = noise * std + mean
-            return x
-    return x
+            return rng.randint(0, h_img - h), rng.randint(0, w_img - w), h, w
+    return None
 
 
-def to_pixels(img: Image.Image) -> torch.Tensor:
-    return TF.pil_to_tensor(img).float().div_(255.0)
+@dataclass
+class Augmented:
+    """A sample's view before mixing: uint8 pixels and the erasing box drawn for it, not yet applied."""
+
+    pixels: torch.Tensor
+    erase: tuple[int, int, int, int] | None = None
+    noise: torch.Generator | None = None
+
+    def finish(self, recipe: Recipe) -> torch.Tensor:
+        """The pixels with the erasing box filled: uint8 when nothing is erased, else float32 in [0, 1] space.
+
+        The box's noise is N(0, 1) in the recipe's normalised space, drawn from the view's own generator.
+        """
+        if self.erase is None:
+            return self.pixels
+        top, left, h, w = self.erase
+        x = self.pixels.float().div_(255.0)
+        noise = torch.randn((3, h, w), generator=self.noise)
+        mean = torch.tensor(recipe.mean).view(3, 1, 1)
+        std = torch.tensor(recipe.std).view(3, 1, 1)
+        x[:, top : top + h, left : left + w] = noise * std + mean
+        return x
+
+
+def compact(x: torch.Tensor) -> torch.Tensor:
+    """A finished view as it travels and is stored: uint8 stays uint8, anything else becomes float16."""
+    return x if x.dtype == torch.uint8 else x.to(torch.float16)
+
+
+# float16(k / 255) for every uint8 k, computed once on the CPU: a table lookup gives the same numbers on
+# any device, where a division on an accelerator might round differently.
+_UINT8_TO_HALF = (torch.arange(256, dtype=torch.float32) / 255.0).to(torch.float16)
+
+
+def model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """float32 model input from compact pixels (a view or a batch): ``float32(float16(x))`` for both kinds.
+
+    uint8 value ``k`` becomes ``float16(k / 255)``, exactly as :func:`stack` turns a uint8 view that
+    shares a batch with float16 views, so a view's input does not depend on its batch or its device.
+    """
+    if pixels.dtype == torch.uint8:
+        pixels = _UINT8_TO_HALF.to(pixels.device)[pixels.long()]
+    return pixels.float()
+
+
+def concat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Join batches of compact pixels: uint8 if every part is uint8 (1 byte per value), else float16
+    (2 bytes), a uint8 part turned into exactly the float16 :func:`model_input` would give it."""
+    if all(p.dtype == torch.uint8 for p in parts):
+        return torch.cat(list(parts))
+    return torch.cat([model_input(p).to(torch.float16) if p.dtype == torch.uint8 else p for p in parts])
+
+
+def stack(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor from compact views (see :func:`concat`)."""
+    return concat([v[None] for v in views])
 
 
 def eval_view(img: Image.Image, recipe: Recipe) -> torch.Tensor:
-    """Resize the short side to ``img_size / crop_pct`` and center crop (timm/DeiT eval)."""
+    """Resize the short side to ``img_size / crop_pct`` and center crop (timm/DeiT eval); uint8 CHW."""
     resize = math.floor(recipe.img_size / recipe.crop_pct)
     img = TF.resize(img, resize, interpolation=_INTERP[recipe.interpolation])
     img = TF.center_crop(img, [recipe.img_size, recipe.img_size])
-    return to_pixels(img)
+    return TF.pil_to_tensor(img)
 
 
-def augment_view(img: Image.Image, recipe: Recipe, seed: int, view: int, key: str) -> torch.Tensor:
-    """Produce the pixels of ``view`` of sample ``key`` (before mixing).
+def augment(img: Image.Image, recipe: Recipe, seed: int, view: int, key: str) -> Augmented:
+    """The per-sample part of ``view`` of sample ``key``: crop, flip, RandAugment or jitter, erasing box.
 
     The output depends on (image, recipe, seed, view, key) only.
     """
     if not recipe.is_random:
-        return eval_view(img, recipe)
+        return Augmented(eval_view(img, recipe))
     rng, gen = view_generators(seed, view, key)
     i, j, h, w = _random_resized_crop_box(rng, img.width, img.height, recipe.scale, recipe.ratio)
     size = [recipe.img_size, recipe.img_size]
@@ -212,57 +266,14 @@ def augment_view(img: Image.Image, recipe: Recipe, seed: int, view: int, key: st
         img = rand_augment(img, RandAugmentSpec.parse(recipe.auto_augment), recipe, rng)
     elif recipe.color_jitter > 0:
         img = _color_jitter(img, recipe.color_jitter, rng)
-    x = to_pixels(img)
-    if recipe.reprob > 0:
-        x = _random_erase(x, recipe, rng, gen)
-    return x
+    x = TF.pil_to_tensor(img)
+    box = _erase_box(tuple(x.shape), recipe, rng) if recipe.reprob > 0 else None
+    return Augmented(x, box, gen if box else None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Mixup / CutMix with in-shard partners
-
-
-def _cutmix_box(lam: float, size: int, rng: random.Random) -> tuple[int, int, int, int, float]:
-    """timm's rand_bbox + area-corrected lambda for a square image of side ``size``."""
-    ratio = math.sqrt(1 - lam)
-    cut = int(size * ratio)
-    cy, cx = rng.randrange(size), rng.randrange(size)
-    y0, y1 = max(cy - cut // 2, 0), min(cy + cut // 2, size)
-    x0, x1 = max(cx - cut // 2, 0), min(cx + cut // 2, size)
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(size * size)
-    return y0, y1, x0, x1, lam
-
-
-def mix_window(views: list[View], recipe: Recipe, seed: int, shard_name: str, window: int) -> None:
-    """Pair the views of one window and mix each pair in place.
-
-    Partners are a permutation of the window's present positions, seeded by (seed, view, shard,
-    window), so both phases rebuild the same pairs from the same shard. Both members of a pair
-    share one lambda (and box); an unpaired last view stays unmixed.
-    """
-    if not views or not recipe.mixes:
-        return
-    rng = window_rng(seed, views[0].view, shard_name, window)
-    order = list(range(len(views)))
-    rng.shuffle(order)
-    for a_idx, b_idx in zip(order[0::2], order[1::2], strict=False):
-        a, b = views[a_idx], views[b_idx]
-        if recipe.mixup_prob < 1.0 and rng.random() >= recipe.mixup_prob:
-            continue
-        use_cutmix = recipe.cutmix > 0 and (recipe.mixup <= 0 or rng.random() < recipe.mixup_switch_prob)
-        if use_cutmix:
-            lam = rng.betavariate(recipe.cutmix, recipe.cutmix)
-            y0, y1, x0, x1, lam = _cutmix_box(lam, recipe.img_size, rng)
-            pa, pb = a.pixels.clone(), b.pixels.clone()
-            pa[:, y0:y1, x0:x1] = b.pixels[:, y0:y1, x0:x1]
-            pb[:, y0:y1, x0:x1] = a.pixels[:, y0:y1, x0:x1]
-        else:
-            lam = rng.betavariate(recipe.mixup, recipe.mixup)
-            pa = a.pixels * lam + b.pixels * (1 - lam)
-            pb = b.pixels * lam + a.pixels * (1 - lam)
-        a.pixels, b.pixels = pa, pb
-        a.mix_label, a.lam = b.label, lam
-        b.mix_label, b.lam = a.label, lam
+def augment_view(img: Image.Image, recipe: Recipe, seed: int, view: int, key: str) -> torch.Tensor:
+    """The unmixed view as the model sees it (float32), for tools and tests."""
+    return model_input(compact(augment(img, recipe, seed, view, key).finish(recipe)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,51 +291,80 @@ class DecodedSample:
     label: int
 
 
-def _windows(samples: Iterable[DecodedSample], size: int) -> Iterator[tuple[int, list[DecodedSample]]]:
-    """Group consecutive samples by ``position // size``; a skipped sample leaves a gap."""
-    current: list[DecodedSample] = []
-    current_idx = -1
-    for s in samples:
-        idx = s.position // size
-        if current and idx != current_idx:
-            yield current_idx, current
-            current = []
-        current_idx = idx
-        current.append(s)
-    if current:
-        yield current_idx, current
+def _view(s: DecodedSample, view: int, pixels: torch.Tensor, mix_label: int, lam: float) -> View:
+    return View(s.key, s.shard_index, s.position, view, compact(pixels), s.label, mix_label, lam)
+
+
+def mixed_views(
+    samples: Sequence[DecodedSample], view: int, recipe: Recipe, seed: int, shard: str, count: int
+) -> Iterator[View]:
+    """The finished ``view`` of each of ``samples`` (a whole shard, or the repeated-augmentation group an
+    epoch trains), mixed with its partner among them (:func:`pipeline.mixing.partners`).
+
+    Each sample is augmented once; views come out pair by pair, not in position order.
+    """
+    by_position = {s.position: s for s in samples}
+    pairs = (
+        partners(seed, view, shard, count, recipe.repeats, by_position)
+        if recipe.mixes
+        else [(p, None) for p in by_position]
+    )
+    for pa, pb in pairs:
+        a = by_position[pa]
+        xa = augment(a.image, recipe, seed, view, a.key).finish(recipe)
+        if pb is None:
+            yield _view(a, view, xa, a.label, 1.0)
+            continue
+        b = by_position[pb]
+        xb = augment(b.image, recipe, seed, view, b.key).finish(recipe)
+        mixed = mix_pair(xa, xb, recipe, seed, view, shard, (pa, pb))
+        if mixed is None:
+            yield _view(a, view, xa, a.label, 1.0)
+            yield _view(b, view, xb, b.label, 1.0)
+        else:
+            ma, mb, lam = mixed
+            yield _view(a, view, ma, b.label, lam)
+            yield _view(b, view, mb, a.label, lam)
 
 
 def replay_shard(
-    samples: Iterable[DecodedSample],
-    views: Sequence[int],
-    recipe: Recipe,
-    seed: int,
-    shard_name: str,
-) -> Iterator[list[View]]:
-    """Yield, window by window and view by view, the final (mixed) views of a shard.
+    samples: Iterable[DecodedSample], views: Sequence[int], recipe: Recipe, seed: int, shard: str, count: int
+) -> Iterator[View]:
+    """Every finished view in ``views`` of every sample of a shard (phase 1's unit, ``verify-cache``).
 
-    Each image is decoded once (by the caller) and reused for every view in ``views``: this is
-    how phase 1 decodes once per unit (shard x view block) and phase 2 reads one view per epoch.
-
-    Yields:
-        Lists of :class:`View` (one window, one view), in shard order.
+    Each image is decoded once (by the caller) and reused for every view: with mixing the whole shard
+    is held decoded (partners come from all of it); without, samples stream through one at a time.
     """
-    window_size = recipe.mix_window if recipe.mixes else 1
-    for window, members in _windows(samples, window_size):
-        for v in views:
-            out = [
-                View(
-                    key=s.key,
-                    shard_index=s.shard_index,
-                    position=s.position,
-                    view=v,
-                    pixels=augment_view(s.image, recipe, seed, v, s.key),
-                    label=s.label,
-                    mix_label=s.label,
-                    lam=1.0,
-                )
-                for s in members
-            ]
-            mix_window(out, recipe, seed, shard_name, window)
-            yield out
+    if not recipe.mixes:
+        for s in samples:
+            for v in views:
+                yield from mixed_views([s], v, recipe, seed, shard, count)
+        return
+    held = list(samples)
+    for v in views:
+        yield from mixed_views(held, v, recipe, seed, shard, count)
+
+
+def replay_copies(
+    samples: Iterable[DecodedSample], views: Sequence[int], recipe: Recipe, seed: int, shard: str, count: int
+) -> Iterator[list[View]]:
+    """Phase 2: the copies of each sample an epoch trains, one per view of ``views``, sample by sample.
+
+    ``samples`` are the epoch's repeated-augmentation group of the shard (the whole shard without
+    repeats), so every partner is among them.
+    """
+    if not recipe.mixes:  # no partners: one sample at a time
+        for s in samples:
+            yield [x for v in views for x in mixed_views([s], v, recipe, seed, shard, count)]
+        return
+    held = list(samples)
+    if len(views) == 1:  # one copy each: no need to hold finished views
+        for x in mixed_views(held, views[0], recipe, seed, shard, count):
+            yield [x]
+        return
+    copies: dict[int, list[View]] = defaultdict(list)
+    for v in views:
+        for x in mixed_views(held, v, recipe, seed, shard, count):
+            copies[x.position].append(x)
+    for s in held:
+        yield copies[s.position]

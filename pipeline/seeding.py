@@ -43,6 +43,8 @@ def view_generators(seed: int, view: int, key: str) -> tuple[random.Random, torc
     return rng, gen
 
 
-def window_rng(seed: int, view: int, shard: str, window: int) -> random.Random:
-    """Generator for mixup/cutmix pairing inside one window of one shard in one view."""
-    return random.Random(stable_seed("mix", seed, view, shard, window))
+def shuffled(count: int, *identity: object) -> list[int]:
+    """A permutation of ``range(count)`` that depends on ``identity`` only (e.g. seed, view, shard)."""
+    order = list(range(count))
+    random.Random(stable_seed(*identity)).shuffle(order)
+    return order

@@ -14,7 +14,7 @@ import logging
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
@@ -258,10 +258,17 @@ def iter_decoded(
     num_classes: int | None = None,
     on_error: OnError = "raise",
     stats: SkipStats | None = None,
+    positions: Container[int] | None = None,
 ) -> Iterator[DecodedSample]:
-    """Like :func:`iter_raw`, with each image decoded once to RGB."""
+    """Like :func:`iter_raw`, with each image decoded once to RGB.
+
+    ``positions``: decode only these (phase 2 trains a part of each shard per epoch); the others are
+    still read and checked, so a bad sample is reported wherever it is.
+    """
     stats = stats if stats is not None else SkipStats()
     for raw in iter_raw(shard, shard_index, num_classes, on_error, stats):
+        if positions is not None and raw.position not in positions:
+            continue
         try:
             image = decode_image(raw.image)
         except Exception as e:

@@ -26,7 +26,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .cache import Cache, open_cache
 from .config import finish
-from .data import StreamSpec, epoch_batches, rank_shards, steps_per_epoch, view_for_epoch
+from .data import StreamSpec, epoch_batches
 from .distributed import Dist, all_min, barrier, init, shutdown
 from .errors import ConfigError
 from .evaluate import evaluate
@@ -35,6 +35,7 @@ from .models import Normalized, create, load_teacher, model_stats, resolve_devic
 from .options import TrainConfig
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
+from .samplers import EpochPlan, epoch_plan, rank_shards, steps_per_epoch
 from .seeding import stable_seed
 from .shards import ShardInfo, load_shard_list, num_classes_from_sidecar
 from .task import DistillationTask
@@ -54,11 +55,15 @@ class RunData:
     cache: Cache | None
     topk: int
     temperatures: list[float]
+    repeats: int
 
     @property
     def num_views(self) -> int:
         """Views available per sample: the cache's, or unbounded when views are replayed without one."""
         return self.cache.meta.views if self.cache else 1 << 30
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return epoch_plan(epoch, self.repeats, self.num_views)
 
 
 def resolve_data(cfg: TrainConfig) -> RunData:
@@ -74,14 +79,20 @@ def resolve_data(cfg: TrainConfig) -> RunData:
         topk, temperatures = meta.topk, list(meta.temperatures)
         if cfg.distillation == "soft" and float(cfg.tau) not in temperatures:
             raise ConfigError(f"--tau {cfg.tau} is not a cached temperature (cache has {temperatures})")
+        repeats = cfg.repeats or recipe.repeats
+        if repeats not in (1, recipe.repeats):
+            raise ConfigError(
+                f"--repeats {repeats}: the cache's mixing partners were drawn for {recipe.repeats} repeats "
+                f"(recipe.repeats); train with --repeats {recipe.repeats} or 1, or cache with --repeats {repeats}"
+            )
     else:
-        recipe = make_recipe(cfg.recipe or "deit", cfg.img_size)
+        recipe = make_recipe(cfg.recipe or "deit", cfg.img_size, cfg.repeats)
         seed = cfg.seed or 0
         num_classes = cfg.num_classes or num_classes_from_sidecar(shards[0].url) or 0
-        topk, temperatures = cfg.topk, list(cfg.temperatures)
+        topk, temperatures, repeats = cfg.topk, list(cfg.temperatures), recipe.repeats
     if not num_classes:
         raise ConfigError("number of classes unknown: pass --num-classes (no cache, no pack sidecar)")
-    return RunData(shards, val_shards, recipe, seed, num_classes, cache, topk, temperatures)
+    return RunData(shards, val_shards, recipe, seed, num_classes, cache, topk, temperatures, repeats)
 
 
 @dataclass
@@ -117,14 +128,15 @@ class Trainer:
         data, cfg = self.data, self.cfg
         if data.cache is None:
             return None
-        views = {view_for_epoch(e, data.num_views) for e in range(self.position.epoch, cfg.epochs)}
+        views = {v for e in range(self.position.epoch, cfg.epochs) for v in data.plan(e).views}
         rows = data.cache.check_run(data.shards, data.recipe.to_dict(), data.seed, views)
         if cfg.epochs > data.num_views:
             log.warning(
-                "training %d epochs on a cache of %d views: views repeat (epoch e uses view e mod %d)",
+                "training %d epochs on a cache of %d views: views repeat (a run of E epochs uses E views of "
+                "each sample, whatever --repeats; here each view serves up to %d epochs)",
                 cfg.epochs,
                 data.num_views,
-                data.num_views,
+                -(-cfg.epochs // data.num_views),
             )
         return rows
 
@@ -171,8 +183,8 @@ class Trainer:
 
     def steps(self, epoch: int) -> int:
         """Steps of ``epoch``: the same on every rank (computed from shard counts alone)."""
-        cfg = self.cfg
-        steps = steps_per_epoch(self.data.shards, epoch, self.data.seed, self.dist.world, cfg.batch_size)
+        cfg, data = self.cfg, self.data
+        steps = steps_per_epoch(data.shards, data.plan(epoch), data.seed, self.dist.world, cfg.batch_size)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
         if steps < 1:
@@ -237,14 +249,14 @@ class Trainer:
             barrier(self.dist)
         return {**result, "best_top1": p.best_top1}
 
-    def _batches(self, epoch: int, view: int) -> Any:
-        data, dist, cfg = self.data, self.dist, self.cfg
+    def _batches(self, plan: EpochPlan) -> Any:
+        data, dist, cfg, epoch = self.data, self.dist, self.cfg, plan.epoch
         spec = StreamSpec(
             shards=data.shards,
             shard_ids=rank_shards(data.shards, epoch, data.seed, dist.rank, dist.world),
             cache_rows=self.cache_rows if cfg.cached else None,
             cache_url=data.cache.url if data.cache and cfg.cached else None,
-            view=view,
+            plan=plan,
             recipe=data.recipe,
             seed=data.seed,
             num_classes=data.num_classes,
@@ -254,19 +266,20 @@ class Trainer:
             spec,
             cfg.batch_size,
             cfg.workers,
-            cfg.shuffle_buffer or 2 * cfg.batch_size,
+            cfg.shuffle_buffer,
             stable_seed("batches", data.seed, epoch, dist.rank),
             pin_memory=self.device.type == "cuda",
         )
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, p = self.cfg, self.position
-        view, steps = view_for_epoch(epoch, self.data.num_views), self.steps(epoch)
-        batches = self._batches(epoch, view)
+        plan, steps = self.data.plan(epoch), self.steps(epoch)
+        batches = self._batches(plan)
+        views = ",".join(map(str, plan.views))
         self.task.train()
         t0, seen, loss_sum, trained = time.perf_counter(), 0, 0.0, 0
         mode = cfg.progress if self.dist.main else "off"
-        with progress_bar(f"epoch {epoch} (view {view})", total=steps, unit="step", mode=mode) as bar:
+        with progress_bar(f"epoch {epoch} (views {views})", total=steps, unit="step", mode=mode) as bar:
             for step in range(steps):
                 batch = next(batches, None)
                 if all_min(int(batch is not None), self.dist, self.device) == 0:
@@ -292,7 +305,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         return {
             "epoch": epoch,
-            "view": view,
+            "views": list(plan.views),
             "steps": trained,
             "train_loss": loss_sum / max(trained, 1),
             "img_per_s": round(seen * self.dist.world / max(elapsed, 1e-9), 2),

@@ -89,12 +89,33 @@ def digits_val_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A randomly initialised regnetx_002 for 10 classes, saved as a plain state dict."""
-    import timm
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, digits_shards: str) -> str:
+    """A regnetx_002 for 10 classes, trained here for a few seconds on the digits, as a plain state dict.
 
-    torch.manual_seed(0)
-    model = timm.create_model("regnetx_002", num_classes=10)
-    path = tmp_path_factory.mktemp("teacher") / "regnetx_002.pth"
-    torch.save(model.state_dict(), path)
+    Trained, not random: a random-init network predicts one class for every image, so its hard targets
+    could not tell one view from another, and tests of the invariant (cached targets belong to the very
+    pixels trained on) would pass even if views were swapped. This one's top-1 varies with the view.
+    """
+    from pipeline.options import TrainConfig
+    from pipeline.train import train
+
+    folder = tmp_path_factory.mktemp("teacher")
+    mild = {"name": "deit", "img_size": 32, "auto_augment": None, "reprob": 0.0, "mixup_prob": 0.0, "hflip": 0.0}
+    cfg = TrainConfig(
+        shards=[digits_shards],
+        out=str(folder / "run"),
+        model="regnetx_002",
+        distillation="none",
+        recipe={**mild, "color_jitter": 0.0, "scale": [0.5, 1.0]},
+        epochs=4,
+        batch_size=20,
+        lr=0.3,
+        warmup_epochs=0,
+        drop_path=0.0,
+        workers=0,
+        progress="off",
+    )
+    train(cfg)
+    path = folder / "regnetx_002.pth"
+    torch.save(torch.load(folder / "run" / "last.pth", weights_only=True)["model"], path)
     return str(path)

@@ -28,7 +28,7 @@ def test_documented_two_phase_commands(tmp_path: Path) -> None:
     train = str(data / sidecar["pattern"])
     val = str(data / json.loads((data / "val.json").read_text())["pattern"])
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("recipe: {name: deit, img_size: 32, hflip: 0.0, mix_window: 16}\n")
+    recipe.write_text("recipe: {name: deit, img_size: 32, hflip: 0.0}\n")
 
     # A teacher trained by our own trainer (distillation none): how a user fine-tunes one.
     teacher_cfg = tmp_path / "teacher.yaml"

@@ -34,7 +34,7 @@ from pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")
-RECIPE = {"name": "deit", "mix_window": 16}
+RECIPE = {"name": "deit"}
 SETTINGS = {
     **TINY_CACHE,
     "recipe": RECIPE,

@@ -4,8 +4,9 @@ These tests protect the central invariant of the design: the pixels the student 
 the pixels the teacher saw. They compare replays across fresh processes, DataLoader worker counts,
 re-sharded copies of the data, moved shards and polluted global RNG state, on the scikit-learn
 digits (real scans) and on photo-like JPEGs made by ``tests/photos.py`` (some grayscale), and check the
-mixup/cutmix pairing contract: partners in the same shard and window, one shared lambda, crossed
-labels, an odd leftover unmixed, and mixed pixels that really are the mix of the two unmixed views.
+mixup/cutmix pairing contract: partners in the same shard (and repeated-augmentation group), new for
+every view, one shared lambda, crossed labels, an odd leftover unmixed, and mixed pixels that really
+are the mix of the two unmixed views.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.data import StreamSpec, ViewStream, epoch_batches
+from pipeline.mixing import partners
 from pipeline.recipe import Recipe, make_recipe
-from pipeline.replay import View, augment_view, decode_image, replay_shard
+from pipeline.replay import View, augment_view, decode_image, model_input, replay_shard
+from pipeline.samplers import epoch_plan, groups
 from pipeline.shards import ShardInfo, SkipStats, iter_decoded, load_shard_list
 
 SEED = 1234
@@ -68,10 +71,9 @@ def shard_views(pattern: str, recipe: Recipe, views: list[int], seed: int = SEED
     """All final (mixed) views of every shard in ``pattern``, by (key, view)."""
     out: dict[tuple[str, int], View] = {}
     for i, shard in enumerate(load_shard_list(pattern)):
-        for window in replay_shard(iter_decoded(shard, i, 10), views, recipe, seed, shard.name):
-            for v in window:
-                assert (v.key, v.view) not in out
-                out[v.key, v.view] = v
+        for v in replay_shard(iter_decoded(shard, i, 10), views, recipe, seed, shard.name, shard.count):
+            assert (v.key, v.view) not in out
+            out[v.key, v.view] = v
     return out
 
 
@@ -205,7 +207,7 @@ def _spec(pattern: str, recipe: Recipe, view: int) -> StreamSpec:
         shard_ids=list(range(len(shards))),
         cache_rows=None,
         cache_url=None,
-        view=view,
+        plan=epoch_plan(view, 1, 1 << 30),
         recipe=recipe,
         seed=SEED,
         num_classes=10,
@@ -217,9 +219,10 @@ def _stream_views(pattern: str, recipe: Recipe, view: int, workers: int) -> dict
     loader = DataLoader(ViewStream(spec, chunk=16), batch_size=None, num_workers=workers)
     out = {}
     for batch in loader:
+        pixels = model_input(batch["pixels"])
         for i, key in enumerate(batch["keys"]):
             assert key not in out
-            out[key] = (batch["pixels"][i], int(batch["label"][i]), int(batch["mix_label"][i]), float(batch["lam"][i]))
+            out[key] = (pixels[i], int(batch["label"][i]), int(batch["mix_label"][i]), float(batch["lam"][i]))
     return out
 
 
@@ -239,8 +242,9 @@ def test_dataloader_workers_do_not_change_views(digits_shards, view):
         seen = set()
         for batch in epoch_batches(spec, batch_size=8, workers=workers, shuffle_buffer=24, seed=workers):
             assert batch["pixels"].shape == (8, 3, 32, 32)
+            pixels = model_input(batch["pixels"])
             for i, key in enumerate(batch["keys"]):
-                assert torch.equal(batch["pixels"][i], serial[key][0]), (workers, key)
+                assert torch.equal(pixels[i], serial[key][0]), (workers, key)
                 assert float(batch["lam"][i]) == serial[key][3]
                 seen.add(key)
         assert seen == set(serial)
@@ -262,8 +266,8 @@ def test_resharding_keeps_per_sample_views(tmp_path, digits_shards):
 def test_shard_index_and_location_do_not_change_mixed_views(tmp_path, digits_shards):
     """Listing shards in another order, or moving them to another folder, keeps the mixed views.
 
-    Mixing partners depend on the shard's name only; its place in the list and its directory are not
-    part of a view's identity.
+    Mixing partners depend on the shard's name (and count) only; its place in the list and its
+    directory are not part of a view's identity.
     """
     recipe = make_recipe("deit", img_size=32)
     base = shard_views(digits_shards, recipe, [1])
@@ -275,9 +279,8 @@ def test_shard_index_and_location_do_not_change_mixed_views(tmp_path, digits_sha
     urls = [str(moved / s.name) for s in load_shard_list(digits_shards)][::-1]
     again = {}
     for i, shard in enumerate(load_shard_list(urls)):
-        for window in replay_shard(iter_decoded(shard, i, 10), [1], recipe, SEED, shard.name):
-            for v in window:
-                again[v.key, v.view] = v
+        for v in replay_shard(iter_decoded(shard, i, 10), [1], recipe, SEED, shard.name, shard.count):
+            again[v.key, v.view] = v
     assert base.keys() == again.keys()
     for k, v in base.items():
         assert torch.equal(v.pixels, again[k].pixels) and (v.mix_label, v.lam) == (again[k].mix_label, again[k].lam)
@@ -304,7 +307,7 @@ def test_replay_ignores_and_preserves_global_rng(photos, photo_shard):
         torch.manual_seed(global_seed)
         before = _rng_states()
         pixels = [augment_view(img, recipe, SEED, v, key) for key, img in photos.items() for v in range(3)]
-        pixels += [v.pixels for w in replay_shard(iter_decoded(shard, 0, 10), [0, 1], recipe, SEED, "x") for v in w]
+        pixels += [v.pixels for v in replay_shard(iter_decoded(shard, 0, 10), [0, 1], recipe, SEED, "x", 31)]
         assert _states_equal(before, _rng_states()), "view replay read or changed a global RNG"
         results.append(pixels)
     assert len(results[0]) == len(results[1]) == 6 * 3 + 31 * 2
@@ -317,9 +320,11 @@ def test_replay_ignores_and_preserves_global_rng(photos, photo_shard):
 
 
 def _unmixed(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: str) -> dict[tuple[str, int], torch.Tensor]:
+    """Each sample's own view, finished but not mixed, as the model sees it."""
     samples = iter_decoded(shard, 0, 10, on_error)  # type: ignore[arg-type]
     return {
-        (v.key, v.view): v.pixels for w in replay_shard(samples, views, no_mix(recipe), SEED, shard.name) for v in w
+        (v.key, v.view): model_input(v.pixels)
+        for v in replay_shard(samples, views, no_mix(recipe), SEED, shard.name, shard.count)
     }
 
 
@@ -346,99 +351,105 @@ def _cutmix_match(mixed: torch.Tensor, lam: float, a: torch.Tensor, b: torch.Ten
     return (y1 - y0) * (x1 - x0), a.shape[1] * a.shape[2]
 
 
-def check_pairs(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: str = "raise") -> dict:
-    """Read the shard twice, check the pairing contract on every window; return counts by kind.
-
-    ``kinds["skipped"]`` counts samples skipped per read (``on_error="skip"``).
-    """
+def _replay_twice(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: str) -> tuple[list[View], int]:
+    """All finished views of ``shard``, read and replayed twice (must agree), and the samples skipped."""
     reads, skipped = [], []
     for _ in range(2):
         stats = SkipStats()
         samples = iter_decoded(shard, 0, 10, on_error, stats)  # type: ignore[arg-type]
-        reads.append([list(w) for w in replay_shard(samples, views, recipe, SEED, shard.name)])
+        reads.append(sorted(replay_shard(samples, views, recipe, SEED, shard.name, shard.count), key=_order))
         skipped.append(stats.total)
     first, second = reads
-    assert skipped[0] == skipped[1]
-    assert len(first) == len(second)
-    for wa, wb in zip(first, second, strict=True):
-        for a, b in zip(wa, wb, strict=True):
-            assert (a.key, a.view, a.label, a.mix_label, a.lam) == (b.key, b.view, b.label, b.mix_label, b.lam)
-            assert torch.equal(a.pixels, b.pixels), a.key
+    assert skipped[0] == skipped[1] and len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert (a.key, a.view, a.label, a.mix_label, a.lam) == (b.key, b.view, b.label, b.mix_label, b.lam)
+        assert torch.equal(a.pixels, b.pixels), a.key
+    return first, skipped[0]
 
+
+def _order(v: View) -> tuple[int, int]:
+    return v.view, v.position
+
+
+def _mix_kind(a: View, b: View, unmixed: dict, view: int) -> str:
+    """How ``a``'s pixels were made from its own and ``b``'s unmixed views: exactly a mixup or a cutmix."""
+    ua, ub, mixed = unmixed[a.key, view], unmixed[b.key, view], model_input(a.pixels)
+    if _mixup_error(mixed, a.lam, ua, ub) < 2e-3:  # mixed in float32, then rounded to float16
+        return "mixup"
+    box = _cutmix_match(mixed, a.lam, ua, ub)
+    assert box is not None, f"view {view}: {a.key} is neither a mixup nor a cutmix with {b.key}"
+    area, total = box
+    assert area <= round((1 - a.lam) * total), (a.key, area, a.lam)
+    return "cutmix" if area == round((1 - a.lam) * total) else "cutmix-partial"
+
+
+def check_pairs(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: str = "raise") -> dict:
+    """Read the shard twice, check the pairing contract on every view; return counts by kind.
+
+    Who is whose partner comes from :func:`pipeline.mixing.partners`; that each mixed view really is
+    its own view mixed with that partner's (and nothing else) is checked on the pixels.
+    ``kinds["skipped"]`` counts samples skipped per read (``on_error="skip"``); ``kinds["partners"]``
+    maps each key to the set of partner keys it met over ``views``.
+    """
+    first, skipped = _replay_twice(shard, recipe, views, on_error)
     unmixed = _unmixed(shard, recipe, views, on_error)
-    by_view: dict[int, list[View]] = defaultdict(list)
-    for w in first:
-        by_view[w[0].view].extend(w)
-    kinds: dict[str, int] = defaultdict(int, skipped=skipped[0])
-    for view, members in by_view.items():
-        partner: dict[str, str] = {}
-        for a in members:
-            ua = unmixed[a.key, view]
-            if a.lam == 1.0:
-                # Unmixed (odd leftover) or an empty cutmix box: the pixels are the sample's own view.
-                assert torch.equal(a.pixels, ua), a.key
+    kinds: dict = defaultdict(int, skipped=skipped)
+    met: dict[str, set[str]] = defaultdict(set)
+    for view in views:
+        members = {v.position: v for v in first if v.view == view}
+        group = groups(SEED, view // recipe.repeats, shard.name, shard.count, recipe.repeats)
+        pairs = partners(SEED, view, shard.name, shard.count, recipe.repeats, members)
+        assert sorted(p for pair in pairs for p in pair if p is not None) == sorted(members), "each sample once"
+        for a_pos, b_pos in pairs:
+            a = members[a_pos]
+            if b_pos is None or a.lam == 1.0:  # alone, or a pair left unmixed (mixup_prob, empty box)
+                b = members.get(b_pos) if b_pos is not None else None
+                for v in (a, b) if b is not None else (a,):
+                    assert v.lam == 1.0 and v.mix_label == v.label, v.key
+                    assert torch.equal(model_input(v.pixels), unmixed[v.key, view]), v.key
+                kinds["alone"] += 1 if b is None else 2
                 continue
-            assert 0.0 < a.lam < 1.0
-            # Search the partner among all samples of the shard (not only the window), by pixels.
-            found = []
-            for b in members:
-                if b.key == a.key:
-                    continue
-                ub = unmixed[b.key, view]
-                if _mixup_error(a.pixels, a.lam, ua, ub) < 1e-5:
-                    found.append((b, "mixup"))
-                else:
-                    box = _cutmix_match(a.pixels, a.lam, ua, ub)
-                    if box is not None:
-                        area, total = box
-                        assert area <= round((1 - a.lam) * total), (a.key, area, a.lam)
-                        found.append((b, "cutmix" if area == round((1 - a.lam) * total) else "cutmix-partial"))
-            assert len(found) == 1, f"view {view} key {a.key}: {len(found)} candidate partners"
-            b, kind = found[0]
-            partner[a.key] = b.key
-            kinds[kind] += 1
-            assert b.position // recipe.mix_window == a.position // recipe.mix_window, "partner outside window"
-            assert b.shard_index == a.shard_index
+            b = members[b_pos]
+            assert group[a_pos] == group[b_pos], "partner outside the repeated-augmentation group"
+            assert 0.0 < a.lam < 1.0 and b.lam == a.lam, "members of a pair share lambda"
             assert a.mix_label == b.label and b.mix_label == a.label
-            assert b.lam == a.lam, "members of a pair must share lambda"
-            ub = unmixed[b.key, view]
-            if kind == "mixup":
-                assert _mixup_error(b.pixels, b.lam, ub, ua) < 1e-5
-            else:
-                assert _cutmix_match(b.pixels, b.lam, ub, ua) is not None
-        for a_key, b_key in partner.items():
-            assert partner.get(b_key) == a_key, "pairing must be symmetric"
-        # Leftovers: with every pair mixed, a window of n present samples leaves n % 2 unmixed.
-        windows: dict[int, list[View]] = defaultdict(list)
-        for a in members:
-            windows[a.position // recipe.mix_window].append(a)
-        for idx, ws in windows.items():
-            alone = [a for a in ws if a.key not in partner]
-            if recipe.mixup > 0 and recipe.cutmix == 0 and recipe.mixup_prob == 1.0:
-                assert len(alone) == len(ws) % 2, (view, idx, len(ws), len(alone))
-            for a in alone:
-                assert a.lam == 1.0
-                if len(ws) % 2 and len(alone) == 1:
-                    assert a.mix_label == a.label, "odd leftover must stay unmixed"
-            kinds["alone"] += len(alone)
+            for x, y in ((a, b), (b, a)):
+                kinds[_mix_kind(x, y, unmixed, view)] += 1
+                met[x.key].add(y.key)
+    kinds["partners"] = dict(met)
     return dict(kinds)
 
 
-def test_mixup_pairs_within_shard_window(tmp_path):
-    """Mixup only, windows of 8 over shards of 45 (last window odd): pairs, shared lambda, exact mix."""
+def test_mixup_partners_come_from_the_whole_shard(tmp_path):
+    """Mixup only, shards of 45: every view pairs 44 samples (one left alone), partners anywhere in the
+    shard and new for each view; over 8 views each sample meets several partners from far positions."""
     pattern = write_digits_shards(tmp_path, 90, 45, prefix="mix")
-    recipe = dataclasses.replace(make_recipe("deit", img_size=32), cutmix=0.0, mix_window=8)
-    for i, shard in enumerate(load_shard_list(pattern)):
-        kinds = check_pairs(shard, recipe, [0, 1] if i == 0 else [2])
-        windows_odd = 1  # positions 40..44
-        n_views = 2 if i == 0 else 1
-        assert kinds.get("alone", 0) == windows_odd * n_views
-        assert kinds["mixup"] == (45 - 1) * n_views
+    recipe = dataclasses.replace(make_recipe("deit", img_size=32), cutmix=0.0)
+    for shard in load_shard_list(pattern)[:1]:
+        kinds = check_pairs(shard, recipe, list(range(8)))
+        assert kinds["alone"] == 8 and kinds["mixup"] == 44 * 8
+        met = kinds["partners"]
+        assert sum(len(p) for p in met.values()) / len(met) > 6, "partners should change from view to view"
+        positions = {k: int(k.removeprefix("digits-")) for k in met}
+        far = [abs(positions[a] - positions[b]) for a, ps in met.items() for b in ps]
+        assert max(far) > 40, "partners are drawn from the whole shard, not a window"
+
+
+def test_partners_stay_within_repeated_augmentation_groups(tmp_path):
+    """With R = 3 repeats, view v pairs samples of the same group of block v // 3 only, and the groups
+    of different blocks differ (a sample meets the whole shard over the views)."""
+    pattern = write_digits_shards(tmp_path, 45, 45, prefix="ra")
+    recipe = dataclasses.replace(make_recipe("deit", img_size=32), cutmix=0.0, repeats=3)
+    [shard] = load_shard_list(pattern)
+    kinds = check_pairs(shard, recipe, [0, 1, 2, 3])
+    assert kinds["mixup"] + kinds["alone"] == 45 * 4 and kinds["alone"] <= 3 * 4
+    g0, g1 = (groups(SEED, b, shard.name, 45, 3) for b in (0, 1))
+    assert sorted(g0.count(g) for g in range(3)) == [15, 15, 15] and g0 != g1
 
 
 def test_cutmix_pairs_paste_one_box(photo_shard):
     """CutMix only on textured photos: each member is its own view with one box from its partner."""
-    recipe = dataclasses.replace(make_recipe("deit", img_size=32), mixup=0.0, mix_window=8)
+    recipe = dataclasses.replace(make_recipe("deit", img_size=32), mixup=0.0)
     kinds = check_pairs(ShardInfo(photo_shard, 31), recipe, [0, 1])
     assert kinds.get("cutmix", 0) + kinds.get("cutmix-partial", 0) >= 40
     # On textured photos the changed pixels span the whole box, so its area matches lambda exactly.
@@ -447,16 +458,16 @@ def test_cutmix_pairs_paste_one_box(photo_shard):
 
 
 def test_deit_mixing_pairs(photo_shard):
-    """The full DeiT recipe (mixup or cutmix per pair, window 64) keeps the pairing contract."""
+    """The full DeiT recipe (mixup or cutmix per pair) keeps the pairing contract."""
     recipe = make_recipe("deit", img_size=32)
     kinds = check_pairs(ShardInfo(photo_shard, 31), recipe, [0, 1, 2])
     assert kinds.get("mixup", 0) > 0 and kinds.get("cutmix", 0) > 0
-    assert kinds["alone"] >= 3  # 31 samples in one window: one leftover per view
+    assert kinds["alone"] >= 3  # 31 samples: one leftover per view
 
 
-def test_skipped_sample_leaves_a_gap_not_a_shift(tmp_path, photo_shard):
-    """A bad sample skipped in one window does not change pairs or views in any other window."""
-    recipe = dataclasses.replace(make_recipe("deit", img_size=32), cutmix=0.0, mix_window=8)
+def test_skipped_sample_leaves_its_partner_alone_and_nothing_else_changes(tmp_path, photo_shard):
+    """A bad sample skipped: its partner is left unmixed, every other view is unchanged, rows stay put."""
+    recipe = dataclasses.replace(make_recipe("deit", img_size=32), cutmix=0.0)
     good = ShardInfo(photo_shard, 31)
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
@@ -468,11 +479,12 @@ def test_skipped_sample_leaves_a_gap_not_a_shift(tmp_path, photo_shard):
     bad = ShardInfo(bad_url, 31)
     kinds = check_pairs(bad, recipe, [0], on_error="skip")
     assert kinds["skipped"] == 1
-    assert kinds["alone"] == 1 + 1  # window 0 now has 7 samples, window 3 has 7
-    clean = {v.key: v for w in replay_shard(iter_decoded(good, 0, 10), [0], recipe, SEED, good.name) for v in w}
-    gapped = {v.key: v for w in replay_shard(iter_decoded(bad, 0, 10, "skip"), [0], recipe, SEED, bad.name) for v in w}
-    assert len(gapped) == 30
-    for key, v in gapped.items():
-        assert v.position == clean[key].position
-        if v.position >= recipe.mix_window:
-            assert torch.equal(v.pixels, clean[key].pixels) and v.lam == clean[key].lam, key
+    clean = {v.key: v for v in replay_shard(iter_decoded(good, 0, 10), [0], recipe, SEED, good.name, 31)}
+    gapped = {v.key: v for v in replay_shard(iter_decoded(bad, 0, 10, "skip"), [0], recipe, SEED, bad.name, 31)}
+    assert len(gapped) == 30 and "photo003" not in gapped
+    [(a, b)] = [pair for pair in partners(SEED, 0, good.name, 31, 1, range(31)) if 3 in pair]
+    orphan = f"photo{b if a == 3 else a:03d}"
+    changed = [k for k, v in gapped.items() if not torch.equal(v.pixels, clean[k].pixels) or v.lam != clean[k].lam]
+    assert changed == [orphan], f"only the skipped sample's partner may change, not {changed}"
+    assert gapped[orphan].lam == 1.0 and clean[orphan].lam < 1.0
+    assert all(v.position == clean[k].position for k, v in gapped.items())

@@ -25,7 +25,8 @@ from pipeline.errors import CacheError, ConfigError
 from pipeline.models import Normalized, create, load_model, model_stats
 from pipeline.options import TrainConfig
 from pipeline.recipe import eval_recipe, make_recipe
-from pipeline.replay import eval_view
+from pipeline.replay import eval_view, model_input
+from pipeline.samplers import epoch_plan
 from pipeline.shards import iter_decoded, load_shard_list
 from pipeline.task import DistillationTask
 from pipeline.train import train
@@ -106,7 +107,7 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
         shard_ids=[0, 1, 2],
         cache_rows=[0, 1, 2],
         cache_url=cache,
-        view=1,
+        plan=epoch_plan(1, 1, 2),
         recipe=recipe,
         seed=0,
         num_classes=10,
@@ -125,7 +126,7 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
     # Independently: the teacher's full softmax on the very pixels of the batch.
     mean, std = (torch.tensor(teacher_net.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     with torch.no_grad():
-        live_logits = teacher_net((batch["pixels"] - mean) / std)
+        live_logits = teacher_net((model_input(batch["pixels"]) - mean) / std)
     assert torch.equal(batch["t_indices"][:, 0], live_logits.argmax(dim=1))
     torch.testing.assert_close(batch["t_values"], live_logits.gather(1, batch["t_indices"]), rtol=2e-3, atol=2e-3)
 
@@ -191,6 +192,28 @@ def test_hard_distillation_trains_identically_from_cache_and_live_teacher(
     )
     weights = {mode: torch.load(Path(out) / "last.pth", weights_only=True)["model"] for mode, out in outs.items()}
     assert_same_weights(weights["cached"], weights["live"])
+
+
+def test_repeated_augmentation_trains_identically_from_cache_and_live_teacher(
+    digits_shards: str, tiny_teacher: str, tmp_path: Path
+) -> None:
+    """R = 3 (each trained sample 3 times per epoch, partners within its group): the cached targets of
+    every copy are the live teacher's on the very same pixels, so the weights are bit-identical."""
+    cache = build_cache(digits_shards, tiny_teacher, tmp_path / "ra.zarr", views=3, view_block=3, repeats=3)
+    outs = _train_cached_and_live(
+        cache,
+        digits_shards,
+        tiny_teacher,
+        tmp_path,
+        max_steps_per_epoch=4,
+        distillation="hard",
+        drop_path=0.2,
+        model_kwargs={**TINY_STUDENT, "depth": 2},
+    )
+    weights = {mode: torch.load(Path(out) / "last.pth", weights_only=True)["model"] for mode, out in outs.items()}
+    assert_same_weights(weights["cached"], weights["live"])
+    epoch = next(m for m in read_metrics(outs["cached"]) if m["event"] == "epoch")
+    assert epoch["views"] == [0, 1, 2] and epoch["steps"] == 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,7 +417,7 @@ def test_evaluate_reports_top1_top5_of_each_head(reference_run: TrainConfig, dig
     pixels, labels = [], []
     for i, shard in enumerate(load_shard_list(digits_val_shards)):
         for s in iter_decoded(shard, i, 10):
-            pixels.append(eval_view(s.image, recipe))
+            pixels.append(model_input(eval_view(s.image, recipe)))
             labels.append(s.label)
     x, y = (torch.stack(pixels) - mean) / std, torch.tensor(labels)
     with torch.no_grad():
