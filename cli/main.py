@@ -74,14 +74,15 @@ def _verify_cache(cfg: VerifyConfig) -> None:
 
 
 def _train_student(cfg: TrainConfig) -> None:
-    from pipeline.config import write_resolved
+    from pipeline.interrupt import RunInterrupted
     from pipeline.train import train
 
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    if main_rank:
-        write_resolved(cfg, cfg.out)
-    result = train(cfg)
-    if main_rank:
+    try:
+        result = train(cfg)
+    except RunInterrupted as e:
+        typer.secho(f"interrupted: {e}", fg="yellow", err=True)
+        raise typer.Exit(e.exit_code) from None
+    if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps({"final": result}))
 
 
@@ -107,6 +108,9 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
         except StillroomError as e:
             typer.secho(f"error: {e}", fg="red", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", fg="yellow", err=True)
+            raise typer.Exit(130) from None
 
     return run
 

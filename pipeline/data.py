@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import UnitData, open_cache
 from .errors import CacheError
+from .interrupt import ignore_in_worker
 from .partition import my_share
 from .recipe import Recipe
 from .replay import View, concat, replay_copies, stack
@@ -211,6 +212,7 @@ def epoch_batches(
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_in_worker,
     )
     yield from shuffled_batches(iter(loader), batch_size, shuffle_buffer, seed)
 
@@ -218,7 +220,13 @@ def epoch_batches(
 def eval_batches(spec: StreamSpec, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
     """All of one rank's evaluation samples, in order, in batches of at most ``batch_size``."""
     workers = min(workers, len(spec.shard_ids))
-    loader = DataLoader(ViewStream(spec), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        ViewStream(spec),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_in_worker,
+    )
     pending: list[tuple[dict[str, Any], int, int]] = []
     held = 0
     for chunk in loader:

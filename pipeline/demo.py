@@ -76,7 +76,7 @@ class _Steps:
         return meta
 
     def train_config(self, section: str, name: str, **extra: Any) -> TrainConfig:
-        mapping = {**self.common, **self.preset[section], **extra, "out": str(self.out / name)}
+        mapping = {**self.common, **self.preset[section], **extra, "out": str(self.out / name), "force_new": True}
         cfg = TrainConfig(**from_mapping(TrainConfig, mapping, f"demo config [{name}]"))
         write_resolved(cfg, cfg.out)
         return cfg

@@ -37,13 +37,14 @@ def init(device_type: str) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def all_min(value: int, d: Dist, device: torch.device) -> int:
-    """Smallest ``value`` across ranks (e.g. 'do I still have a batch?')."""
+def any_rank(flags: list[bool], d: Dist, device: torch.device) -> list[bool]:
+    """For each flag, whether it is set on any rank: one small all-reduce per call (e.g. once per step
+    for 'a rank ran out of data' and 'a rank was asked to stop')."""
     if not d.enabled:
-        return value
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
 
 
 def all_sum(values: torch.Tensor, d: Dist) -> torch.Tensor:

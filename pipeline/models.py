@@ -120,6 +120,21 @@ def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]
     return mean, std
 
 
+def check_input_size(model: nn.Module, img_size: int, what: str) -> None:
+    """Refuse, before any work, a model that cannot take ``img_size`` px views (e.g. a 224 px ViT given
+    32 px views fails only at its first batch otherwise): one forward of a blank view in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8))
+    except Exception as e:  # timm raises AssertionError, RuntimeError... for a wrong size
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{what} cannot take {img_size} px views (the recipe's img_size): {first}") from e
+    finally:
+        model.train(was_training)
+
+
 class Normalized(nn.Module):
     """Wrap a model so it takes compact replayed pixels (uint8 or float16, 0-1 scale) and normalises on device."""
 

@@ -197,6 +197,9 @@ class TrainConfig:
     log_every: int = option(20, help="steps between train lines in metrics.jsonl")
     max_steps_per_epoch: int | None = option(None, help="cap the steps of each epoch (smoke tests, benchmarks)")
     resume: bool = option(False, help="continue from OUT/last.pth")
+    force_new: bool = option(
+        False, help="start a new run in an OUT that holds one: its files are moved to OUT/replaced-<time>/ first"
+    )
     device: str = option("cpu", choices=DEVICES, help="where the student (and a live teacher) run")
     on_error: str = option("raise", choices=ON_ERROR, help=ON_ERROR_HELP)
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
@@ -242,6 +245,13 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if self.checkpoint_every % self.accum_steps:
+            raise ConfigError(
+                f"--checkpoint-every {self.checkpoint_every} must be a multiple of --accum-steps {self.accum_steps}: "
+                "a checkpoint taken mid-accumulation would lose the accumulated gradients"
+            )
+        if self.resume and self.force_new:
+            raise ConfigError("--resume and --force-new contradict each other: continue the run, or replace it")
         if self.cached and not self.cache:
             raise ConfigError("--distillation hard/soft with --teacher-mode cached needs --cache")
         if self.live and not self.teacher_checkpoint:

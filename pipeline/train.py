@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +27,14 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .cache import Cache, open_cache
-from .config import finish
+from .config import finish, write_resolved
 from .data import StreamSpec, epoch_batches
-from .distributed import Dist, all_min, barrier, init, shutdown
+from .distributed import Dist, any_rank, barrier, init, shutdown
 from .errors import ConfigError
 from .evaluate import evaluate
+from .interrupt import RunInterrupted, StopSignals
 from .metrics import DebugTrace, MetricsLog
-from .models import Normalized, create, load_teacher, model_stats, resolve_device
+from .models import Normalized, check_input_size, create, load_teacher, model_stats, resolve_device
 from .options import TrainConfig
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
@@ -108,18 +111,25 @@ class Position:
 class Trainer:
     """One training run, from its config to its final metrics."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, dist: Dist):
+    def __init__(self, cfg: TrainConfig, device: torch.device, dist: Dist, stop: StopSignals | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist
+        self.stop = stop or StopSignals()
+        if dist.main:
+            prepare_out(cfg)
         self.data = resolve_data(cfg)
         self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.main)
         state = self.checkpointer.load_last() if cfg.resume else None
         if cfg.resume and state is None:
             log.warning("--resume: no checkpoint at %s, starting from scratch", self.checkpointer.last_path)
+        if state:
+            check_resumable(cfg, state, dist.world, self.checkpointer.last_path)
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
         self.cache_rows = self._check_cache()
         self._build()
         if state:
             self.load_state_dict(state)
+        if dist.main:
+            write_resolved(cfg, cfg.out)
         self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.main)
         self.trace = DebugTrace(dist.rank)
 
@@ -145,6 +155,7 @@ class Trainer:
         cfg, data, dist = self.cfg, self.data, self.dist
         torch.manual_seed(stable_seed("init", data.seed))  # same initial weights on every rank
         self.model, self.model_meta = build_student(cfg, data)
+        check_input_size(self.model, data.recipe.img_size, f"--model {cfg.model}")
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -204,6 +215,7 @@ class Trainer:
             "ema": self.ema.module.model.state_dict() if self.ema is not None else None,
             **dataclasses.asdict(self.position),
             "rng": ckpt.rng_state(),
+            "world": self.dist.world,
             "config": dataclasses.asdict(self.cfg),
             "model_meta": self.model_meta,
         }
@@ -247,7 +259,22 @@ class Trainer:
             result.update(self.evaluate_and_save(epoch))
             self.metrics.write("epoch", **result)
             barrier(self.dist)
+            if epoch + 1 < cfg.epochs and any_rank([self.stop.received is not None], self.dist, self.device)[0]:
+                self._interrupted(epoch + 1, 0)
         return {**result, "best_top1": p.best_top1}
+
+    def _interrupted(self, epoch: int, step: int) -> None:
+        """Save the exact position (no gradients pending) and stop; ``--resume`` continues from it."""
+        p = self.position
+        p.epoch, p.step_in_epoch = epoch, step
+        self.checkpointer.save(self.state_dict())
+        self.metrics.write("interrupted", epoch=epoch, step=step, signal=self.stop.received)
+        signum = self.stop.received or 2
+        raise RunInterrupted(
+            signum,
+            f"stopped by signal {signum} at epoch {epoch} step {step}; {self.checkpointer.last_path} holds this "
+            "position: add --resume to continue",
+        )
 
     def _batches(self, plan: EpochPlan) -> Any:
         data, dist, cfg, epoch = self.data, self.dist, self.cfg, plan.epoch
@@ -282,7 +309,13 @@ class Trainer:
         with progress_bar(f"epoch {epoch} (views {views})", total=steps, unit="step", mode=mode) as bar:
             for step in range(steps):
                 batch = next(batches, None)
-                if all_min(int(batch is not None), self.dist, self.device) == 0:
+                # One collective per step: a rank out of data, or asked to stop (only between optimizer steps).
+                safe = step % cfg.accum_steps == 0
+                stop_now = safe and self.stop.received is not None
+                out_of_data, stop_now = any_rank([batch is None, stop_now], self.dist, self.device)
+                if stop_now:
+                    self._interrupted(epoch, max(step, p.step_in_epoch))
+                if out_of_data:
                     log.warning("epoch %d: a rank ran out of data at step %d of %d", epoch, step, steps)
                     break
                 if step < p.step_in_epoch:  # resuming mid-epoch: the data position is replayed, not retrained
@@ -342,9 +375,13 @@ class Trainer:
         return loss, base, distill
 
     def evaluate_and_save(self, epoch: int) -> dict[str, Any]:
-        """Evaluate when due, keep ``best.pth`` on a new best, then save ``last.pth``."""
+        """Save ``last.pth``, then evaluate when due and keep ``best.pth`` on a new best.
+
+        The epoch is saved before the evaluation runs, so a failed evaluation never loses it.
+        """
         cfg, data, p = self.cfg, self.data, self.position
         result: dict[str, Any] = {}
+        self.checkpointer.save(self.state_dict())
         due = cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         if data.val_shards and due:
             result = evaluate(
@@ -362,7 +399,7 @@ class Trainer:
             if result["top1_avg"] > p.best_top1:
                 p.best_top1 = result["top1_avg"]
                 self.checkpointer.save(self.state_dict(), best=True)
-        self.checkpointer.save(self.state_dict())
+                self.checkpointer.save(self.state_dict())  # last.pth records the new best too
         return result
 
 
@@ -398,13 +435,75 @@ def build_live_teacher(cfg: TrainConfig, data: RunData, device: torch.device) ->
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training job. Returns the final metrics."""
+    """Run (or resume) a training job. Returns the final metrics.
+
+    Raises:
+        RunInterrupted: on SIGINT/SIGTERM, after saving the exact position to ``last.pth``.
+    """
     cfg = finish(cfg)
     device = resolve_device(cfg.device)
-    dist = init(device.type)
+    with StopSignals() as stop:
+        dist = init(device.type)
+        try:
+            if cfg.deterministic:
+                torch.use_deterministic_algorithms(True)
+            return Trainer(cfg, device, dist, stop).train()
+        finally:
+            shutdown(dist)
+
+
+def prepare_out(cfg: TrainConfig) -> None:
+    """Refuse to write over a previous run unless told how (``--resume`` or ``--force-new``), and make
+    sure ``--out`` is writable before any work."""
+    names = ("last.pth", "best.pth", "metrics.jsonl")
+    previous = [name for name in names if os.path.exists(os.path.join(cfg.out, name))]
+    if previous and not cfg.resume:
+        if not cfg.force_new:
+            raise ConfigError(
+                f"--out {cfg.out!r} already holds a run ({', '.join(previous)}): add --resume to continue it, "
+                "or --force-new to start over (its files are moved aside, not deleted)"
+            )
+        aside = os.path.join(cfg.out, time.strftime("replaced-%Y%m%d-%H%M%S"))
+        os.makedirs(aside, exist_ok=True)
+        for name in (*previous, "resolved-config.yaml"):
+            if os.path.exists(os.path.join(cfg.out, name)):
+                shutil.move(os.path.join(cfg.out, name), os.path.join(aside, name))
+        log.warning("--force-new: the previous run in %s was moved to %s", cfg.out, aside)
     try:
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-        return Trainer(cfg, device, dist).train()
-    finally:
-        shutdown(dist)
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--out {cfg.out!r} is not writable: {e.strerror or e}") from None
+
+
+# Settings that fix which samples the steps of an epoch hold: a mid-epoch checkpoint can only be
+# continued with the same ones. At an epoch end only the global batch must stay (the schedule counts
+# optimizer steps).
+_STREAM_FIELDS = ("batch_size", "accum_steps", "workers", "shuffle_buffer", "max_steps_per_epoch", "repeats")
+
+
+def check_resumable(cfg: TrainConfig, state: dict[str, Any], world: int, path: str) -> None:
+    """Refuse a resume that would skip or repeat samples or jump the learning-rate schedule."""
+    old = state.get("config", {})
+    old_world = int(state.get("world", world))
+    if int(state.get("step_in_epoch", 0)):
+        where = f"{path} was taken mid-epoch (epoch {state['epoch']}, step {state['step_in_epoch']})"
+        if old_world != world:
+            raise ConfigError(f"{where} on {old_world} ranks, now {world}: resume on {old_world} ranks")
+        for name in _STREAM_FIELDS:
+            if name in old and old[name] != getattr(cfg, name):
+                raise ConfigError(
+                    f"{where} with --{name.replace('_', '-')} {old[name]}, now {getattr(cfg, name)}: it would skip "
+                    f"or repeat samples; resume with --{name.replace('_', '-')} {old[name]}"
+                )
+    if "batch_size" in old:
+        before = old["batch_size"] * old_world * old.get("accum_steps", 1)
+        now = cfg.batch_size * world * cfg.accum_steps
+        if before != now:
+            raise ConfigError(
+                f"{path}: the global batch was {before} (--batch-size x ranks x --accum-steps), now {now}: "
+                "the learning-rate schedule counts optimizer steps; keep the global batch when resuming"
+            )

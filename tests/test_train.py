@@ -255,13 +255,13 @@ def test_resume_at_epoch_boundary_is_exact(reference_run: TrainConfig, tmp_path:
 KILLER = """
 import os, signal, sys
 import pipeline.train as t
-calls, kill_at, all_min = [0], int(os.environ["KILL_AT_STEP_CALL"]), t.all_min
-def counting_all_min(*args, **kwargs):  # called once at the start of every step
+calls, kill_at, any_rank = [0], int(os.environ["KILL_AT_STEP_CALL"]), t.any_rank
+def counting_any_rank(*args, **kwargs):  # called once at the start of every step (and after each epoch)
     calls[0] += 1
     if calls[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-    return all_min(*args, **kwargs)
-t.all_min = counting_all_min
+    return any_rank(*args, **kwargs)
+t.any_rank = counting_any_rank
 from cli.main import app
 app(sys.argv[1:], prog_name="stillroom")
 """
@@ -278,7 +278,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference_run: TrainConfig, tmp_
         capture_output=True,
         text=True,
         timeout=300,
-        env={**_env(), "KILL_AT_STEP_CALL": str(15 + 10 + 1)},
+        env={**_env(), "KILL_AT_STEP_CALL": str(15 + 1 + 10 + 1)},  # 15 steps, the end-of-epoch check, 10 steps
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     mid = torch.load(tmp_path / "run" / "last.pth", weights_only=True)

@@ -1,0 +1,256 @@
+"""train-student never loses or silently changes a run (issue: nothing wrong passes silently).
+
+* an existing run is never overwritten without --resume; --force-new moves it aside;
+* a resume that would skip or repeat samples (another batch size mid-epoch, another global batch) is
+  refused naming the option; checkpoints are never taken mid-accumulation, and a SIGKILL + resume with
+  gradient accumulation gives the uninterrupted run's weights bit for bit;
+* the epoch is saved before evaluation runs, and --on-error skip reaches the validation shards;
+* expected failures are one line naming the file or option, before any training;
+* SIGINT or SIGTERM at any moment, even while loader workers start, stops the run with a loadable
+  checkpoint of its exact position and a non-zero status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, TINY_STUDENT, stillroom_cmd, tiny_cache_config, write_digits_shards
+from typer.testing import CliRunner
+
+from cli.main import app
+from pipeline import train as train_mod
+from pipeline.cache_teacher import run as cache_teacher
+from pipeline.errors import ConfigError
+from pipeline.options import TrainConfig
+from pipeline.train import train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def cache(digits_shards: str, tiny_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("cache") / "cache.zarr"
+    cache_teacher(tiny_cache_config(digits_shards, tiny_teacher, out, views=2, view_block=1, batch_size=64))
+    return str(out)
+
+
+def cfg_for(shards: str, cache: str, out: Path, **kw) -> TrainConfig:
+    base = TrainConfig(
+        shards=[shards],
+        cache=cache,
+        out=str(out),
+        model="deit_tiny_distilled_patch16_224",
+        model_kwargs={**TINY_STUDENT, "depth": 2},
+        epochs=2,
+        batch_size=8,
+        workers=0,
+        lr=0.2,
+        warmup_epochs=1,
+        log_every=1,
+        progress="off",
+        deterministic=True,
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_an_existing_run_is_never_overwritten(cache: str, digits_shards: str, tmp_path: Path) -> None:
+    cfg = cfg_for(digits_shards, cache, tmp_path / "run", epochs=1, max_steps_per_epoch=2)
+    train(cfg)
+    before = files(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"already holds a run .*--resume.*--force-new"):
+        train(cfg)
+    assert files(tmp_path / "run") == before, "a refused run must not touch the previous one"
+    train(dataclasses.replace(cfg, force_new=True))
+    aside = [p for p in (tmp_path / "run").iterdir() if p.is_dir() and p.name.startswith("replaced-")]
+    assert len(aside) == 1 and files(aside[0])["last.pth"] == before["last.pth"], "moved aside, not deleted"
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"event": "start"' in line for line in metrics) == 1, "a new run, not a second run appended"
+
+
+def test_resume_with_other_batch_geometry_is_refused(cache: str, digits_shards: str, tmp_path: Path) -> None:
+    cfg = cfg_for(digits_shards, cache, tmp_path / "run", epochs=1, checkpoint_every=4, max_steps_per_epoch=6)
+    train(cfg)  # ends at an epoch boundary; make a mid-epoch checkpoint by hand from the same run
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    state.update(epoch=0, step_in_epoch=4)
+    torch.save(state, tmp_path / "run" / "last.pth")
+    resume = dataclasses.replace(cfg, resume=True, epochs=2)
+    with pytest.raises(ConfigError, match=r"mid-epoch .* --batch-size 8, now 16: .* resume with --batch-size 8"):
+        train(dataclasses.replace(resume, batch_size=16, accum_steps=1))
+    with pytest.raises(ConfigError, match=r"--workers 0, now 1"):
+        train(dataclasses.replace(resume, workers=1))
+    state.update(epoch=1, step_in_epoch=0)
+    torch.save(state, tmp_path / "run" / "last.pth")
+    with pytest.raises(ConfigError, match=r"global batch was 8 .* now 16"):
+        train(dataclasses.replace(resume, batch_size=16))
+    # The same global batch from an epoch end is fine: 4 x 2 accumulation steps.
+    assert train(dataclasses.replace(resume, batch_size=4, accum_steps=2, max_steps_per_epoch=2))["epoch"] == 1
+
+
+def test_no_checkpoint_mid_accumulation() -> None:
+    with pytest.raises(ConfigError, match="--checkpoint-every 6 must be a multiple of --accum-steps 4"):
+        from pipeline.config import finish
+
+        finish(TrainConfig(shards=["x.tar"], cache="c", accum_steps=4, checkpoint_every=6))
+
+
+KILLER = """
+import os, signal, sys
+import pipeline.train as t
+calls, kill_at, any_rank = [0], int(os.environ["KILL_AT_CALL"]), t.any_rank
+def counting(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return any_rank(*args, **kwargs)
+t.any_rank = counting
+from cli.main import app
+app(sys.argv[1:], prog_name="stillroom")
+"""
+
+
+def test_sigkill_and_resume_with_accumulation_is_exact(cache: str, digits_shards: str, tmp_path: Path) -> None:
+    """accum 2, a checkpoint every 4 steps: killed at step 7 of epoch 1, resumed: the reference's weights."""
+    ref = cfg_for(digits_shards, cache, tmp_path / "ref", accum_steps=2, checkpoint_every=4)
+    train(ref)
+    cfg = dataclasses.replace(ref, out=str(tmp_path / "run"))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    proc = subprocess.run(
+        [str(Path(stillroom_cmd()[0]).with_name("python")), "-c", KILLER, "train-student", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**ENV, "KILL_AT_CALL": str(15 + 1 + 7 + 1)},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    mid = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert (mid["epoch"], mid["step_in_epoch"]) == (1, 4)
+    train(dataclasses.replace(cfg, resume=True))
+    a = torch.load(tmp_path / "ref" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["model"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_epoch_is_saved_before_evaluation_and_skip_reaches_validation(
+    cache: str, digits_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    val = write_digits_shards(tmp_path / "val", 30, 30, prefix="val", offset=1000)
+    cfg = cfg_for(digits_shards, cache, tmp_path / "run", epochs=1, max_steps_per_epoch=2, val_shards=[val])
+
+    def broken(*args, **kwargs):
+        raise OSError("validation storage went away")
+
+    monkeypatch.setattr(train_mod, "evaluate", broken)
+    with pytest.raises(OSError, match="went away"):
+        train(cfg)
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1, "the epoch was lost"
+    monkeypatch.undo()
+
+    # A corrupt image in the validation shard: skipped (and counted) under --on-error skip.
+    bad = tmp_path / "badval"
+    bad.mkdir()
+    import webdataset as wds
+
+    src = Path(val.replace("{000000..000000}", "000000"))
+    with wds.TarWriter(str(bad / "val-000000.tar")) as sink:
+        for i, s in enumerate(wds.WebDataset(str(src), shardshuffle=False)):
+            sink.write({"__key__": s["__key__"], "png": b"broken" if i == 4 else s["png"], "cls": s["cls"]})
+    skip = dataclasses.replace(cfg, out=str(tmp_path / "skip"), val_shards=[str(bad / "val-000000.tar")])
+    result = train(dataclasses.replace(skip, on_error="skip"))
+    assert result["samples"] == 29
+    with pytest.raises(Exception, match="undecodable"):
+        train(dataclasses.replace(skip, out=str(tmp_path / "raise")))
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_failures_are_one_line_before_training(cache: str, digits_shards: str, tmp_path: Path) -> None:
+    base = ["train-student", "--shards", digits_shards, "--cache", cache, "--progress", "off", "--workers", "0"]
+    tiny = ["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", str(TINY_STUDENT)]
+    # A truncated last.pth, through --resume and through evaluate: named.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"PK\x03\x04 truncated")
+    code, out = _cli(*base, *tiny, "--out", str(run), "--resume")
+    assert code == 2 and out.startswith("error: checkpoint ") and "last.pth" in out and "cannot be read" in out, out
+    code, out = _cli("evaluate", "--checkpoint", str(run / "last.pth"), "--shards", digits_shards)
+    assert code == 2 and "last.pth" in out and len(out.strip().splitlines()) == 1, out
+    # No GPU here: --device cuda is one line.
+    if not torch.cuda.is_available():
+        code, out = _cli(*base, *tiny, "--out", str(tmp_path / "cuda"), "--device", "cuda")
+        assert code == 2 and "torch sees no CUDA device" in out, out
+    # A read-only --out.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # root can write anyway
+        code, out = _cli(*base, *tiny, "--out", str(ro / "sub"))
+        assert code == 2 and "is not writable" in out, out
+    # A 224 px student for 32 px views: refused before training starts, not at its first batch.
+    code, out = _cli(*base, "--model", "deit_tiny_distilled_patch16_224", "--out", str(tmp_path / "size"))
+    assert code == 2 and "cannot take 32 px views" in out, out
+    assert not (tmp_path / "size" / "metrics.jsonl").exists()
+    code, out = _cli(
+        "verify-cache", cache, "--shards", digits_shards, "--teacher-checkpoint", "t.pth", "--samples", "0"
+    )
+    assert code == 2 and "--samples must be >= 1" in out, out
+
+
+@pytest.mark.slow
+def test_sigint_or_sigterm_at_any_moment_leaves_a_loadable_checkpoint(
+    cache: str, digits_shards: str, tmp_path: Path
+) -> None:
+    """Six runs with two loader workers, each sent SIGINT or SIGTERM at a random moment of its first
+    seconds (often while the workers start): every one stops non-zero with its position saved."""
+    cfg = cfg_for(digits_shards, cache, tmp_path / "x", epochs=50, workers=2, deterministic=False)
+    rng = random.Random(5)
+    for i in range(6):
+        out = tmp_path / f"run{i}"
+        path = tmp_path / f"run{i}.yaml"
+        path.write_text(yaml.safe_dump(dataclasses.asdict(dataclasses.replace(cfg, out=str(out)))))
+        p = subprocess.Popen(
+            [*stillroom_cmd(), "train-student", "--config", str(path)],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not (out / "resolved-config.yaml").exists():  # the Trainer is being built
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-2000:]
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 2.0))
+        signum = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
+        p.send_signal(signum)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 128 + signum, (i, p.returncode, err[-2000:])
+        assert "interrupted: stopped by signal" in err and "--resume" in err, err[-2000:]
+        state = torch.load(out / "last.pth", weights_only=True)
+        assert state["epoch"] < 50 and {"model", "optimizer", "rng"} <= state.keys()
