@@ -24,11 +24,12 @@ from pipeline.options import CacheConfig, DemoConfig, EvalConfig, PackConfig, St
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 
-def _setup_logging() -> None:
+def _setup_logging(every_rank: bool) -> None:
+    """INFO on rank 0 (or on every rank where ranks are independent jobs), WARNING on the others."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {rank}] " if world > 1 else ""
-    level = logging.INFO if rank == 0 else logging.WARNING
+    level = logging.INFO if rank == 0 or every_rank else logging.WARNING
     logging.basicConfig(
         level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
@@ -102,7 +103,7 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
     """Log setup, the config, then ``action``; an expected failure becomes one ``error:`` line and status 2."""
 
     def run(config: Callable[[], Any]) -> None:
-        _setup_logging()
+        _setup_logging(every_rank=action is _cache_teacher)  # phase-1 ranks are independent jobs
         try:
             action(config())
         except StillroomError as e:
