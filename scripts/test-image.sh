@@ -26,19 +26,20 @@ TEACHER_CKPT=/cache/teachers/$TEACHER.pth
 CLEAN_CACHE=/cache/digits-$TEACHER.zarr  # step 2 (an uninterrupted array)
 KILLED_CACHE=/cache/digits-killed.zarr    # step 5 (one job killed, then the array re-run)
 ARRAY_SIZE=2
-UNITS_PER_JOB=10 # 8 views in blocks of 2 = 4 blocks, x 5 shards = 20 units, over 2 jobs
+UNITS_PER_JOB=10     # 8 views in blocks of 2 = 4 blocks, x 5 shards = 20 units, over 2 jobs
+QUIET=(--no-progress) # no progress bars in batch logs (phase 1 and 2)
 PACK=(pack digits /data --per-shard 300 --val-fraction 0.2)
 SAVE_TEACHER="import timm, torch; torch.manual_seed(0); \
 torch.save(timm.create_model('$TEACHER', num_classes=10).state_dict(), '$TEACHER_CKPT')"
 phase1() { # phase1 CACHE: the phase-1 command line (same settings in steps 2 and 5: byte-identical caches)
   PHASE1=(cache-teacher --shards "$TRAIN_SHARDS" --out "$1" --teacher "$TEACHER" --teacher-checkpoint "$TEACHER_CKPT"
-    --recipe deit --img-size 32 --views 8 --view-block 2 --topk 5 --batch-size 64 --workers 0 --no-progress)
+    --recipe deit --img-size 32 --views 8 --view-block 2 --topk 5 --batch-size 64 --workers 0 "${QUIET[@]}")
 }
 STATUS=(cache-status "$CLEAN_CACHE")
 VERIFY=(verify-cache "$CLEAN_CACHE" --shards "$TRAIN_SHARDS" --teacher-checkpoint "$TEACHER_CKPT" --samples 32)
 TRAIN=(train-student --config configs/tiny_cpu.yaml --model deit_tiny_distilled_patch16_224
   --shards "$TRAIN_SHARDS" --val-shards "$VAL_SHARDS" --cache "$CLEAN_CACHE" --out /out/student
-  --workers 0 --no-progress)
+  --workers 0 "${QUIET[@]}")
 TRAIN_EPOCHS=1
 RESUME_EPOCHS=2
 # ---------------------------------------------------------------------------------------------
