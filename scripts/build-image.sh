@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFIX=build-image
-# shellcheck source=scripts/container-common.sh
+# shellcheck source-path=SCRIPTDIR/..
 source scripts/container-common.sh
 
 DEFAULT_BASE=python:3.11-slim

@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFIX=test-image
-# shellcheck source=scripts/container-common.sh
+# shellcheck source-path=SCRIPTDIR/..
 source scripts/container-common.sh
 
 # --- What the containers run: adapt here when the CLI changes (long flags only). ---------------
@@ -64,7 +64,7 @@ cleanup() {
   fi
   local ctr
   for ctr in "${STARTED[@]}"; do # one by one: a name already gone must not stop the others
-    "${ENGINE_CMD[@]}" rm -f "$ctr" >/dev/null 2>&1 || true
+    "${ENGINE_CMD[@]}" rm -f -v "$ctr" >/dev/null 2>&1 || true
   done
   if [ $rc -eq 0 ] && [ -n "$WORK" ] && [ "${KEEP:-0}" != 1 ]; then
     rm -rf "$WORK" 2>/dev/null || say "could not remove $WORK (files owned by uid $IMAGE_UID)"
