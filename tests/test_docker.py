@@ -1,10 +1,12 @@
-"""The Dockerfile and the shipped configs, checked without a Docker engine.
+"""The Dockerfile, the image scripts and the shipped configs, checked without a container engine.
 
-The dev machines and CI have no Docker daemon, so the image is never built here. What keeps it
-honest is that its install step is ``scripts/setup.sh``, the very script the README quick start
-and CI run: CI exercises the image's install steps every time. These tests pin that contract,
-the entrypoint and the non-root user, and check that every preset in ``configs/`` loads into its
-dataclass with known keys only (a typo would otherwise surface hours into a cluster job).
+Building and running the image takes minutes and a container engine (``scripts/build-image.sh``
+and ``scripts/test-image.sh``, run separately from this suite). What keeps it honest in every test
+run is that its install step is ``scripts/setup.sh``, the very script the README quick start and
+CI run. These tests pin that contract, the entrypoint and the non-root user, check the two image
+scripts statically (strict bash, the AWS Batch array they run, CLI flags that exist), and check
+that every preset in ``configs/`` loads into its dataclass with known keys only (a typo would
+otherwise surface hours into a cluster job).
 """
 
 from __future__ import annotations
