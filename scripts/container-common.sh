@@ -17,7 +17,11 @@ PODMAN_PACKAGES=(podman buildah runc crun fuse-overlayfs uidmap slirp4netns cont
   netavark aardvark-dns catatonit conmon golang-github-containers-common iptables)
 
 say() { printf '%s: %s\n' "$PREFIX" "$*" >&2; }
+# shellcheck disable=SC2034 # read by test-image.sh's exit trap
+REPORTED=0 # an error has been explained (callers' exit traps need not add a generic one)
+# shellcheck disable=SC2034
 die() {
+  REPORTED=1
   say "ERROR: $*"
   exit 1
 }

@@ -46,7 +46,6 @@ RESUME_EPOCHS=2
 
 WORK=""
 STEP=setup
-REPORTED=0 # fail() has explained the failure
 STARTED=() # containers this script started, removed on exit
 TIMES=()   # "name seconds" per step
 
@@ -139,7 +138,6 @@ check_overlap() {
 }
 
 preflight() {
-  image_exists "$IMAGE" || die "image $IMAGE not found: build it with scripts/build-image.sh"
   fix_quirks "$IMAGE"
   local uid
   uid=$("${ENGINE_CMD[@]}" run --rm --network none "${RUN_OPTS[@]}" --entrypoint id "$IMAGE" -u)
@@ -271,6 +269,7 @@ main() {
   t0=$(now)
   trap cleanup EXIT
   pick_engine find
+  image_exists "$IMAGE" || die "image $IMAGE not found: build it with scripts/build-image.sh"
   make_dirs
   preflight
   timed pack+teacher step_pack
