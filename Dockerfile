@@ -41,7 +41,16 @@ COPY . /app
 # The install steps: the same script the README quick start and CI (.ci/run -> scripts/test.sh)
 # run, so there is one list of dependencies and one way to install them. For s3:// or gs:// caches
 # and shards, add the fsspec backend after it, e.g. `/opt/venv/bin/pip install s3fs`.
+# VARIANT=slim removes what batch jobs do not use, in the same step (a later step would not make
+# the image smaller): triton (~0.9 GB; only torch.compile on CUDA, --compile, needs it) and the
+# dev tools (pytest, ruff). `scripts/build-image.sh --variant slim` builds it.
+ARG VARIANT=full
+# During the build only (ARGs are not kept in the image's environment), pip checks TLS against the
+# system CA bundle (the same Mozilla CAs as pip's own), so that a build behind a TLS-intercepting
+# proxy can bind-mount the host's bundle over it: scripts/build-image.sh does that with podman.
+ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 RUN VENV=/opt/venv bash scripts/setup.sh \
+    && if [ "$VARIANT" = slim ]; then /opt/venv/bin/python -m pip uninstall -y -q triton pytest ruff; fi \
     && chown -R stillroom:stillroom /app
 
 ENV VIRTUAL_ENV=/opt/venv \

@@ -1,10 +1,12 @@
-"""The Dockerfile and the shipped configs, checked without a Docker engine.
+"""The Dockerfile, the image scripts and the shipped configs, checked without a container engine.
 
-The dev machines and CI have no Docker daemon, so the image is never built here. What keeps it
-honest is that its install step is ``scripts/setup.sh``, the very script the README quick start
-and CI run: CI exercises the image's install steps every time. These tests pin that contract,
-the entrypoint and the non-root user, and check that every preset in ``configs/`` loads into its
-dataclass with known keys only (a typo would otherwise surface hours into a cluster job).
+Building and running the image takes minutes and a container engine (``scripts/build-image.sh``
+and ``scripts/test-image.sh``, run separately from this suite). What keeps it honest in every test
+run is that its install step is ``scripts/setup.sh``, the very script the README quick start and
+CI run. These tests pin that contract, the entrypoint and the non-root user, check the two image
+scripts statically (strict bash, the AWS Batch array they run, CLI flags that exist), and check
+that every preset in ``configs/`` loads into its dataclass with known keys only (a typo would
+otherwise surface hours into a cluster job).
 """
 
 from __future__ import annotations
@@ -266,3 +268,105 @@ def test_demo_config_sections_use_known_keys() -> None:
         from pipeline.recipe import make_recipe
 
         make_recipe(data["recipe"])
+
+
+# -- scripts/build-image.sh and scripts/test-image.sh ------------------------------------------
+
+SCRIPTS = ("scripts/build-image.sh", "scripts/test-image.sh")
+TEST_IMAGE = ROOT / "scripts" / "test-image.sh"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_image_script_is_strict_executable_bash(name: str) -> None:
+    import os
+    import subprocess
+
+    path = ROOT / name
+    assert path.exists(), f"{name} is missing"
+    assert os.access(path, os.X_OK), f"{name} is not executable"
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash"), f"{name} must start with a bash shebang"
+    assert "set -euo pipefail" in text, f"{name} must run with set -euo pipefail"
+    prefix = Path(name).stem
+    assert f"PREFIX={prefix}" in text, f"{name}'s messages must start with '{prefix}:'"
+    parsed = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert parsed.returncode == 0, f"bash -n {name}: {parsed.stderr}"
+
+
+def test_image_scripts_are_shellcheck_clean() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    paths = [str(ROOT / n) for n in (*SCRIPTS, "scripts/container-common.sh")]
+    result = subprocess.run(["shellcheck", "-x", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_build_script_passes_the_dockerfile_arguments(instructions: list[tuple[str, str]]) -> None:
+    text = (ROOT / "scripts" / "build-image.sh").read_text()
+    declared = {a.split("=", 1)[0] for kind, a in instructions if kind == "ARG"}
+    for arg in re.findall(r"--build-arg \"(\w+)=", text):
+        assert arg in declared, f"build-image.sh passes --build-arg {arg}, which the Dockerfile does not declare"
+    assert {"BASE_IMAGE", "VARIANT"} <= set(re.findall(r"--build-arg \"(\w+)=", text))
+    for option in ("--tag", "--base", "--variant"):
+        assert option in text, f"build-image.sh has no {option} option"
+
+
+def test_image_test_runs_a_two_job_aws_batch_array_at_once() -> None:
+    text = TEST_IMAGE.read_text()
+    assert re.search(r"^ARRAY_SIZE=2$", text, re.M), "the phase-1 array must have two jobs"
+    assert '-e "AWS_BATCH_JOB_ARRAY_INDEX=$i"' in text
+    assert '-e "AWS_BATCH_JOB_ARRAY_SIZE=$ARRAY_SIZE"' in text
+    # Both jobs are started detached in one loop, and only then waited for: they run concurrently.
+    start = text[text.index("start_array() {") :]
+    start = start[: start.index("\n}\n")]
+    assert re.search(r"for \(\(i = 0; i < ARRAY_SIZE; i\+\+\)\)", start) and " run -d " in start
+    assert "wait" not in start, "start_array must not wait for a job before starting the next"
+    assert "check_overlap" in text, "the test must check that the two jobs overlapped in time"
+    assert "kill --signal KILL" in text and "diff -r" in text, "the kill/re-run step must compare the caches"
+
+
+def test_image_test_runs_as_the_images_non_root_user(instructions: list[tuple[str, str]]) -> None:
+    text = TEST_IMAGE.read_text()
+    runs = " ".join(a for kind, a in instructions if kind == "RUN")
+    uid = re.search(r"useradd\b.*--uid (\d+)", runs)
+    assert uid, "the Dockerfile must create its user with a fixed --uid"
+    assert f"IMAGE_UID={uid.group(1)}" in text, "test-image.sh must expect the Dockerfile's uid"
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert "--user" not in code and "--privileged" not in code, "test-image.sh must use the image's own user"
+    assert '--entrypoint id "$IMAGE" -u' in text, "test-image.sh must check the uid the image runs as"
+
+
+def _cli_options() -> dict[str, set[str]]:
+    import typer
+
+    from cli.main import app
+
+    group = typer.main.get_command(app)
+    return {
+        name: {o for p in cmd.params for o in (*p.opts, *getattr(p, "secondary_opts", [])) if o.startswith("--")}
+        for name, cmd in group.commands.items()
+    }
+
+
+def test_image_test_uses_existing_cli_flags() -> None:
+    """The flags test-image.sh passes (listed at its top) exist: a renamed flag fails here, not in a container."""
+    text = TEST_IMAGE.read_text()
+    options = _cli_options()
+    used: dict[str, set[str]] = {}
+    for command, body in re.findall(r"\((pack|cache-teacher|cache-status|verify-cache|train-student)\b([^)]*)\)", text):
+        used.setdefault(command, set()).update(re.findall(r"(--[a-z][a-z-]*)", body))
+    for line in text.splitlines():
+        if '"${TRAIN[@]}"' in line:
+            used.setdefault("train-student", set()).update(re.findall(r"(--[a-z][a-z-]*)", line))
+    quiet = re.search(r"^QUIET=\(([^)]*)\)", text, re.M)
+    assert quiet, "test-image.sh must define QUIET=(...), the flags that turn progress bars off"
+    for command in ("cache-teacher", "train-student"):
+        used.setdefault(command, set()).update(re.findall(r"(--[a-z][a-z-]*)", quiet.group(1)))
+    assert {"pack", "cache-teacher", "cache-status", "verify-cache", "train-student"} <= set(used)
+    for command, flags in used.items():
+        assert command in options, f"test-image.sh runs `stillroom {command}`, which no longer exists"
+        unknown = flags - options[command]
+        assert not unknown, f"test-image.sh passes {sorted(unknown)} to `stillroom {command}`, which has no such flags"
