@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ import typer
 
 from cli.flags import command_from
 from pipeline.errors import StillroomError
+from pipeline.interrupt import sigterm_interrupts
 from pipeline.options import CacheConfig, DemoConfig, EvalConfig, PackConfig, StatusConfig, TrainConfig, VerifyConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -104,14 +106,16 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
 
     def run(config: Callable[[], Any]) -> None:
         _setup_logging(every_rank=action is _cache_teacher)  # phase-1 ranks are independent jobs
+        sigterm_interrupts()
         try:
             action(config())
         except StillroomError as e:
             typer.secho(f"error: {e}", fg="red", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted", fg="yellow", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            signum = int(getattr(e, "signum", signal.SIGINT))
+            typer.secho(f"interrupted by signal {signum}", fg="yellow", err=True)
+            raise typer.Exit(128 + signum) from None
 
     return run
 

@@ -49,6 +49,27 @@ class StopSignals:
             signal.signal(s, handler)  # type: ignore[arg-type]
 
 
+def sigterm_interrupts() -> None:
+    """Make SIGTERM end a command like Ctrl-C (``KeyboardInterrupt``, so ``finally`` blocks run).
+
+    Needed where stillroom is PID 1 of a container: the kernel ignores a signal's default action for
+    PID 1, so ``docker stop`` would otherwise wait and then SIGKILL. ``train-student`` replaces this
+    with :class:`StopSignals` to save its position first.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C; ``signum`` gives the exit status 128 + 15."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
 def ignore_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: workers leave SIGINT/SIGTERM to the main process."""
     for s in _SIGNALS:

@@ -27,7 +27,7 @@ CLEAN_CACHE=/cache/digits-$TEACHER.zarr  # step 2 (an uninterrupted array)
 KILLED_CACHE=/cache/digits-killed.zarr    # step 5 (one job killed, then the array re-run)
 ARRAY_SIZE=2
 UNITS_PER_JOB=10     # 8 views in blocks of 2 = 4 blocks, x 5 shards = 20 units, over 2 jobs
-QUIET=(--no-progress) # no progress bars in batch logs (phase 1 and 2)
+QUIET=(--progress off) # only the summary lines in these logs (phase 1 and 2)
 PACK=(pack digits /data --per-shard 300 --val-fraction 0.2)
 SAVE_TEACHER="import timm, torch; torch.manual_seed(0); \
 torch.save(timm.create_model('$TEACHER', num_classes=10).state_dict(), '$TEACHER_CKPT')"
