@@ -184,15 +184,20 @@ class ShuffleBuffer:
 def shuffled_batches(
     chunks: Iterator[dict[str, Any]], batch_size: int, buffer: int, seed: int
 ) -> Iterator[dict[str, Any]]:
-    """Re-batch chunks into exact ``batch_size`` batches drawn at random from about ``buffer`` views.
+    """Re-batch chunks into exact ``batch_size`` batches drawn at random from up to ``buffer`` views.
 
-    Shuffling happens after replay and mixing, so it changes batch composition only, never a view.
+    Like webdataset's shuffle, the first batch comes once two batches' worth of views are held, and the
+    buffer then grows by one batch per batch drawn until it holds ``buffer`` views: training starts in
+    seconds, not after the buffer is full. Shuffling happens after replay and mixing, so it changes
+    batch composition only, never a view.
     """
     buf = ShuffleBuffer(seed)
+    target = min(buffer, 2 * batch_size)
     for chunk in chunks:
         buf.add(chunk)
-        while buf.views >= max(buffer, batch_size):
+        while buf.views >= max(target, batch_size):
             yield buf.batch(batch_size)
+            target = min(buffer, target + batch_size)
     while buf.views >= batch_size:
         yield buf.batch(batch_size)
 

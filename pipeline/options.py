@@ -174,6 +174,11 @@ class TrainConfig:
         "an epoch then covers 1/R of the samples in as many steps); 1 or the cache's (default: the cache's, else 1)",
     )
     seed: int | None = option(None, help="seed of the views and of training (default: the cache's, else 0)")
+    run_seed: int | None = option(
+        None,
+        help="seed of the student's initial weights, drop-path noise and batch order only (default: --seed): "
+        "repeat a run with other randomness on the same cached views",
+    )
     epochs: int = option(300, help="epochs")
     batch_size: int = option(64, help="batch size per rank")
     accum_steps: int = option(1, help="gradient accumulation steps")

@@ -153,7 +153,8 @@ class Trainer:
     def _build(self) -> None:
         """Student, live teacher, optimizer, schedule, EMA and task, in an order that fixes every RNG draw."""
         cfg, data, dist = self.cfg, self.data, self.dist
-        torch.manual_seed(stable_seed("init", data.seed))  # same initial weights on every rank
+        self.run_seed = data.seed if cfg.run_seed is None else cfg.run_seed
+        torch.manual_seed(stable_seed("init", self.run_seed))  # same initial weights on every rank
         self.model, self.model_meta = build_student(cfg, data)
         check_input_size(self.model, data.recipe.img_size, f"--model {cfg.model}")
         self.model.to(self.device)
@@ -176,7 +177,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         # Drop path draws from the global generator: seed it once everything is built, so building a
         # live teacher (which consumes global draws for its init) cannot change the student's noise.
-        torch.manual_seed(stable_seed("noise", data.seed, dist.rank))
+        torch.manual_seed(stable_seed("noise", self.run_seed, dist.rank))
         self.task = DistillationTask(
             student=self.model,
             num_classes=data.num_classes,
@@ -230,7 +231,7 @@ class Trainer:
         if self.dist.rank == 0:
             ckpt.set_rng_state(state["rng"])
         else:  # the checkpoint holds rank 0's generator; other ranks draw fresh, distinct noise
-            torch.manual_seed(stable_seed("noise", self.data.seed, self.dist.rank, self.position.global_step))
+            torch.manual_seed(stable_seed("noise", self.run_seed, self.dist.rank, self.position.global_step))
         log.info(
             "resumed from %s: epoch %d, step %d",
             self.checkpointer.last_path,
@@ -294,7 +295,7 @@ class Trainer:
             cfg.batch_size,
             cfg.workers,
             cfg.shuffle_buffer,
-            stable_seed("batches", data.seed, epoch, dist.rank),
+            stable_seed("batches", self.run_seed, epoch, dist.rank),
             pin_memory=self.device.type == "cuda",
         )
 
@@ -482,7 +483,15 @@ def prepare_out(cfg: TrainConfig) -> None:
 # Settings that fix which samples the steps of an epoch hold: a mid-epoch checkpoint can only be
 # continued with the same ones. At an epoch end only the global batch must stay (the schedule counts
 # optimizer steps).
-_STREAM_FIELDS = ("batch_size", "accum_steps", "workers", "shuffle_buffer", "max_steps_per_epoch", "repeats")
+_STREAM_FIELDS = (
+    "batch_size",
+    "accum_steps",
+    "workers",
+    "shuffle_buffer",
+    "max_steps_per_epoch",
+    "repeats",
+    "run_seed",
+)
 
 
 def check_resumable(cfg: TrainConfig, state: dict[str, Any], world: int, path: str) -> None:
