@@ -6,6 +6,7 @@ from outside the repository.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -17,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.options import CacheConfig  # noqa: E402
+from pipeline.options import CacheConfig, TrainConfig  # noqa: E402
 from pipeline.pack import _write_split, digits_items  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -37,6 +38,26 @@ TINY_CACHE = {
 def tiny_cache_config(shards: str, checkpoint: str, out: Path, **kw) -> CacheConfig:
     """``TINY_CACHE`` over ``shards`` into ``out``; keyword arguments override any field."""
     return CacheConfig(**{**TINY_CACHE, "shards": shards, "out": str(out), "teacher_checkpoint": checkpoint, **kw})
+
+
+def student_config(shards: str, cache: str | None, out: Path, **kw) -> TrainConfig:
+    """A tiny DeiT student on 32 px views, two epochs of batch 8, deterministic; ``kw`` overrides any field."""
+    base = TrainConfig(
+        shards=[shards],
+        cache=cache,
+        out=str(out),
+        model="deit_tiny_distilled_patch16_224",
+        model_kwargs=dict(TINY_STUDENT),
+        epochs=2,
+        batch_size=8,
+        workers=0,
+        lr=0.2,
+        warmup_epochs=1,
+        log_every=1,
+        progress="off",
+        deterministic=True,
+    )
+    return dataclasses.replace(base, **kw)
 
 
 def cache_cli_args(shards: str, checkpoint: str, out: Path, **kw) -> list[str]:

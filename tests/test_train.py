@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, TINY_STUDENT, tiny_cache_config, write_digits_shards
+from conftest import ROOT, TINY_STUDENT, student_config, tiny_cache_config, write_digits_shards
 
 from pipeline import losses
 from pipeline.cache import open_cache
@@ -64,22 +64,7 @@ def cache(digits_shards: str, tiny_teacher: str, tmp_path_factory: pytest.TempPa
 
 
 def student_cfg(shards: str, cache: str | None, out: Path, **kw) -> TrainConfig:
-    base = TrainConfig(
-        shards=shards,
-        cache=cache,
-        out=str(out),
-        model=STUDENT,
-        model_kwargs=dict(TINY_STUDENT),
-        epochs=2,
-        batch_size=8,
-        workers=0,
-        lr=0.2,
-        warmup_epochs=1,
-        log_every=1,
-        progress="off",
-        deterministic=True,
-    )
-    return dataclasses.replace(base, **kw)
+    return student_config(shards, cache, out, **kw)
 
 
 def read_metrics(out: str | Path) -> list[dict]:

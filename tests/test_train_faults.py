@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_STUDENT, stillroom_cmd, tiny_cache_config, write_digits_shards
+from conftest import ROOT, TINY_STUDENT, stillroom_cmd, student_config, tiny_cache_config, write_digits_shards
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -53,22 +53,8 @@ def cache(digits_shards: str, tiny_teacher: str, tmp_path_factory: pytest.TempPa
 
 
 def cfg_for(shards: str, cache: str, out: Path, **kw) -> TrainConfig:
-    base = TrainConfig(
-        shards=[shards],
-        cache=cache,
-        out=str(out),
-        model="deit_tiny_distilled_patch16_224",
-        model_kwargs={**TINY_STUDENT, "depth": 2},
-        epochs=2,
-        batch_size=8,
-        workers=0,
-        lr=0.2,
-        warmup_epochs=1,
-        log_every=1,
-        progress="off",
-        deterministic=True,
-    )
-    return dataclasses.replace(base, **kw)
+    """The suite's tiny student with two blocks, so drop path draws from the global RNG (resume must restore it)."""
+    return student_config(shards, cache, out, **{"model_kwargs": {**TINY_STUDENT, "depth": 2}, **kw})
 
 
 def files(out: Path) -> dict[str, bytes]:
