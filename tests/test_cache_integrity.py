@@ -261,7 +261,7 @@ def test_markers_hold_count_and_a_checksum_a_plain_zarr_reader_can_recompute(pri
             rows = slice(s * cap, (s + 1) * cap)
             arrays = {name: np.asarray(g[name][b : b + 1, rows]) for name in ("values", "indices", "logsumexp")}
             arrays.update({name: np.asarray(g[name][rows]) for name in ("labels", "keys", "digests")})
-            count, checksum = done[b, s, 0], int(done[b, s, 1 : 2].view(np.uint64)[0])
+            count, checksum = done[b, s, 0], int(done[b, s, 1:2].view(np.uint64)[0])
             assert count == 40
             assert checksum == documented_checksum(b, s, int(count), arrays)
     for name in ARRAYS:  # zstd's frame checksum on every array
