@@ -92,7 +92,7 @@ def assert_one_error_line(code: int, text: str, *needles: str) -> str:
     return errors[0]
 
 
-def train_student(cache: Path, shards: str, tmp_path: Path) -> tuple[int, str]:
+def train_student(cache: Path, shards: str, tmp_path: Path, workers: int = 0) -> tuple[int, str]:
     """``train-student --distillation soft`` on shard 1 only (so the damaged unit is surely read)."""
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"model_kwargs": TINY_STUDENT, "model": "deit_tiny_distilled_patch16_224"}))
@@ -118,7 +118,7 @@ def train_student(cache: Path, shards: str, tmp_path: Path) -> tuple[int, str]:
         "--warmup-epochs",
         "0",
         "--workers",
-        "0",
+        str(workers),
         "--eval-every",
         "0",
         "--progress",
@@ -156,6 +156,14 @@ def test_damaged_chunk_stops_train_student(tmp_path, pristine, digits_shards, ki
         assert f"{array}/c/0/1/0 missing" in line
     else:
         assert f"its {array!r} chunk does not decode" in line
+
+
+def test_damage_met_in_a_loader_worker_is_one_error_line(tmp_path, pristine, digits_shards):
+    """A DataLoader worker re-raises the error wrapped in its traceback text; the CLI keeps the message."""
+    cache = damaged_copy(pristine, tmp_path, "corrupt", "logsumexp")
+    code, text = train_student(cache, digits_shards, tmp_path, workers=1)
+    assert_one_error_line(code, text, UNIT, "its 'logsumexp' chunk does not decode")
+    assert "DataLoader worker" not in text
 
 
 @pytest.mark.parametrize("kind, array", DAMAGE)
