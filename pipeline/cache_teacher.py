@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,7 +107,7 @@ class Phase1:
     device: torch.device
     summary: dict[str, Any] = field(default_factory=dict)
     # Bad samples per shard and reason: every view block re-reads its shard and meets the same ones.
-    skipped: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    skipped: dict[int, Counter] = field(default_factory=dict)
 
 
 def build_teacher(cfg: CacheConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -232,7 +233,8 @@ class _OncePerMessage(logging.Filter):
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        # The same bad sample can be described with another object address on each read.
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", record.getMessage())
         if text in self.seen:
             return False
         self.seen.add(text)
@@ -356,16 +358,29 @@ def _store_targets(job: Phase1, t: _Targets | None, buffers: dict[tuple[int, int
 def _finish_unit(job: Phase1, unit: tuple[int, int], buf: UnitData, end: dict[str, Any], writer: UnitWriter) -> None:
     """Count the unit's bad samples once per shard, and queue the unit for writing."""
     block, s = unit
-    seen = job.skipped[s]
-    for reason, n in end["skipped"].items():
-        if n > seen[reason]:  # the first block of this shard to meet them (the others meet the same ones)
-            job.summary["skipped_samples"][reason] = job.summary["skipped_samples"].get(reason, 0) + n - seen[reason]
-            log.warning("shard %r: %d bad sample(s) skipped: %s", job.shards[s].name, n - seen[reason], reason)
-            seen[reason] = n
+    _count_skipped(job, s, end["skipped"])
     writer.submit(block, s, buf, int(end["count"]))
     job.summary["units_done"] += 1
     job.summary["images"] += int(end["count"])
     job.summary["bytes_written"] += buf.nbytes
+
+
+def _count_skipped(job: Phase1, shard: int, reasons: dict[str, int]) -> None:
+    """Every view block re-reads its shard and meets the same bad samples: count a shard's once.
+
+    A shard's count is the largest any of its units reported (they all report the same samples, though
+    a reason's text may differ between reads, e.g. an object address in a decoder's message).
+    """
+    before = job.skipped.get(shard, Counter())
+    if sum(reasons.values()) <= sum(before.values()):
+        return
+    total = Counter(job.summary["skipped_samples"])
+    total.subtract(before)
+    total.update(reasons)
+    job.summary["skipped_samples"] = {reason: n for reason, n in total.items() if n > 0}
+    job.skipped[shard] = Counter(reasons)
+    name = job.shards[shard].name
+    log.warning("shard %r: %d bad sample(s) skipped: %s", name, sum(reasons.values()), "; ".join(sorted(reasons)))
 
 
 # Finished units waiting for the writer thread: enough to ride out a slow write, few enough to bound memory.
@@ -403,13 +418,14 @@ class UnitWriter:
             self._raise()
 
     def submit(self, block: int, shard: int, unit: UnitData, count: int) -> None:
+        """Hand over a finished unit; blocks only while the store is slower than the teacher (or inline)."""
         self._raise()
-        if not self.depth:
-            return self._write(block, shard, unit, count)
         t0 = time.perf_counter()
-        self.queue.put((block, shard, unit, count))  # blocks only while the store is slower than the teacher
+        if self.depth:
+            self.queue.put((block, shard, unit, count))
+        else:
+            self._write(block, shard, unit, count)
         self.summary["write_wait_s"] = self.summary.get("write_wait_s", 0.0) + time.perf_counter() - t0
-        return None
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:

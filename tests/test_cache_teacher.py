@@ -401,3 +401,36 @@ def test_each_image_decoded_once_per_unit(
     assert len(calls) == 120, "every image decoded"
     assert set(calls.values()) == {units_per_shard}, "one decode per image per unit, not per view"
     assert summary["images"] == 120 * units_per_shard
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A bad sample is counted once, not once per view block
+
+
+def _shard_with_a_bad_image(src: Path, out: Path, bad: int) -> Path:
+    """A copy of ``src`` whose ``bad``-th sample's image bytes are garbage (the tar itself stays valid)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
+        members = tin.getmembers()
+        bad_key = sorted({m.name.split(".", 1)[0] for m in members})[bad]
+        for m in members:
+            data = tin.extractfile(m).read()
+            if m.name == f"{bad_key}.png":
+                data = b"not an image at all"
+                m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    return out
+
+
+def test_bad_sample_is_counted_once_not_once_per_view_block(tmp_path, caplog, digits_shards, tiny_teacher):
+    shard = _shard_with_a_bad_image(Path(digits_shards).parent / "train-000000.tar", tmp_path / "d" / "bad.tar", 5)
+    cfg = _cfg(str(shard), tiny_teacher, tmp_path / "cache", views=4, view_block=1, num_classes=10, on_error="skip")
+    with caplog.at_level("WARNING"):
+        summary = run(cfg)
+    assert summary["units_done"] == 4  # 4 view blocks of one shard, each re-reading the bad sample
+    assert sum(summary["skipped_samples"].values()) == 1, summary["skipped_samples"]
+    per_sample = [r for r in caplog.records if r.getMessage().startswith("skipped 1 sample(s) at shard")]
+    assert len(per_sample) == 1, [r.getMessage() for r in per_sample]
+    per_shard = [r for r in caplog.records if "bad sample(s) skipped" in r.getMessage()]
+    assert [r.getMessage().split(": ")[0] for r in per_shard] == ["shard 'bad.tar'"]
+    assert (_arrays(tmp_path / "cache")["done"][..., 0] == 39).all(), "each unit holds the 39 good samples"
