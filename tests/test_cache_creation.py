@@ -218,3 +218,31 @@ def test_a_foreign_folder_is_refused_and_left_alone(tmp_path, digits_shards, tin
     assert code == 2 and "is not a stillroom cache" in text, text
     code, text = invoke("cache-status", tmp_path / "nowhere")
     assert code == 2 and "nothing is there" in text, text
+
+
+# -- the same rules through fsspec (the object-store code path), on its in-memory filesystem -----------
+def test_object_store_half_created_cache_is_completed_and_damage_found(tmp_path, pristine, meta):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url, root = "memory://stillroom-test/cache", "/stillroom-test/cache"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    zarr.open_group(url, mode="w-")  # a killed creator: the group without attributes
+    with pytest.raises(CacheError, match="was not fully created"):
+        open_cache(url)
+    cache = create_or_open(url, meta)
+    stored = {p.removeprefix(root + "/"): fs.cat(p) for p in fs.find(root)}
+    assert stored == files(pristine, metadata_only=True)
+
+    unit = open_cache(str(pristine)).read_block(1, 2)
+    cache.write_unit(1, 2, unit, 40)
+    assert fs.cat(f"{root}/values/c/1/2/0") == (pristine / "values/c/1/2/0").read_bytes()
+    assert cache.damaged_units([(1, 2)]) == {}
+    fs.rm(f"{root}/indices/c/1/2/0")
+    assert cache.damaged_units([(1, 2)], verify=False) == {(1, 2): "indices/c/1/2/0 missing"}
+    with pytest.raises(CacheError, match=r"views 1-1 of shard 'train-000002.tar' is damaged: indices/c/1/2/0 missing"):
+        open_cache(url).read_view(1, 2)
+    cache.invalidate(1, 2)
+    assert not fs.exists(f"{root}/done/c/1/2/0") and open_cache(url).done_counts()[1, 2] == -1
+    fs.rm(root, recursive=True)
