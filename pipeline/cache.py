@@ -18,6 +18,7 @@ by :class:`CacheMeta`; nothing outside this module reads the zarr group itself.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import zarr
@@ -434,31 +435,55 @@ class Cache:
             UnitDamaged: a chunk is missing, does not decode, or the data do not match the checksum.
             CacheError: the unit is not done. StorageError: the store cannot be read.
         """
-        count, checksum = self.marker(block, shard)
+        arrays = self._read_unit(block, shard)
+        count, bits = (int(x) for x in arrays.pop("done"))
         if count < 0:
             what = self.meta.describe_unit(block, shard)
             raise CacheError(f"cache {self.url!r}: {what} is not done; run cache-teacher to compute it")
-        rows = self.meta.shard_rows(shard)
-        views = self.meta.block_views(block)
-        vs = slice(views.start, views.stop)
-        arrays = {name: self._read(name, (vs, rows, slice(None)), block, shard) for name in PER_VIEW}
-        arrays.update({name: self._read(name, (rows,), block, shard) for name in PER_SHARD})
         unit = UnitData(**arrays)
-        if unit_checksum(block, shard, count, unit) != checksum:
+        if unit_checksum(block, shard, count, unit) != int(np.int64(bits).view(np.uint64)):
             gone = self._absent(block, shard)
             why = f"{', '.join(gone)} missing" if gone else "its data do not match the checksum in its marker"
             raise UnitDamaged.of(self, block, shard, why)
         return unit
 
+    def _read_unit(self, block: int, shard: int) -> dict[str, np.ndarray]:
+        """The marker and every array of one unit, read concurrently (one round trip on an object store)."""
+        rows = self.meta.shard_rows(shard)
+        views = self.meta.block_views(block)
+        selection: dict[str, tuple] = {name: (slice(views.start, views.stop), rows, slice(None)) for name in PER_VIEW}
+        selection.update({name: (rows,) for name in PER_SHARD})
+        selection["done"] = (block, shard, slice(None))
+        arrays = {name: self.array(name).async_array for name in selection}
+
+        async def read_all() -> list[Any]:
+            reads = (arrays[name].getitem(sel) for name, sel in selection.items())
+            return await asyncio.gather(*reads, return_exceptions=True)
+
+        out = {}
+        for name, result in zip(selection, sync(read_all()), strict=True):
+            if isinstance(result, BaseException):
+                self._read_error(name, result, block, shard)
+            out[name] = np.asarray(result)
+        return out
+
     def _read(self, name: str, selection: tuple, block: int, shard: int) -> np.ndarray:
-        array = self.array(name)
         try:
-            return np.asarray(array[selection])
-        except OSError as e:
+            return np.asarray(self.array(name)[selection])
+        except Exception as e:
+            self._read_error(name, e, block, shard)
+
+    def _read_error(self, name: str, e: BaseException, block: int, shard: int) -> NoReturn:
+        """Raise the one-line error of a failed read: the store (StorageError) or a damaged chunk."""
+        if isinstance(e, CacheError):
+            raise e
+        if isinstance(e, OSError):
             what = self.meta.describe_unit(block, shard)
             raise StorageError(f"cannot read {name!r} of {what} from cache {self.url!r}: {_one_line(e)}") from e
-        except Exception as e:  # a chunk that does not decode: zstd checksum, truncation, wrong size
-            raise UnitDamaged.of(self, block, shard, f"its {name!r} chunk does not decode ({_one_line(e)})") from e
+        if not isinstance(e, Exception):
+            raise e
+        # A chunk that does not decode: zstd checksum, truncation, wrong size.
+        raise UnitDamaged.of(self, block, shard, f"its {name!r} chunk does not decode ({_one_line(e)})") from e
 
     def keys(self, shard: int) -> np.ndarray:
         """The stored keys of one shard (not verified: use :meth:`read_block` for checked data)."""
