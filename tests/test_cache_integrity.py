@@ -298,3 +298,14 @@ def test_digests_are_stored_read_and_covered_by_the_checksum(tmp_path, pristine)
         ("0-0", "train-000002.tar"),
         ("1-1", "train-000002.tar"),
     }
+
+
+def test_corrupt_marker_reads_as_not_done_and_is_redone(tmp_path, pristine, digits_shards, tiny_teacher):
+    cache = damaged_copy(pristine, tmp_path, "corrupt", "done")
+    code, text = invoke("cache-status", cache)
+    assert code == 0, text
+    status = json.loads(text[text.index("{") :])
+    assert status["missing_units"] == [{"views": "0-0", "shard": "train-000001.tar"}], status
+    code, text = cache_teacher(cache, digits_shards, tiny_teacher)
+    assert code == 0 and "1 units done, 5 skipped" in text, text
+    assert files(cache) == files(pristine)
