@@ -53,6 +53,7 @@ def _cache_teacher(cfg: CacheConfig) -> None:
     skipped = sum(s["skipped_samples"].values())
     typer.echo(
         f"cache-teacher: {s['units_done']} units done, {s['units_skipped']} skipped (already done), "
+        f"{s.get('units_damaged', 0)} damaged units redone, "
         f"{s['images']} image decodes, {s['views']} views, {skipped} bad samples skipped, "
         f"{s['bytes_written']} bytes written, {s['wall_s']:.1f}s"
     )

@@ -194,7 +194,8 @@ def test_damaged_chunk_is_redone_by_cache_teacher(tmp_path, pristine, digits_sha
     cache = damaged_copy(pristine, tmp_path, kind, array)
     code, text = cache_teacher(cache, digits_shards, tiny_teacher)
     assert code == 0, text
-    assert "cache-teacher: 1 units done, 5 skipped" in text, text
+    assert "cache-teacher: 1 units done, 5 skipped (already done), 1 damaged units redone" in text, text
+    assert f"{UNIT} is damaged" in text and "redoing it" in text, "the log names the unit"
     assert files(cache) == files(pristine), "the redone unit must give back the undamaged bytes"
 
 
