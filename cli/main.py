@@ -56,6 +56,7 @@ def _cache_teacher(cfg: CacheConfig) -> None:
     skipped = sum(s["skipped_samples"].values())
     typer.echo(
         f"cache-teacher: {s['units_done']} units done, {s['units_skipped']} skipped (already done), "
+        f"{s.get('units_damaged', 0)} damaged units redone, "
         f"{s['images']} image decodes, {s['views']} views, {skipped} bad samples skipped, "
         f"{s['bytes_written']} bytes written, {s['wall_s']:.1f}s"
     )
@@ -101,6 +102,16 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _one_line(e: StillroomError) -> str:
+    """The error's message; one a DataLoader worker re-raised is wrapped in the worker's traceback text,
+    whose last line is ``module.ErrorType: message``."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], None]:
     """Log setup, the config, then ``action``; an expected failure becomes one ``error:`` line and status 2."""
 
@@ -110,7 +121,7 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
         try:
             action(config())
         except StillroomError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
+            typer.secho(f"error: {_one_line(e)}", fg="red", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:
             signum = int(getattr(e, "signum", signal.SIGINT))

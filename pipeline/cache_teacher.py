@@ -2,26 +2,33 @@
 
 Work is split into units (view block x shard). DataLoader workers each take whole units: they
 read the shard once, decode every image once, and replay every view of the block from it. The
-main process runs the frozen teacher, keeps one buffer per unit in flight, and writes a unit's
-chunks and then its completion marker when the worker reports the unit finished. Re-running skips
-finished units; a unit cut short by a crash has no marker and is redone from scratch.
+main process runs the frozen teacher, keeps one buffer per unit in flight, and hands a unit to a
+writer thread when the worker reports it finished; the writer stores the unit's chunks and then its
+completion marker (count and checksum), so the teacher never waits on storage. Re-running skips
+finished units whose objects are intact (and whose checksums match, with ``--verify-done``); a unit
+cut short by a crash has no marker, and a damaged one loses its marker: both are redone from scratch.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import re
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import storage
 from .cache import Cache, CacheMeta, UnitData, create_or_open
 from .config import finish
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .models import autocast, load_teacher, resolve_device, topk_targets
 from .options import CacheConfig
 from .partition import job_slot, my_share
@@ -99,6 +106,8 @@ class Phase1:
     recipe: Recipe
     device: torch.device
     summary: dict[str, Any] = field(default_factory=dict)
+    # Bad samples per shard and reason: every view block re-reads its shard and meets the same ones.
+    skipped: dict[int, Counter] = field(default_factory=dict)
 
 
 def build_teacher(cfg: CacheConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -169,7 +178,7 @@ def prepare(cfg: CacheConfig) -> Phase1:
 
 
 def _my_units(job: Phase1) -> list[tuple[int, int]]:
-    """This job's share of the units of the requested view range that are not done yet."""
+    """This job's share of the units of the requested view range that are not done yet, or damaged."""
     cfg, meta = job.cfg, job.cache.meta
     first, stop = cfg.view_bounds()
     blocks = [b for b in range(meta.num_blocks) if first <= meta.block_views(b).start < stop]
@@ -177,28 +186,77 @@ def _my_units(job: Phase1) -> list[tuple[int, int]]:
     index, count, source = job_slot(cfg.job_index, cfg.job_count)
     mine = my_share(all_units, index, count)
     done = job.cache.done_counts()
-    todo = [(b, s) for b, s in mine if done[b, s] < 0]
+    finished = [(b, s) for b, s in mine if done[b, s] >= 0]
+    damaged = _damaged(job, finished)
+    todo = [(b, s) for b, s in mine if done[b, s] < 0 or (b, s) in damaged]
     log.info(
-        "job %d/%d (%s): %d of %d units are mine, %d already done",
+        "job %d/%d (%s): %d of %d units are mine, %d already done, %d of them damaged",
         index,
         count,
         source,
         len(mine),
         len(all_units),
-        len(mine) - len(todo),
+        len(finished),
+        len(damaged),
     )
-    job.summary.update(units_total=len(all_units), units_mine=len(mine), units_skipped=len(mine) - len(todo))
+    job.summary.update(
+        units_total=len(all_units),
+        units_mine=len(mine),
+        units_skipped=len(finished) - len(damaged),
+        units_damaged=len(damaged),
+    )
     return todo
+
+
+def _damaged(job: Phase1, finished: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Finished units of this job that are damaged (always a listing; a read-back with ``verify_done``).
+
+    Each one's marker is removed first, so a job killed while redoing it leaves it not done.
+    """
+    t0 = time.perf_counter()
+    damaged = job.cache.damaged_units(finished, verify=job.cfg.verify_done)
+    log.info(
+        "checked %d finished units in %.1fs (%s)",
+        len(finished),
+        time.perf_counter() - t0,
+        "checksums" if job.cfg.verify_done else "objects present",
+    )
+    for (b, s), why in sorted(damaged.items()):
+        log.warning("cache %s: %s is damaged (%s); redoing it", job.cfg.out, job.cache.meta.describe_unit(b, s), why)
+        job.cache.invalidate(b, s)
+    return set(damaged)
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each bad-sample warning through once per process: every view block re-reads the shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The same bad sample can be described with another object address on each read.
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", record.getMessage())
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
 
 
 def run(cfg: CacheConfig) -> dict[str, Any]:
     """Run (or resume) this worker's share of the cache. Returns the summary it prints."""
     t0 = time.perf_counter()
     job = prepare(finish(cfg))
-    job.summary.update(units_done=0, images=0, views=0, skipped_samples={}, bytes_written=0)
+    job.summary.update(units_done=0, images=0, views=0, skipped_samples={}, bytes_written=0, write_wait_s=0.0)
     todo = _my_units(job)
     if todo:
-        _process(job, todo)
+        once = _OncePerMessage()
+        shards_log = logging.getLogger(iter_decoded.__module__)
+        shards_log.addFilter(once)  # before the loader's workers fork, so they inherit it
+        try:
+            _process(job, todo)
+        finally:
+            shards_log.removeFilter(once)
     job.summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return job.summary
 
@@ -217,26 +275,49 @@ def _loader(job: Phase1, todo: list[tuple[int, int]]) -> DataLoader:
 
 
 def _process(job: Phase1, todo: list[tuple[int, int]]) -> None:
-    """Run the teacher on every batch of ``todo`` and write each unit when its worker finishes it."""
+    """Run the teacher on every batch of ``todo`` and hand each unit to the writer when its worker finishes it.
+
+    One batch is in flight on the device while the previous batch's targets are copied back and
+    stored, and finished units are written by a background thread: the teacher waits neither on
+    device-to-host copies nor on storage.
+    """
     meta = job.cache.meta
     buffers: dict[tuple[int, int], UnitData] = {}
     total_views = sum(len(meta.block_views(b)) * job.shards[s].count for b, s in todo)
-    with progress_bar("cache-teacher", total=total_views, unit="img·view", mode=job.cfg.progress) as bar:
+    bar_ctx = progress_bar("cache-teacher", total=total_views, unit="img·view", mode=job.cfg.progress)
+    with bar_ctx as bar, UnitWriter(job.cache, job.summary) as writer:
+        pending: _Targets | None = None
         for item in _loader(job, todo):
             unit = (int(item["unit"][0]), int(item["unit"][1]))
-            buf = buffers.setdefault(unit, UnitData.empty(meta, unit[0]))
             if item["end"]:
-                _finish_unit(job, unit, buffers.pop(unit), item)
+                _store_targets(job, pending, buffers)
+                pending = None
+                _finish_unit(job, unit, buffers.pop(unit, None) or UnitData.empty(meta, unit[0]), item, writer)
                 continue
-            _teacher_batch(job, buf, item, first_view=meta.block_views(unit[0]).start)
+            buffers.setdefault(unit, UnitData.empty(meta, unit[0]))
+            launched = _teacher_batch(job, unit, item)
+            _store_targets(job, pending, buffers)  # the previous batch, while the device runs this one
+            pending = launched
             job.summary["views"] += len(item["keys"])
             bar.advance(len(item["keys"]))
+        _store_targets(job, pending, buffers)
     if buffers:
         raise RuntimeError(f"units {sorted(buffers)} never finished: the data loader stopped early")
 
 
-def _teacher_batch(job: Phase1, buf: UnitData, item: dict[str, Any], first_view: int) -> None:
-    """Teacher forward on one batch; its top-k targets go into the unit's buffer by (view, position)."""
+@dataclass
+class _Targets:
+    """One batch's teacher targets on their way to the host (an asynchronous copy on CUDA)."""
+
+    unit: tuple[int, int]
+    item: dict[str, Any]
+    host: torch.Tensor  # [n, bytes] uint8: values (float16), indices (int32), logsumexp (float32) per row
+    topk: int
+    ready: torch.cuda.Event | None
+
+
+def _teacher_batch(job: Phase1, unit: tuple[int, int], item: dict[str, Any]) -> _Targets:
+    """Launch the teacher on one batch and one device-to-host copy of all its targets; do not wait for it."""
     pixels = item["pixels"].to(job.device, non_blocking=True)
     if job.device.type == "cuda":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -244,20 +325,129 @@ def _teacher_batch(job: Phase1, buf: UnitData, item: dict[str, Any], first_view:
         logits = job.teacher(pixels)
     meta = job.cache.meta
     values, indices, lse = topk_targets(logits, meta.topk, list(meta.temperatures))
-    vi = (item["view"] - first_view).numpy()
+    n = values.shape[0]
+    # One copy instead of three: the targets' bytes side by side, reinterpreted (not converted) on the host.
+    parts = [values, indices.to(torch.int32), lse]
+    packed = torch.cat([p.contiguous().view(torch.uint8).reshape(n, -1) for p in parts], dim=1)
+    if job.device.type != "cuda":
+        return _Targets(unit, item, packed, meta.topk, None)
+    host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return _Targets(unit, item, host, meta.topk, ready)
+
+
+def _store_targets(job: Phase1, t: _Targets | None, buffers: dict[tuple[int, int], UnitData]) -> None:
+    """Wait for one batch's copy and put its targets into its unit's buffer by (view, position)."""
+    if t is None:
+        return
+    if t.ready is not None:
+        t.ready.synchronize()
+    raw = t.host.numpy()
+    k = t.topk
+    buf = buffers[t.unit]
+    item = t.item
+    vi = (item["view"] - job.cache.meta.block_views(t.unit[0]).start).numpy()
     pos = item["position"].numpy()
-    buf.values[vi, pos] = values.cpu().numpy()
-    buf.indices[vi, pos] = indices.cpu().numpy().astype(meta.index_dtype)
-    buf.logsumexp[vi, pos] = lse.cpu().numpy()
+    buf.values[vi, pos] = raw[:, : 2 * k].copy().view(np.float16)
+    buf.indices[vi, pos] = raw[:, 2 * k : 6 * k].copy().view(np.int32).astype(buf.indices.dtype)
+    buf.logsumexp[vi, pos] = raw[:, 6 * k :].copy().view(np.float32)
     buf.labels[pos] = item["label"].numpy()
     buf.keys[pos] = item["keys"]
 
 
-def _finish_unit(job: Phase1, unit: tuple[int, int], buf: UnitData, end: dict[str, Any]) -> None:
-    summary = job.summary
-    for reason, n in end["skipped"].items():
-        summary["skipped_samples"][reason] = summary["skipped_samples"].get(reason, 0) + n
-    job.cache.write_unit(unit[0], unit[1], buf, int(end["count"]))
-    summary["units_done"] += 1
-    summary["images"] += int(end["count"])
-    summary["bytes_written"] += buf.nbytes
+def _finish_unit(job: Phase1, unit: tuple[int, int], buf: UnitData, end: dict[str, Any], writer: UnitWriter) -> None:
+    """Count the unit's bad samples once per shard, and queue the unit for writing."""
+    block, s = unit
+    _count_skipped(job, s, end["skipped"])
+    writer.submit(block, s, buf, int(end["count"]))
+    job.summary["units_done"] += 1
+    job.summary["images"] += int(end["count"])
+    job.summary["bytes_written"] += buf.nbytes
+
+
+def _count_skipped(job: Phase1, shard: int, reasons: dict[str, int]) -> None:
+    """Every view block re-reads its shard and meets the same bad samples: count a shard's once.
+
+    A shard's count is the largest any of its units reported (they all report the same samples, though
+    a reason's text may differ between reads, e.g. an object address in a decoder's message).
+    """
+    before = job.skipped.get(shard, Counter())
+    if sum(reasons.values()) <= sum(before.values()):
+        return
+    total = Counter(job.summary["skipped_samples"])
+    total.subtract(before)
+    total.update(reasons)
+    job.summary["skipped_samples"] = {reason: n for reason, n in total.items() if n > 0}
+    job.skipped[shard] = Counter(reasons)
+    name = job.shards[shard].name
+    log.warning("shard %r: %d bad sample(s) skipped: %s", name, sum(reasons.values()), "; ".join(sorted(reasons)))
+
+
+# Finished units waiting for the writer thread: enough to ride out a slow write, few enough to bound memory.
+WRITE_QUEUE_UNITS = 4
+
+
+class UnitWriter:
+    """Writes finished units in a background thread, in order, so the teacher never waits on storage.
+
+    Each unit's chunks and then its marker are written by :meth:`Cache.write_unit` as before, so
+    SIGKILL still leaves only whole units done. The first write error stops the writer and is
+    raised in the teacher's thread (at the next unit it hands over, or at the end), naming the unit;
+    leaving the ``with`` block waits until every queued unit is written. ``depth`` 0 writes inline.
+    """
+
+    def __init__(self, cache: Cache, summary: dict[str, Any], depth: int | None = None):
+        self.cache, self.summary = cache, summary
+        self.depth = WRITE_QUEUE_UNITS if depth is None else depth
+        self.queue: queue.Queue = queue.Queue(maxsize=max(self.depth, 1))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
+
+    def __enter__(self) -> UnitWriter:
+        if self.depth:
+            self.thread.start()
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        t0 = time.perf_counter()
+        if self.depth:
+            self.queue.put(None)  # finished units queued before a failure are still written
+            self.thread.join()
+        self.summary["write_wait_s"] = round(self.summary.get("write_wait_s", 0.0) + time.perf_counter() - t0, 3)
+        if exc is None:
+            self._raise()
+
+    def submit(self, block: int, shard: int, unit: UnitData, count: int) -> None:
+        """Hand over a finished unit; blocks only while the store is slower than the teacher (or inline)."""
+        self._raise()
+        t0 = time.perf_counter()
+        if self.depth:
+            self.queue.put((block, shard, unit, count))
+        else:
+            self._write(block, shard, unit, count)
+        self.summary["write_wait_s"] = self.summary.get("write_wait_s", 0.0) + time.perf_counter() - t0
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after a failure, drain without writing so submit() never blocks
+                try:
+                    self._write(*item)
+                except BaseException as e:  # raised in the teacher's thread by _raise
+                    self.error = e
+
+    def _write(self, block: int, shard: int, unit: UnitData, count: int) -> None:
+        what = self.cache.meta.describe_unit(block, shard)
+        try:
+            self.cache.write_unit(block, shard, unit, count)
+        except OSError as e:
+            raise StorageError(f"cannot write {what} to cache {self.cache.url!r}: {type(e).__name__}: {e}") from e
+        except Exception as e:
+            e.add_note(f"while writing {what} to cache {self.cache.url!r}")
+            raise
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

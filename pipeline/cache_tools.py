@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .cache import Cache, open_cache
+from .cache import Cache, UnitDamaged, open_cache
 from .config import finish
 from .errors import CacheError
 from .models import autocast, load_teacher, resolve_device, topk_targets
@@ -22,30 +22,45 @@ from .shards import ShardInfo, iter_decoded, iter_raw, load_shard_list
 
 
 def status(url: str) -> dict[str, Any]:
-    """Completeness by view block and shard, storage, and teacher top-1 agreement with labels."""
+    """Completeness by view block and shard, damaged units, storage, and teacher top-1 agreement with labels.
+
+    Every finished unit is read back and checked against its checksum (the agreement needs its data
+    anyway); a damaged one is listed with why, never a crash.
+    """
     cache = open_cache(url)
     meta = cache.meta
     done = cache.done_counts()
     blocks, nshards = done.shape
     spans = [f"{meta.block_views(b).start}-{meta.block_views(b).stop - 1}" for b in range(blocks)]
     missing = [(b, s) for b in range(blocks) for s in range(nshards) if done[b, s] < 0]
+    finished = [(b, s) for b in range(blocks) for s in range(nshards) if done[b, s] >= 0]
+    damaged = cache.missing_objects(finished)
     agree = total = 0
-    for b in range(blocks):
-        for s in range(nshards):
-            if done[b, s] < 0:
-                continue
+    why: dict[tuple[int, int], str] = {u: f"{', '.join(keys)} missing" for u, keys in damaged.items()}
+    for b, s in finished:
+        if (b, s) in why:
+            continue
+        try:
             unit = cache.read_block(b, s)
-            valid = unit.labels >= 0
-            agree += int((unit.indices[:, valid, 0] == unit.labels[valid]).sum())
-            total += int(valid.sum()) * unit.indices.shape[0]
+        except UnitDamaged as e:
+            why[(b, s)] = e.why
+            continue
+        valid = unit.labels >= 0
+        agree += int((unit.indices[:, valid, 0] == unit.labels[valid]).sum())
+        total += int(valid.sum()) * unit.indices.shape[0]
+    intact = [(b, s) for b, s in finished if (b, s) not in why]
     stored = cache.nbytes_stored()
-    sample_views = sum(int(done[b][done[b] >= 0].sum()) * len(meta.block_views(b)) for b in range(blocks))
+    sample_views = sum(int(done[b, s]) * len(meta.block_views(b)) for b, s in intact)
     return {
         "cache": url,
-        "units_done": int((done >= 0).sum()),
+        "units_done": len(intact),
+        "units_damaged": len(why),
         "units_total": int(done.size),
-        "by_view_block": {spans[b]: f"{int((done[b] >= 0).sum())}/{nshards}" for b in range(blocks)},
+        "by_view_block": {spans[b]: f"{sum(1 for x, _ in intact if x == b)}/{nshards}" for b in range(blocks)},
         "missing_units": [{"views": spans[b], "shard": meta.shards[s].name} for b, s in missing],
+        "damaged_units": [
+            {"views": spans[b], "shard": meta.shards[s].name, "why": w} for (b, s), w in sorted(why.items())
+        ],
         "samples_views_cached": sample_views,
         "bytes_on_disk": stored,
         "bytes_per_sample_view": round(stored / sample_views, 2) if sample_views else None,
@@ -57,13 +72,16 @@ def status(url: str) -> dict[str, Any]:
     }
 
 
-def _check_keys(cache: Cache, shards: list[ShardInfo]) -> list[str]:
-    """Compare every stored key with the shards' keys (tar headers only, no decode)."""
+def _check_keys(cache: Cache, shards: list[ShardInfo], skip: set[int]) -> list[str]:
+    """Compare every stored key with the shards' keys (tar headers only, no decode).
+
+    Shards in ``skip`` (with a damaged unit, already reported) are left out: their keys may be the damage.
+    """
     problems = []
     done = cache.done_counts()
     for shard in shards:
         s = cache.shard_index(shard.name)
-        if not (done[:, s] >= 0).any():
+        if s in skip or not (done[:, s] >= 0).any():
             continue
         stored = cache.keys(s)
         for raw in iter_raw(shard, s, on_error="skip"):
@@ -74,6 +92,21 @@ def _check_keys(cache: Cache, shards: list[ShardInfo]) -> list[str]:
                 )
                 break
     return problems
+
+
+def _integrity(cache: Cache) -> tuple[list[str], set[tuple[int, int]], int]:
+    """Every finished unit's objects and checksum (no teacher): problems, damaged units, units checked."""
+    done = cache.done_counts()
+    finished = [(int(b), int(s)) for b, s in np.argwhere(done >= 0)]
+    damaged = cache.damaged_units(finished, verify=True)
+    problems = [f"{cache.meta.describe_unit(b, s)} is damaged: {why}" for (b, s), why in sorted(damaged.items())]
+    if len(problems) > 20:
+        problems = [*problems[:20], f"... and {len(problems) - 20} more damaged units"]
+    if damaged:
+        problems.append("run cache-teacher again with the cache's settings: it redoes damaged units")
+    if (done < 0).any():
+        problems.append(f"{int((done < 0).sum())} of {done.size} units are not done")
+    return problems, set(damaged), len(finished)
 
 
 @dataclass
@@ -92,8 +125,10 @@ class _Agreement:
         self.max_diff = max(self.max_diff, float(np.abs(cached_val - live_val).max()))
 
 
-def _pick(cache: Cache, shards: list[ShardInfo], n: int, seed: int) -> dict[tuple[int, int], set[int]]:
-    """``n`` random (shard, view, position) triples among finished units, grouped by (shard, view)."""
+def _pick(
+    cache: Cache, shards: list[ShardInfo], n: int, seed: int, damaged: set[tuple[int, int]]
+) -> dict[tuple[int, int], set[int]]:
+    """``n`` random (shard, view, position) triples among intact finished units, grouped by (shard, view)."""
     rng = random.Random(seed)
     done = cache.done_counts()
     names = {s.name for s in shards}
@@ -101,7 +136,7 @@ def _pick(cache: Cache, shards: list[ShardInfo], n: int, seed: int) -> dict[tupl
         (b, s)
         for b in range(done.shape[0])
         for s in range(done.shape[1])
-        if done[b, s] > 0 and cache.meta.shards[s].name in names
+        if done[b, s] > 0 and cache.meta.shards[s].name in names and (b, s) not in damaged
     ]
     picks: dict[tuple[int, int], set[int]] = defaultdict(set)
     for _ in range(n if candidates else 0):
@@ -112,29 +147,35 @@ def _pick(cache: Cache, shards: list[ShardInfo], n: int, seed: int) -> dict[tupl
 
 
 def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
-    """Re-run the teacher live on random replayed (sample, view) pairs and compare with the cache.
+    """Check every array and every finished unit's checksum, the keys against the shards, then re-run the
+    teacher live on random replayed (sample, view) pairs and compare with the cache.
 
-    Returns a report with ``ok`` False when a key, the completeness, the top-1 agreement or the max
-    |logit difference| is beyond tolerance.
+    Returns a report with ``ok`` False when an array or unit is damaged, a key differs, a unit is
+    missing, or the top-1 agreement or max |logit difference| is beyond tolerance.
     """
     cfg = finish(cfg)
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache)  # every array's metadata is checked against the attributes here
     meta = cache.meta
-    problems: list[str] = []
+    problems, damaged, checked = _integrity(cache)
     if storage.sha256_file(cfg.teacher_checkpoint) != meta.teacher["checkpoint_sha256"]:
         problems.append(f"teacher checkpoint {cfg.teacher_checkpoint!r} is not the one this cache was built with")
     shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards})
-    problems += _check_keys(cache, shards)
-    done = cache.done_counts()
-    if (done < 0).any():
-        problems.append(f"{int((done < 0).sum())} of {done.size} units are not done")
+    problems += _check_keys(cache, shards, {s for _, s in damaged})
+    agreement = _live_check(cfg, cache, shards, damaged)
+    report = _report(cfg, meta.topk, agreement, problems, min_top1)
+    return {**report, "units_verified": checked - len(damaged), "units_damaged": len(damaged)}
+
+
+def _live_check(cfg: VerifyConfig, cache: Cache, shards: list[ShardInfo], damaged: set) -> _Agreement:
+    """Replay random (sample, view) pairs of intact units and compare the live teacher with the cache."""
+    meta = cache.meta
     device = resolve_device(cfg.device)
     t = meta.teacher
     teacher, _ = load_teacher(t["name"], meta.num_classes, cfg.teacher_checkpoint, device, t.get("kwargs"))
     recipe = make_recipe(meta.recipe)
     by_name = {s.name: s for s in shards}
     agreement = _Agreement()
-    for (s, v), positions in sorted(_pick(cache, shards, cfg.samples, cfg.seed).items()):
+    for (s, v), positions in sorted(_pick(cache, shards, cfg.samples, cfg.seed, damaged).items()):
         shard = by_name[meta.shards[s].name]
         rows = cache.read_view(v, s)
         samples = iter_decoded(shard, s, meta.num_classes, on_error="skip")
@@ -153,7 +194,7 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
                 indices[j].cpu().numpy(),
                 values[j].cpu().numpy(),
             )
-    return _report(cfg, meta.topk, agreement, problems, min_top1)
+    return agreement
 
 
 def _report(cfg: VerifyConfig, k: int, a: _Agreement, problems: list[str], min_top1: float) -> dict[str, Any]:

@@ -4,8 +4,10 @@ A ``KeyboardInterrupt`` raised wherever the signal lands (inside a DataLoader st
 inside a collective, inside a checkpoint write) can be swallowed or leave state half-written. Instead
 the handler only records the signal; the training loop checks it once per step, at an optimizer-step
 boundary, saves ``last.pth`` at that exact position and stops with :class:`RunInterrupted`. Loader
-workers ignore both signals (the batch system sends them to the whole process group): the main
-process shuts them down itself.
+workers ignore Ctrl-C (a terminal sends it to the whole process group; the main process shuts them
+down). They keep SIGTERM's default, which is how ``multiprocessing`` ends them at exit; a batch
+system's SIGTERM to the group may end them first, and the trainer then takes the failed fetch as the
+stop it was asked for.
 """
 
 from __future__ import annotations
@@ -71,6 +73,5 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def ignore_in_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers leave SIGINT/SIGTERM to the main process."""
-    for s in _SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: workers leave Ctrl-C to the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -103,6 +103,11 @@ class CacheConfig:
     force_new: bool = option(
         False, help="replace an existing cache whose settings differ (one with the same settings is resumed)"
     )
+    verify_done: bool = option(
+        True,
+        help="before computing, read back this job's finished units and check their checksums, redoing damaged "
+        "ones (about 10 ms a unit on local disk); --no-verify-done only checks that their objects exist (a listing)",
+    )
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
 
     def check(self) -> None:

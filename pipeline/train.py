@@ -308,32 +308,27 @@ class Trainer:
         t0, seen, loss_sum, trained = time.perf_counter(), 0, 0.0, 0
         mode = cfg.progress if self.dist.main else "off"
         with progress_bar(f"epoch {epoch} (views {views})", total=steps, unit="step", mode=mode) as bar:
-            for step in range(steps):
-                batch = next(batches, None)
-                # One collective per step: a rank out of data, or asked to stop (only between optimizer steps).
-                safe = step % cfg.accum_steps == 0
-                stop_now = safe and self.stop.received is not None
-                out_of_data, stop_now = any_rank([batch is None, stop_now], self.dist, self.device)
-                if stop_now:
-                    self._interrupted(epoch, max(step, p.step_in_epoch))
-                if out_of_data:
-                    log.warning("epoch %d: a rank ran out of data at step %d of %d", epoch, step, steps)
-                    break
-                if step < p.step_in_epoch:  # resuming mid-epoch: the data position is replayed, not retrained
-                    bar.advance()
-                    continue
-                loss, base, distill = self.train_step(batch, step, steps)
-                seen, loss_sum, trained = seen + len(batch["keys"]), loss_sum + loss, trained + 1
-                rate = seen * self.dist.world / max(time.perf_counter() - t0, 1e-9)
-                lr = self.optimizer.param_groups[0]["lr"]
-                bar.advance()
-                bar.set(loss=loss, lr=lr, img_s=rate)
-                if cfg.log_every and (step + 1) % cfg.log_every == 0:
-                    fields = {"loss": loss, "base_loss": base, "distill_loss": distill, "lr": lr}
-                    self.metrics.write("train", epoch=epoch, step=step + 1, **fields, img_per_s=round(rate, 2))
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                    p.epoch, p.step_in_epoch = epoch, step + 1
-                    self.checkpointer.save(self.state_dict())
+            try:
+                for step in range(steps):
+                    batch = self._next(batches)
+                    # One collective per step: a rank out of data, or asked to stop. A stop waits for the end of an
+                    # accumulation cycle, unless the loader is gone; then the cycle's unapplied steps are redone.
+                    stopping = self.stop.received is not None and (step % cfg.accum_steps == 0 or batch is None)
+                    out_of_data, stopping = any_rank([batch is None, stopping], self.dist, self.device)
+                    if stopping:
+                        self._interrupted(epoch, max(step - step % cfg.accum_steps, p.step_in_epoch))
+                    if out_of_data:
+                        log.warning("epoch %d: a rank ran out of data at step %d of %d", epoch, step, steps)
+                        break
+                    if step < p.step_in_epoch:  # resuming mid-epoch: the data position is replayed, not retrained
+                        bar.advance()
+                        continue
+                    loss, base, distill = self.train_step(batch, step, steps)
+                    seen, loss_sum, trained = seen + len(batch["keys"]), loss_sum + loss, trained + 1
+                    rate = seen * self.dist.world / max(time.perf_counter() - t0, 1e-9)
+                    self._log_step(bar, epoch, step, steps, loss, base, distill, rate)
+            finally:
+                batches.close()  # shuts the epoch's loader workers down now, also when the epoch fails
         p.epoch, p.step_in_epoch = epoch + 1, 0
         self.scheduler.step(epoch + 1)
         elapsed = time.perf_counter() - t0
@@ -345,6 +340,32 @@ class Trainer:
             "img_per_s": round(seen * self.dist.world / max(elapsed, 1e-9), 2),
             "epoch_s": round(elapsed, 3),
         }
+
+    def _next(self, batches: Any) -> dict[str, Any] | None:
+        """The next batch; a loader that fails after a stop signal (a batch system's SIGTERM reaches the
+        workers too) means: stop here."""
+        try:
+            return next(batches, None)
+        except Exception:
+            if self.stop.received is None:
+                raise
+            log.warning("the data loader stopped after signal %d; stopping at this step", self.stop.received)
+            return None
+
+    def _log_step(
+        self, bar: Any, epoch: int, step: int, steps: int, loss: float, base: float, distill: float, rate: float
+    ) -> None:
+        """Progress display, metrics line every ``log_every`` steps, and the mid-epoch checkpoint."""
+        cfg, p = self.cfg, self.position
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar.advance()
+        bar.set(loss=loss, lr=lr, img_s=rate)
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            fields = {"loss": loss, "base_loss": base, "distill_loss": distill, "lr": lr}
+            self.metrics.write("train", epoch=epoch, step=step + 1, **fields, img_per_s=round(rate, 2))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            p.epoch, p.step_in_epoch = epoch, step + 1
+            self.checkpointer.save(self.state_dict())
 
     def train_step(self, batch: dict[str, Any], step: int, steps: int) -> tuple[float, float, float]:
         """Forward, backward and (at the end of an accumulation) an optimizer step.

@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 import pipeline.replay
 import pipeline.shards
 from cli.main import app
+from pipeline.cache import open_cache
 from pipeline.cache_teacher import run
 from pipeline.options import CacheConfig
 
@@ -105,7 +106,10 @@ def _read_tar(path: Path) -> list[tuple[str, bytes, int]]:
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(path), mode="r")
-    return {name: np.asarray(g[name][...]) for name in ("values", "indices", "logsumexp", "labels", "keys", "done")}
+    return {
+        name: np.asarray(g[name][...])
+        for name in ("values", "indices", "logsumexp", "labels", "keys", "digests", "done")
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +134,7 @@ def test_eval_cache_matches_independent_teacher_run(eval_cache, digits_shards, t
             T.Resize(math.floor(32 / 0.875), interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(32),
             T.ToTensor(),
+            T.Lambda(lambda x: x.half().float()),  # the documented model input: float32(float16(k / 255))
             T.Normalize(mean, std),
         ]
     )
@@ -147,7 +152,7 @@ def test_eval_cache_matches_independent_teacher_run(eval_cache, digits_shards, t
 
     assert np.asarray(g["keys"][...])[rows_np].tolist() == keys
     assert np.asarray(g["labels"][...])[rows_np].tolist() == labels
-    assert (np.asarray(g["done"][...]) == 40).all()
+    assert (np.asarray(g["done"][..., 0]) == 40).all()
     for v in range(2):  # the eval recipe has no randomness: both views hold the same targets
         values = torch.from_numpy(np.asarray(g["values"][v])[rows_np].astype(np.float32))
         indices = torch.from_numpy(np.asarray(g["indices"][v])[rows_np].astype(np.int64))
@@ -175,7 +180,8 @@ def test_cache_is_plain_zarr_with_design_layout(deit_cache, digits_shards, tiny_
         "indices": (np.int16, (v, rows, K), (2, cap, K)),
         "logsumexp": (np.float32, (v, rows, 2), (2, cap, 2)),
         "labels": (np.int32, (rows,), (cap,)),
-        "done": (np.int32, (2, nshards), (1, 1)),
+        "digests": (np.uint64, (rows,), (cap,)),
+        "done": (np.int64, (2, nshards, 2), (1, 1, 2)),
     }
     for name, (dtype, shape, chunks) in expect.items():
         arr = g[name]
@@ -190,7 +196,8 @@ def test_cache_is_plain_zarr_with_design_layout(deit_cache, digits_shards, tiny_
     assert sorted(set(key_values.tolist())) == sorted(key_values.tolist()), "keys are unique"
     labels = np.asarray(g["labels"][...])
     assert ((labels >= 0) & (labels < 10)).all()
-    assert (np.asarray(g["done"][...]) == 40).all()
+    assert (np.asarray(g["done"][..., 0]) == 40).all()
+    assert (np.asarray(g["digests"][...]) == 0).all(), "digests are reserved: 0 = unknown until phase 1 fills them"
     values = np.asarray(g["values"][...]).astype(np.float32)
     assert (np.diff(values, axis=-1) <= 0).all(), "top-k values sorted descending"
     indices = np.asarray(g["indices"][...])
@@ -201,7 +208,7 @@ def test_cache_is_plain_zarr_with_design_layout(deit_cache, digits_shards, tiny_
     assert (lse[..., 0] >= values[..., 0] - 1e-3).all()
     assert (lse[..., 1] >= values[..., 0] / 3.0 - 1e-3).all()
 
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     assert meta["topk"] == K and meta["temperatures"] == [1.0, 3.0]
     assert meta["views"] == 4 and meta["view_block"] == 2 and meta["seed"] == 0 and meta["capacity"] == cap
     assert [(s["name"], s["count"]) for s in meta["shards"]] == [(f"train-{i:06d}.tar", 40) for i in range(3)]
@@ -247,7 +254,7 @@ def test_other_teacher_weights_refused_then_force_new_replaces(
     meta = g.attrs["stillroom"]
     assert meta["teacher"]["checkpoint_sha256"] == hashlib.sha256(Path(other_teacher).read_bytes()).hexdigest()
     assert meta["fingerprint"] != before["fingerprint"]
-    assert np.asarray(g["done"][...]).tolist() == [[40, 40, 40], [-1, -1, -1]]
+    assert np.asarray(g["done"][..., 0]).tolist() == [[40, 40, 40], [-1, -1, -1]]
     old = zarr.open_group(str(deit_cache), mode="r")
     assert not np.array_equal(np.asarray(g["values"][0:2]), np.asarray(old["values"][0:2]))
     assert np.array_equal(np.asarray(g["keys"][...]), np.asarray(old["keys"][...]))
@@ -320,22 +327,29 @@ def test_verify_cache_passes_good_cache(deit_cache, digits_shards, tiny_teacher)
 def test_verify_cache_fails_tampered_values(tmp_path, deit_cache, digits_shards, tiny_teacher):
     out = tmp_path / "cache"
     shutil.copytree(deit_cache, out)
-    g = zarr.open_group(str(out), mode="r+")
-    vals = np.asarray(g["values"][...])
-    vals[1:3, 40:80] += np.float16(0.25)  # views 1-2 of shard 1: top-k still sorted, just wrong
-    g["values"][...] = vals
+    # Wrong targets with valid checksums (what a nondeterministic or swapped teacher would write):
+    # only the live teacher can tell. Views 0-1 of shard 1: top-k still sorted, just wrong.
+    cache = open_cache(str(out), mode="r+")
+    unit = cache.read_block(0, 1)
+    unit.values += np.float16(0.25)
+    cache.write_unit(0, 1, unit, 40)
     result = _verify(out, digits_shards, tiny_teacher)
     assert result.exit_code == 1, _output(result)
     assert "max |logit difference|" in _output(result)
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["units_damaged"] == 0 and report["units_verified"] == 6
 
 
 def test_verify_cache_fails_swapped_keys(tmp_path, deit_cache, digits_shards, tiny_teacher):
     out = tmp_path / "cache"
     shutil.copytree(deit_cache, out)
-    g = zarr.open_group(str(out), mode="r+")
-    keys = np.asarray(g["keys"][...]).astype(object)
-    keys[[42, 43]] = keys[[43, 42]]
-    g["keys"][...] = keys.astype(str)
+    # Swapped with valid checksums (a cache built from other shards with the same names and counts):
+    # only the comparison with the shards can tell. Rows 42-43 = positions 2-3 of shard 1.
+    cache = open_cache(str(out), mode="r+")
+    units = [cache.read_block(block, 1) for block in range(2)]  # both first: the keys chunk is the shard's
+    for block, unit in enumerate(units):
+        unit.keys[[2, 3]] = unit.keys[[3, 2]]
+        cache.write_unit(block, 1, unit, 40)
     result = _verify(out, digits_shards, tiny_teacher)
     assert result.exit_code == 1, _output(result)
     assert "train-000001.tar" in _output(result) and "position 2" in _output(result)
@@ -388,3 +402,36 @@ def test_each_image_decoded_once_per_unit(
     assert len(calls) == 120, "every image decoded"
     assert set(calls.values()) == {units_per_shard}, "one decode per image per unit, not per view"
     assert summary["images"] == 120 * units_per_shard
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A bad sample is counted once, not once per view block
+
+
+def _shard_with_a_bad_image(src: Path, out: Path, bad: int) -> Path:
+    """A copy of ``src`` whose ``bad``-th sample's image bytes are garbage (the tar itself stays valid)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
+        members = tin.getmembers()
+        bad_key = sorted({m.name.split(".", 1)[0] for m in members})[bad]
+        for m in members:
+            data = tin.extractfile(m).read()
+            if m.name == f"{bad_key}.png":
+                data = b"not an image at all"
+                m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    return out
+
+
+def test_bad_sample_is_counted_once_not_once_per_view_block(tmp_path, caplog, digits_shards, tiny_teacher):
+    shard = _shard_with_a_bad_image(Path(digits_shards).parent / "train-000000.tar", tmp_path / "d" / "bad.tar", 5)
+    cfg = _cfg(str(shard), tiny_teacher, tmp_path / "cache", views=4, view_block=1, num_classes=10, on_error="skip")
+    with caplog.at_level("WARNING"):
+        summary = run(cfg)
+    assert summary["units_done"] == 4  # 4 view blocks of one shard, each re-reading the bad sample
+    assert sum(summary["skipped_samples"].values()) == 1, summary["skipped_samples"]
+    per_sample = [r for r in caplog.records if r.getMessage().startswith("skipped 1 sample(s) at shard")]
+    assert len(per_sample) == 1, [r.getMessage() for r in per_sample]
+    per_shard = [r for r in caplog.records if "bad sample(s) skipped" in r.getMessage()]
+    assert [r.getMessage().split(": ")[0] for r in per_shard] == ["shard 'bad.tar'"]
+    assert (_arrays(tmp_path / "cache")["done"][..., 0] == 39).all(), "each unit holds the 39 good samples"

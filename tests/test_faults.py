@@ -28,12 +28,12 @@ import zarr
 from conftest import TINY_CACHE, TINY_STUDENT, done_markers, stillroom_cmd, tiny_cache_config, write_digits_shards
 
 from pipeline.cache_teacher import run
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, StorageError
 from pipeline.options import CacheConfig, TrainConfig
 from pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")
+ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "digests", "done")
 RECIPE = {"name": "deit"}
 SETTINGS = {
     **TINY_CACHE,
@@ -70,7 +70,7 @@ def _files(out: Path) -> dict[str, bytes]:
 
 def _assert_same(out: Path, ref: Path) -> None:
     a, b = _arrays(out), _arrays(ref)
-    assert (a["done"] == 40).all(), f"every unit done once with its shard's count: {a['done']}"
+    assert (a["done"][..., 0] == 40).all(), f"every unit done once with its shard's count: {a['done'][..., 0]}"
     for name in ARRAYS:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         if name == "keys":
@@ -100,18 +100,19 @@ def test_disk_full_before_done_marker_is_not_claimed(tmp_path, monkeypatch, refe
 
     def setitem(self, key, value):
         if self.path.rsplit("/", 1)[-1] == "done":
-            markers.append(tuple(int(x) for x in key))
+            markers.append(tuple(int(x) for x in key[:2]))  # key: (block, shard, all of count and checksum)
             if len(markers) == 2:
                 raise OSError(errno.ENOSPC, "No space left on device (simulated)")
         return real_setitem(self, key, value)
 
     monkeypatch.setattr(array_type, "__setitem__", setitem)
-    with pytest.raises(OSError) as e:
+    # The background writer's failure surfaces in the run, as one error line naming the unit and the cache.
+    with pytest.raises(StorageError, match=r"cannot write views \d-\d of shard 'train-00000\d\.tar' to cache") as e:
         run(_cache_cfg(digits_shards, tiny_teacher, out))
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.__cause__.errno == errno.ENOSPC
     monkeypatch.undo()
 
-    done = _arrays(out)["done"]
+    done = _arrays(out)["done"][..., 0]
     first, failed = markers
     assert done[first] == 40 and done[failed] == -1, done  # the failed unit is not claimed
     assert int((done >= 0).sum()) == 1, done
@@ -198,7 +199,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, reference, digits_shards
             assert p.wait() == -signal.SIGKILL
         now = done_markers(out)
         assert before <= now < UNITS, (kill, before, now)
-        done = _arrays(out)["done"]
+        done = _arrays(out)["done"][..., 0]
         assert int((done >= 0).sum()) == now and set(done[done >= 0].tolist()) <= {40}
         before = now
     text = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
