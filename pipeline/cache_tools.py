@@ -123,7 +123,7 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
     problems: list[str] = []
     if storage.sha256_file(cfg.teacher_checkpoint) != meta.teacher["checkpoint_sha256"]:
         problems.append(f"teacher checkpoint {cfg.teacher_checkpoint!r} is not the one this cache was built with")
-    shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards})
+    shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards}, label_key=cfg.label_key)
     problems += _check_keys(cache, shards)
     done = cache.done_counts()
     if (done < 0).any():
