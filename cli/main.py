@@ -20,6 +20,7 @@ import typer
 from cli.flags import command_from
 from pipeline.errors import StillroomError
 from pipeline.options import CacheConfig, DemoConfig, EvalConfig, PackConfig, StatusConfig, TrainConfig, VerifyConfig
+from pipeline.storage import storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -44,6 +45,8 @@ def _pack(cfg: PackConfig) -> None:
     meta = pack(**dataclasses.asdict(cfg))
     for split, m in meta.items():
         typer.echo(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> {cfg.out}/{m['pattern']}")
+    for s in next(iter(meta.values()))["skipped"]:
+        typer.echo(f"not packed: {s['count']} file(s), {s['reason']}, e.g. {', '.join(s['examples'])}")
 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
@@ -106,6 +109,13 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
             action(config())
         except StillroomError as e:
             typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except Exception as e:
+            # A storage fault surfacing through zarr or fsspec (endpoint refusing or silent) is not a bug.
+            err = storage_error(e)
+            if err is None:
+                raise
+            typer.secho(f"error: {err}", fg="red", err=True)
             raise typer.Exit(2) from None
 
     return run
