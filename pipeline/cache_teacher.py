@@ -142,6 +142,8 @@ def _capacity(cfg: CacheConfig, shards: list[ShardInfo]) -> int:
 def prepare(cfg: CacheConfig) -> Phase1:
     """Resolve shards, teacher and recipe; create or reopen the cache (refusing a mismatch)."""
     shards = load_shard_list(cfg.shards, label_key=cfg.label_key)
+    # An unreachable cache store must fail here, in one line, not in cache creation's wait for other jobs.
+    storage.exists(cfg.out)
     num_classes = _num_classes(cfg, shards)
     recipe = make_recipe(cfg.recipe, cfg.img_size)
     device = resolve_device(cfg.device)

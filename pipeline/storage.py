@@ -16,6 +16,7 @@ import hashlib
 import os
 import posixpath
 import shlex
+import sys
 from collections.abc import Iterator
 from typing import IO
 from urllib.parse import urlsplit
@@ -24,14 +25,24 @@ import fsspec
 
 from .errors import StillroomError, StorageError
 
-# s3fs, wrapped so that every S3 filesystem (ours, zarr's) gets stillroom's timeouts and retries.
-for _protocol in ("s3", "s3a"):
-    fsspec.register_implementation(
-        _protocol,
-        "pipeline.s3.S3FileSystem",
-        clobber=True,
-        errtxt="s3:// URLs need s3fs: pip install 'stillroom[s3]' (or pip install s3fs)",
-    )
+
+def _register_s3() -> None:
+    """Make every S3 filesystem (ours, zarr's) stillroom's s3fs, with its timeouts and retries.
+
+    By name, so that s3fs is imported only when an ``s3://`` URL is used; by class if something
+    already imported s3fs (fsspec would keep the plain class it has registered).
+    """
+    cls: str | type = "pipeline.s3.S3FileSystem"
+    if "s3fs" in sys.modules:
+        from .s3 import S3FileSystem
+
+        cls = S3FileSystem
+    for protocol in ("s3", "s3a"):
+        errtxt = "s3:// URLs need s3fs: pip install 'stillroom[s3]' (or pip install s3fs)"
+        fsspec.register_implementation(protocol, cls, clobber=True, errtxt=errtxt)
+
+
+_register_s3()
 
 # What a ``pipe:`` command reads is named by its last argument ending like a tar file.
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
