@@ -283,7 +283,7 @@ class Cache:
         return np.asarray(self.group["keys"][self.meta.shard_rows(shard)])
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk (local stores only; 0 elsewhere)."""
+        """Bytes stored, on disk or under the remote prefix (fsspec ``du``)."""
         return storage.tree_size(self.url)
 
     # -- matching a training run ----------------------------------------------------------------
