@@ -346,8 +346,7 @@ def test_repacking_without_val_removes_the_stale_val_split(tmp_path):
 
 def test_pack_sidecar_is_a_wids_index(tmp_path, monkeypatch):
     """webdataset's wids reads pack's sidecar as a data set; stillroom starts from it without opening a tar."""
-    import wids
-
+    wids = pytest.importorskip("wids")  # the dev extra installs it
     from pipeline import shards as shards_mod
 
     write_digits_shards(tmp_path / "out", 100, 40)  # pack's own writer, on fewer digits
