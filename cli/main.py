@@ -100,6 +100,19 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _message(e: BaseException) -> str:
+    """The error's one-line message; for one re-raised from a DataLoader worker, the original's.
+
+    torch re-raises a worker's exception as ``Caught DataError in DataLoader worker process 0.``
+    followed by the worker's traceback, whose last line is ``pipeline.errors.DataError: <message>``.
+    """
+    text = str(e)
+    if text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], None]:
     """Log setup, the config, then ``action``; an expected failure becomes one ``error:`` line and status 2."""
 
@@ -108,7 +121,7 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
         try:
             action(config())
         except StillroomError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
+            typer.secho(f"error: {_message(e)}", fg="red", err=True)
             raise typer.Exit(2) from None
         except Exception as e:
             # A storage fault surfacing through zarr or fsspec (endpoint refusing or silent) is not a bug.

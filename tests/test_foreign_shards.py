@@ -251,3 +251,19 @@ def test_count_matches_reader_on_foreign_tars(tmp_path):
     [shard] = load_shard_list(url)
     assert count_samples(url) == shard.count == 2
     assert [(r.key, r.position, r.label) for r in iter_raw(shard, 0)] == [("a/s1", 0, 0), ("a/s2", 1, 1)]
+
+
+def test_bad_sample_read_by_a_loader_worker_ends_in_one_line(tmp_path, tiny_teacher):
+    """torch re-raises a worker's DataError with the worker's traceback in its message: the CLI still
+    prints the one line naming shard and key."""
+    url = str(tmp_path / "w-000000.tar")
+    with wds.TarWriter(url) as sink:
+        sink.write({"__key__": "good", "png": encode(photo(1, (32, 32)), "PNG"), "cls": b"1"})
+        sink.write({"__key__": "junk", "png": b"not an image", "cls": b"1"})
+    args = cache_cli_args(url, tiny_teacher, tmp_path / "c", views=2, view_block=2, workers=1, num_classes=10)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert url in errors[0] and "'junk'" in errors[0] and "undecodable image" in errors[0], errors[0]
