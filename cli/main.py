@@ -22,6 +22,7 @@ from cli.flags import command_from
 from pipeline.errors import StillroomError
 from pipeline.interrupt import sigterm_interrupts
 from pipeline.options import CacheConfig, DemoConfig, EvalConfig, PackConfig, StatusConfig, TrainConfig, VerifyConfig
+from pipeline.storage import storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -47,6 +48,8 @@ def _pack(cfg: PackConfig) -> None:
     meta = pack(**dataclasses.asdict(cfg))
     for split, m in meta.items():
         typer.echo(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> {cfg.out}/{m['pattern']}")
+    for s in next(iter(meta.values()))["skipped"]:
+        typer.echo(f"not packed: {s['count']} file(s), {s['reason']}, e.g. {', '.join(s['examples'])}")
 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
@@ -102,14 +105,17 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
-def _one_line(e: StillroomError) -> str:
-    """The error's message; one a DataLoader worker re-raised is wrapped in the worker's traceback text,
-    whose last line is ``module.ErrorType: message``."""
+def _message(e: BaseException) -> str:
+    """The error's one-line message; for one re-raised from a DataLoader worker, the original's.
+
+    torch re-raises a worker's exception as ``Caught DataError in DataLoader worker process 0.``
+    followed by the worker's traceback, whose last line is ``pipeline.errors.DataError: <message>``.
+    """
     text = str(e)
-    if "Original Traceback" not in text:
-        return text
-    last = text.rstrip().splitlines()[-1]
-    return last.split(": ", 1)[1] if ": " in last else last
+    if text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], None]:
@@ -121,7 +127,14 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
         try:
             action(config())
         except StillroomError as e:
-            typer.secho(f"error: {_one_line(e)}", fg="red", err=True)
+            typer.secho(f"error: {_message(e)}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except Exception as e:
+            # A storage fault surfacing through zarr or fsspec (endpoint refusing or silent) is not a bug.
+            err = storage_error(e)
+            if err is None:
+                raise
+            typer.secho(f"error: {err}", fg="red", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:
             signum = int(getattr(e, "signum", signal.SIGINT))

@@ -490,7 +490,7 @@ class Cache:
         return self._read("keys", (self.meta.shard_rows(shard),), 0, shard)
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk (local stores only; 0 elsewhere)."""
+        """Bytes stored, on disk or under the remote prefix (fsspec ``du``)."""
         return storage.tree_size(self.url)
 
     # -- damage -------------------------------------------------------------------------------

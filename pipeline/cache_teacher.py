@@ -29,7 +29,7 @@ from . import storage
 from .cache import Cache, CacheMeta, UnitData, create_or_open
 from .config import finish
 from .errors import ConfigError, StorageError
-from .models import autocast, load_teacher, resolve_device, topk_targets
+from .models import autocast, checkpoint_num_classes, load_teacher, resolve_device, topk_targets
 from .options import CacheConfig
 from .partition import job_slot, my_share
 from .progress import progress_bar
@@ -124,9 +124,17 @@ def build_teacher(cfg: CacheConfig, num_classes: int, device: torch.device) -> t
 
 
 def _num_classes(cfg: CacheConfig, shards: list[ShardInfo]) -> int:
+    """--num-classes, else the pack sidecar's, else the teacher checkpoint's classifier size."""
     num_classes = cfg.num_classes or num_classes_from_sidecar(shards[0].url)
     if not num_classes:
-        raise ConfigError("number of classes unknown: pass --num-classes (no pack sidecar next to the shards)")
+        num_classes = checkpoint_num_classes(cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_pretrained)
+        if num_classes:
+            log.info("%d classes: the teacher classifier's output size (no --num-classes, no sidecar)", num_classes)
+    if not num_classes:
+        raise ConfigError(
+            "number of classes unknown: pass --num-classes (no pack sidecar next to the shards, and the "
+            "teacher checkpoint does not show its classifier)"
+        )
     if cfg.topk > num_classes:
         raise ConfigError(f"--topk {cfg.topk} is larger than the number of classes ({num_classes})")
     return num_classes
@@ -142,7 +150,9 @@ def _capacity(cfg: CacheConfig, shards: list[ShardInfo]) -> int:
 
 def prepare(cfg: CacheConfig) -> Phase1:
     """Resolve shards, teacher and recipe; create or reopen the cache (refusing a mismatch)."""
-    shards = load_shard_list(cfg.shards)
+    shards = load_shard_list(cfg.shards, label_key=cfg.label_key)
+    # An unreachable cache store must fail here, in one line, not in cache creation's wait for other jobs.
+    storage.exists(cfg.out)
     num_classes = _num_classes(cfg, shards)
     recipe = make_recipe(cfg.recipe, cfg.img_size, cfg.repeats)
     if cfg.views % recipe.repeats:

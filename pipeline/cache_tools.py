@@ -159,7 +159,7 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
     problems, damaged, checked = _integrity(cache)
     if storage.sha256_file(cfg.teacher_checkpoint) != meta.teacher["checkpoint_sha256"]:
         problems.append(f"teacher checkpoint {cfg.teacher_checkpoint!r} is not the one this cache was built with")
-    shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards})
+    shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards}, label_key=cfg.label_key)
     problems += _check_keys(cache, shards, {s for _, s in damaged})
     agreement = _live_check(cfg, cache, shards, damaged)
     report = _report(cfg, meta.topk, agreement, problems, min_top1)

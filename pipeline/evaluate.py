@@ -105,7 +105,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     wrapped = Normalized(model, tuple(meta["mean"]), tuple(meta["std"])).to(device)
     result = evaluate(
         wrapped,
-        load_shard_list(cfg.shards),
+        load_shard_list(cfg.shards, label_key=cfg.label_key),
         int(meta["img_size"]),
         int(meta["num_classes"]),
         device,

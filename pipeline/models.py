@@ -183,3 +183,28 @@ def topk_targets(
     values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
     lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
     return (values.half() if half else values), indices, lse
+
+
+def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool = False) -> int | None:
+    """The class count a teacher's weights were trained for: its classifier's output size.
+
+    timm names each model's classifier in its pretrained config (``head.fc`` for RegNets, ``fc`` for
+    ResNets, ``("head", "head_dist")`` for distilled DeiTs): the rows of ``<classifier>.weight`` in the
+    checkpoint are the classes. Without a checkpoint, timm's pretrained weights have the config's
+    ``num_classes``. None when the model or checkpoint does not say.
+    """
+    if not timm.is_model(name):
+        raise ConfigError(f"model {name!r} is not a timm model")
+    cfg = timm.models.get_pretrained_cfg(name)
+    if checkpoint is None:
+        return int(cfg.num_classes) if pretrained and cfg and cfg.num_classes else None
+    heads = cfg.classifier if cfg else None
+    heads = [heads] if isinstance(heads, str) else list(heads or [])
+    sd, meta = read_state_dict(checkpoint)
+    if meta.get("num_classes"):
+        return int(meta["num_classes"])
+    for head in heads:
+        weight = sd.get(f"{head}.weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None

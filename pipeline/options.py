@@ -20,9 +20,12 @@ PROGRESS = ("auto", "bar", "log", "off")
 PROGRESS_HELP = "progress display: auto (a bar on a terminal, plain log lines otherwise), bar, log or off"
 ON_ERROR_HELP = "raise: stop at a bad sample, naming shard and key; skip: count and log it, then go on"
 SHARDS_HELP = (
-    "shard URLs: a path, brace pattern (train-{000000..000146}.tar), glob, fsspec URL (s3://...) or "
-    "pipe: command; repeat the flag (or give a YAML list) for several"
+    "shard URLs: a path, brace pattern (train-{000000..000146}.tar), glob, fsspec URL (s3://...), "
+    "pipe: command naming its .tar, or a shard index (.json: wids, or the sidecar pack writes); "
+    "plain or gzipped tars of samples (jpg/png/webp/tif/bmp/gif + .cls, or .json with --label-key); "
+    "repeat the flag (or give a YAML list) for several"
 )
+LABEL_KEY_HELP = "read each sample's label from its .json under this key instead of its .cls"
 
 
 def _positive(**values: float | None) -> None:
@@ -69,12 +72,15 @@ class CacheConfig:
     """Options of ``stillroom cache-teacher`` (phase 1)."""
 
     shards: list[str] = option(factory=list, help=SHARDS_HELP)
+    label_key: str | None = option(None, help=LABEL_KEY_HELP)
     out: str = option("", help="cache location: a local path or fsspec URL of a zarr v3 group")
     teacher: str = option("regnety_160", help="timm model name of the teacher")
     teacher_checkpoint: str | None = option(None, help=".pth/.safetensors weights (timm or plain state dict)")
     teacher_pretrained: bool = option(False, help="load timm's pretrained weights (needs a model hub)")
     teacher_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments, as YAML")
-    num_classes: int | None = option(None, help="number of classes (default: from the pack sidecar)")
+    num_classes: int | None = option(
+        None, help="number of classes (default: from the pack sidecar, else the teacher checkpoint's classifier)"
+    )
     recipe: str | dict[str, Any] = option(
         "deit", help="augmentation recipe: deit (random views), eval (resize + center crop) or a YAML mapping"
     )
@@ -148,6 +154,7 @@ class TrainConfig:
 
     shards: list[str] = option(factory=list, help=SHARDS_HELP)
     val_shards: list[str] = option(factory=list, help="validation shard URLs (same forms as --shards)")
+    label_key: str | None = option(None, help=LABEL_KEY_HELP)
     cache: str | None = option(None, help="teacher cache made by cache-teacher")
     out: str = option("runs/student", help="output folder: checkpoints, metrics.jsonl, resolved-config.yaml")
     model: str = option("deit_small_distilled_patch16_224", help="timm model name of the student")
@@ -286,6 +293,7 @@ class VerifyConfig:
 
     cache: str = option("", positional=True, help="cache location")
     shards: list[str] = option(factory=list, help="the shards the cache was built from")
+    label_key: str | None = option(None, help=LABEL_KEY_HELP)
     teacher_checkpoint: str = option("", help="the teacher weights the cache was built with")
     samples: int = option(64, help="random (sample, view) pairs to replay and run the teacher on")
     seed: int = option(0, help="seed of the random choice of pairs")
@@ -304,6 +312,7 @@ class EvalConfig:
 
     checkpoint: str = option("", help="checkpoint written by train-student")
     shards: list[str] = option(factory=list, help="validation shard URLs")
+    label_key: str | None = option(None, help=LABEL_KEY_HELP)
     batch_size: int = option(256, help="batch size")
     workers: int = option(2, help="data loader worker processes")
     device: str = option("cpu", choices=DEVICES, help="where the model runs")

@@ -40,16 +40,44 @@ _PIL_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode JPEG/PNG/WebP bytes to an RGB PIL image (grayscale, CMYK, palette -> RGB).
+    """Decode image bytes (JPEG/PNG/WebP/TIFF/BMP/GIF) to an 8-bit RGB PIL image.
+
+    Grayscale, palette, CMYK, YCbCr and alpha modes go through PIL's own conversion. PIL would clip
+    high-bit-depth modes (most pixels of a 16-bit scan become 255), so they are scaled instead:
+    ``I;16*`` (and ``I`` holding 0..65535) by 255/65535, ``F`` holding 0..1 by 255, rounded. An
+    ``I`` or ``F`` image outside those ranges has no scale anyone could agree on and is refused.
 
     Raises:
-        OSError / ValueError from PIL when the bytes are not a readable image.
+        OSError / ValueError when the bytes are not a readable image or its mode cannot be converted
+        (the readers turn either into a DataError naming the shard and key).
     """
     img = Image.open(io.BytesIO(data))
     img.load()  # force the full decode here, so a truncated file fails now, not mid-augmentation
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return img
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _wide_to_rgb(img)
+    return img.convert("RGB")
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image scaled (not clipped) to 8-bit RGB."""
+    import numpy as np
+
+    arr = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(
+                f"float (F) image with values in [{arr.min():g}, {arr.max():g}]: only 0..1 has a known scale"
+            )
+        scaled = np.rint(arr.astype(np.float64) * 255.0)
+    else:
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(
+                f"{img.mode} image with values in [{arr.min()}, {arr.max()}]: only 0..65535 (16-bit) has a known scale"
+            )
+        scaled = (arr.astype(np.int64) * 255 + 32767) // 65535  # round(v * 255 / 65535) in integers
+    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
 
 
 @dataclass

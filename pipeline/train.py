@@ -73,8 +73,8 @@ def resolve_data(cfg: TrainConfig) -> RunData:
     """Open the cache (if distilling) and the shard lists; settle the recipe, seed and class count."""
     cache = open_cache(cfg.cache) if cfg.cache and cfg.distillation != "none" else None
     counts = {s.name: s.count for s in cache.meta.shards} if cache else None
-    shards = load_shard_list(cfg.shards, counts)
-    val_shards = load_shard_list(cfg.val_shards) if cfg.val_shards else []
+    shards = load_shard_list(cfg.shards, counts, label_key=cfg.label_key)
+    val_shards = load_shard_list(cfg.val_shards, label_key=cfg.label_key) if cfg.val_shards else []
     if cache is not None:
         meta = cache.meta
         recipe = make_recipe(cfg.recipe if cfg.recipe is not None else meta.recipe, cfg.img_size)

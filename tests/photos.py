@@ -41,7 +41,7 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """``img`` in ``mode``; ``I;16`` spreads the 8-bit range over 16 bits as a 16-bit scan would."""
     if mode == "I;16":
         wide = np.asarray(img.convert("L"), np.uint16) * 257
-        return Image.fromarray(wide, "I;16")
+        return Image.fromarray(wide)  # uint16 -> I;16 (Pillow 13 no longer takes a mode here)
     if mode == "P":
         return img.convert("P", palette=Image.ADAPTIVE)
     return img.convert(mode)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_digits_shards
 from photos import write_synset_folder
 from PIL import Image
 from typer.testing import CliRunner
@@ -241,3 +242,143 @@ def test_cli_pack(tmp_path, digits_data):
         bad = runner.invoke(app, args)
         assert bad.exit_code != 0
         assert "error" in bad.output.lower() and not isinstance(bad.exception, (KeyError, TypeError, AttributeError))
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost or mislabelled without a word
+
+
+def _photo_folder(root: Path) -> dict[str, bytes]:
+    """Two classes of photo-like images in every format a folder may hold, plus files that are not images."""
+    from photos import encode, photo, to_mode
+
+    files: dict[str, bytes] = {}
+    for i in range(6):
+        files[f"cat/c{i}.jpg"] = encode(photo(i, (48, 36)), "JPEG")
+        files[f"dog/d{i}.png"] = encode(photo(10 + i, (40, 40)), "PNG")
+    anim = [photo(20 + k, (32, 24)).convert("P", palette=Image.ADAPTIVE) for k in range(2)]
+    buf = io.BytesIO()
+    anim[0].save(buf, format="GIF", save_all=True, append_images=anim[1:])
+    files.update(
+        {
+            "cat/scan.bmp": encode(photo(30, (30, 20)), "BMP"),
+            "cat/print.tif": encode(to_mode(photo(31, (30, 20)), "CMYK"), "TIFF"),
+            "dog/deep.tiff": encode(to_mode(photo(32, (30, 20)), "I;16"), "TIFF"),
+            "dog/anim.gif": buf.getvalue(),
+            "dog/notes.txt": b"not an image",
+            "cat/README": b"no extension",
+            "cat/.DS_Store": b"\0\0",
+            ".ipynb_checkpoints/c0-checkpoint.jpg": files["cat/c0.jpg"],
+        }
+    )
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_pack_reencodes_other_formats_and_reports_what_it_skips(tmp_path):
+    """BMP/TIFF/GIF are packed as lossless PNG (reading gives the same RGB); other files are reported."""
+    from pipeline.replay import decode_image
+
+    root = tmp_path / "src"
+    files = _photo_folder(root)
+    meta = pack(str(root), str(tmp_path / "out"), per_shard=5)["train"]
+    assert meta["classes"] == ["cat", "dog"]  # the hidden .ipynb_checkpoints folder is not class 0
+    samples = {s.key: s for s in read_split(tmp_path / "out", meta)}
+    images = [
+        r
+        for r in files
+        if not r.startswith(".") and r.rsplit(".", 1)[-1] in ("jpg", "png", "bmp", "tif", "tiff", "gif")
+    ]
+    assert len(samples) == meta["num_samples"] == len(images) == 16
+    for rel in images:
+        key = rel.rsplit(".", 1)[0].replace("/", "--")
+        assert samples[key].label == (0 if rel.startswith("cat") else 1), rel
+        want = np.asarray(decode_image(files[rel]))
+        assert np.array_equal(np.asarray(samples[key].image), want), rel  # lossless: the same pixels
+    skipped = {s["reason"]: s for s in meta["skipped"]}
+    assert skipped["not an image (.txt)"]["examples"] == [os.path.join("dog", "notes.txt")]
+    assert skipped["not an image (no extension)"]["count"] == 1
+    assert skipped["hidden folder (ignored)"]["count"] == 1 and skipped["hidden file (ignored)"]["count"] == 1
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["skipped"] == meta["skipped"]
+
+
+def test_cli_pack_prints_what_it_skips(tmp_path):
+    from cli.main import app
+
+    _photo_folder(tmp_path / "src")
+    result = CliRunner().invoke(app, ["pack", str(tmp_path / "src"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "train: 16 samples" in result.output
+    assert "not packed: 1 file(s), not an image (.txt)" in result.output
+    assert "hidden folder" in result.output
+
+
+def test_hidden_folder_does_not_shift_labels(tmp_path):
+    """A notebook's ``.ipynb_checkpoints`` next to the class folders used to become class 0."""
+    root = tmp_path / "src"
+    for cls in ("ant", "bee"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "x.png").write_bytes(_image_bytes(Image.new("RGB", (8, 8)), "PNG"))
+    (root / ".ipynb_checkpoints").mkdir()
+    meta = pack(str(root), str(tmp_path / "out"))["train"]
+    assert meta["classes"] == ["ant", "bee"] and meta["num_classes"] == 2
+    labels = {s.key: s.label for s in read_split(tmp_path / "out", meta)}
+    assert labels == {"ant--x": 0, "bee--x": 1}
+
+
+def test_repacking_without_val_removes_the_stale_val_split(tmp_path):
+    """val-*.tar of an earlier pack hold keys that are now in train: a glob would mix them in twice."""
+    pack("digits", str(tmp_path), per_shard=500, val_fraction=0.2)
+    assert list(tmp_path.glob("val-*.tar"))
+    meta = pack("digits", str(tmp_path), per_shard=500)
+    assert set(meta) == {"train"}
+    assert not list(tmp_path.glob("val-*")) and not (tmp_path / "val.json").exists()
+    shards = load_shard_list(str(tmp_path / "*.tar"))
+    keys = [r.key for i, s in enumerate(shards) for r in iter_raw(s, i)]
+    assert len(keys) == len(set(keys)) == 1797
+
+
+# ---------------------------------------------------------------------------------------------
+# The sidecar is also a wids shard index
+
+
+def test_pack_sidecar_is_a_wids_index(tmp_path, monkeypatch):
+    """webdataset's wids reads pack's sidecar as a data set; stillroom starts from it without opening a tar."""
+    wids = pytest.importorskip("wids")  # the dev extra installs it
+    from pipeline import shards as shards_mod
+
+    write_digits_shards(tmp_path / "out", 100, 40)  # pack's own writer, on fewer digits
+    index = tmp_path / "out" / "train.json"
+    meta = json.loads(index.read_text())
+    ds = wids.ShardListDataset(str(index), cache_dir=str(tmp_path / "wids-cache"), transformations=[])
+    assert len(ds) == meta["num_samples"] == 100
+    sample = ds[3]
+    assert {".png", ".cls"} <= set(sample) and sample["__key__"].startswith("digits-")
+    assert int(sample[".cls"].read()) == next(
+        r.label for i, s in enumerate(load_shard_list(str(index))) for r in iter_raw(s, i) if r.key == sample["__key__"]
+    )
+
+    def no_tar(url):
+        raise AssertionError(f"opened {url} to count it")
+
+    monkeypatch.setattr(shards_mod, "count_samples", no_tar)
+    monkeypatch.chdir(tmp_path)
+    shards = load_shard_list("out/train.json")  # relative urls resolve against the index's folder
+    assert [(s.url, s.count) for s in shards] == [(f"out/{s['name']}", s["count"]) for s in meta["shards"]]
+
+
+def test_old_sidecar_without_wids_fields_is_still_read(tmp_path, monkeypatch):
+    from pipeline import shards as shards_mod
+
+    write_digits_shards(tmp_path, 100, 40)
+    side = json.loads((tmp_path / "train.json").read_text())
+    old = {k: v for k, v in side.items() if k not in ("wids_version", "shardlist", "__kind__", "name", "skipped")}
+    (tmp_path / "train.json").write_text(json.dumps(old))
+    monkeypatch.setattr(shards_mod, "count_samples", lambda url: pytest.fail(f"opened {url} to count it"))
+    by_pattern = load_shard_list(str(tmp_path / "train-*.tar"))
+    by_index = load_shard_list(str(tmp_path / "train.json"))
+    assert [(s.url, s.count) for s in by_pattern] == [(s.url, s.count) for s in by_index]
+    assert [s.count for s in by_index] == [40, 40, 20]
+    assert num_classes_from_sidecar(by_index[0].url) == 10

@@ -11,8 +11,10 @@ import io
 import json
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from conftest import write_digits_shards
@@ -292,3 +294,130 @@ def test_grayscale_jpeg_decodes_to_rgb(tmp_path):
     assert s.image.mode == "RGB" and s.image.size == (128, 90)
     r, g, b = s.image.split()
     assert r.tobytes() == g.tobytes() == b.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: a shard's base name is its identity, so one list must not hold it twice
+
+
+def test_one_file_listed_twice_through_another_spelling_is_refused(tmp_path):
+    """``a/x.tar`` and ``b/../a/x.tar`` (or a symlink) are one file: its samples would be read twice per epoch."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    url = write_tar(tmp_path / "a" / "x-000000.tar", good_samples())
+    other = str(tmp_path / "b" / ".." / "a" / "x-000000.tar")
+    with pytest.raises(DataError) as info:
+        load_shard_list([url, other])
+    msg = str(info.value)
+    assert url in msg and other in msg and "one file twice" in msg, msg
+    (tmp_path / "b" / "link-000000.tar").symlink_to(url)
+    with pytest.raises(DataError, match=r"one file twice.*link-000000"):
+        load_shard_list([url, str(tmp_path / "b" / "link-000000.tar")])
+
+
+def test_two_files_with_one_name_are_refused(tmp_path):
+    """Two different ``train-000000.tar`` in two folders would share mixing seeds and cache rows."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_tar(tmp_path / "a" / "train-000000.tar", good_samples())
+    second = write_tar(tmp_path / "b" / "train-000000.tar", good_samples()[:3])
+    with pytest.raises(DataError) as info:
+        load_shard_list(str(tmp_path / "*" / "train-000000.tar"))
+    msg = str(info.value)
+    assert first in msg and second in msg and "'train-000000.tar'" in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicate keys: positions and counts stay defined (see pipeline/shards.py)
+
+
+def _with_duplicate(tmp_path: Path, at: int, name: str) -> tuple[str, list[str]]:
+    """N good samples with a copy of sample ``at`` inserted right after it, or at the end (``at < 0``)."""
+    samples = good_samples()
+    copy = dict(samples[abs(at)])
+    if at >= 0:
+        samples.insert(at + 1, copy)
+    else:
+        samples.append(copy)
+    return write_tar(tmp_path / name, samples), [s["__key__"] for s in samples]
+
+
+@pytest.mark.parametrize("at", [1, -1], ids=["back-to-back", "later"])
+def test_duplicate_key_named_or_skipped_alone(tmp_path, at):
+    url, keys = _with_duplicate(tmp_path, at, f"dup{at}-000000.tar")
+    key = keys[abs(at)]
+    first, second = abs(at), (abs(at) + 1 if at >= 0 else len(keys) - 1)
+    # The copy is a sample like any other: counted, so positions after it keep their places.
+    assert count_samples(url) == len(keys) == N + 1
+    [shard] = load_shard_list(url)
+    with pytest.raises(DataError) as info:
+        list(iter_raw(shard, 0, num_classes=3))
+    msg = str(info.value)
+    assert url in msg and repr(key) in msg and "duplicate key" in msg and f"{first} and {second}" in msg, msg
+    assert "truncated" not in msg and "unreadable" not in msg
+    stats = SkipStats()
+    out = list(iter_raw(shard, 0, num_classes=3, on_error="skip", stats=stats))
+    assert stats.reasons == {"duplicate key": 1}
+    assert [(s.key, s.position) for s in out] == [(k, i) for i, k in enumerate(keys) if i != second]
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting reads tar headers only
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through system calls so far (Linux ``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+def test_header_count_reads_headers_not_data(tmp_path):
+    """A shard of 40 samples with 60 KB images: counting it reads the headers (1.5 KB a member), not 2.4 MB."""
+    rng = np.random.default_rng(0)
+    samples = [
+        {"__key__": f"big{i:03d}", "jpg": rng.bytes(60_000 + 37 * i), "cls": b"1", "json": b'{"label": 1}'}
+        for i in range(40)
+    ]
+    url = write_tar(tmp_path / "big-000000.tar", samples)
+    size = Path(url).stat().st_size
+    count_samples(url)  # warm imports
+    before = _bytes_read()
+    assert count_samples(url) == 40
+    read = _bytes_read() - before
+    members = 3 * 40
+    # Per member: its header, here 3 blocks (webdataset's TarWriter adds a pax header for the float
+    # mtime), and 1 byte before the next header (tarfile checks the data is there).
+    assert read <= (3 * 512 + 1) * members + 4096, (read, size)
+    assert read < size / 10
+
+
+def test_damaged_header_is_refused_not_counted_short(tmp_path):
+    """Garbage where a header should be ends tarfile's member loop quietly: the scan must not count short."""
+    url = write_tar(tmp_path / "bad-000000.tar", good_samples())
+    data = bytearray(Path(url).read_bytes())
+    with tarfile.open(url) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    at = offsets[len(offsets) // 2]
+    data[at : at + 512] = b"x" * 512
+    Path(url).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(url)):
+        count_samples(url)
+
+
+def test_gzipped_shard_is_counted_and_read(tmp_path):
+    """A .tar.gz cannot be seeked: it is streamed whole, and still counted and read like a plain tar."""
+    import gzip
+
+    plain = write_tar(tmp_path / "plain.tar", good_samples())
+    url = tmp_path / "zipped-000000.tar.gz"
+    url.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    [shard] = load_shard_list(str(url))
+    assert shard.count == N and shard.name == "zipped-000000.tar.gz"
+    assert [s.key for s in iter_decoded(shard, 0, 3)] == [f"s{i:03d}" for i in range(N)]
+    cut = tmp_path / "cut-000000.tar.gz"
+    cut.write_bytes(gzip.compress(Path(plain).read_bytes()[:3000]))
+    with pytest.raises(DataError, match=re.escape("cut-000000.tar.gz")):
+        count_samples(str(cut))
