@@ -392,13 +392,37 @@ class Cache:
         return count, int(np.int64(bits).view(np.uint64))
 
     def done_counts(self) -> np.ndarray:
-        """``[blocks, shards]`` sample counts of finished units; -1 where not done."""
+        """``[blocks, shards]`` sample counts of finished units; -1 where not done (reads every marker)."""
         return self.markers()[..., 0]
 
+    def done_mask(self) -> np.ndarray:
+        """``[blocks, shards]``: which units have a marker, from one listing of the store.
+
+        Reading ImageNet's 38,430 markers one by one takes ~10 s on a local disk (a GET each on S3); a
+        listing is ~0.1 s (39 LIST requests on S3). A marker is only claimed here: reading the unit
+        verifies it (:meth:`read_block`).
+        """
+        mask = np.zeros(self.array("done").shape[:2], bool)
+
+        async def keys() -> list[str]:
+            return [k async for k in self.group.store.list_prefix("done/c/")]
+
+        try:
+            found = sync(keys())
+        except OSError as e:
+            raise StorageError(f"cannot list the completion markers of cache {self.url!r}: {_one_line(e)}") from e
+        for key in found:
+            parts = key.split("/")  # done/c/<block>/<shard>/0
+            if len(parts) == 5 and parts[2].isdigit() and parts[3].isdigit():
+                b, s = int(parts[2]), int(parts[3])
+                if b < mask.shape[0] and s < mask.shape[1]:
+                    mask[b, s] = True
+        return mask
+
     def missing_units(self, blocks: Iterable[int], shards: Iterable[int]) -> list[tuple[int, int]]:
-        done = self.done_counts()
+        done = self.done_mask()
         shards = list(shards)
-        return [(b, s) for b in blocks for s in shards if done[b, s] < 0]
+        return [(b, s) for b in blocks for s in shards if not done[b, s]]
 
     # -- writing ------------------------------------------------------------------------------
     def write_unit(self, block: int, shard: int, unit: UnitData, count: int) -> None:
@@ -488,6 +512,10 @@ class Cache:
     def keys(self, shard: int) -> np.ndarray:
         """The stored keys of one shard (not verified: use :meth:`read_block` for checked data)."""
         return self._read("keys", (self.meta.shard_rows(shard),), 0, shard)
+
+    def digests(self, shard: int) -> np.ndarray:
+        """The stored image digests of one shard (0 = unknown; not verified, like :meth:`keys`)."""
+        return self._read("digests", (self.meta.shard_rows(shard),), 0, shard)
 
     def nbytes_stored(self) -> int:
         """Bytes stored, on disk or under the remote prefix (fsspec ``du``)."""

@@ -91,6 +91,7 @@ class UnitStream(IterableDataset):
             "position": torch.tensor([v.position for v in views]),
             "view": torch.tensor([v.view for v in views]),
             "label": torch.tensor([v.label for v in views]),
+            "digest": torch.tensor([v.digest for v in views], dtype=torch.int64),
             "keys": [v.key for v in views],
         }
 
@@ -195,10 +196,10 @@ def _my_units(job: Phase1) -> list[tuple[int, int]]:
     all_units = [(b, s) for b in blocks for s in range(len(job.shards))]
     index, count, source = job_slot(cfg.job_index, cfg.job_count)
     mine = my_share(all_units, index, count)
-    done = job.cache.done_counts()
-    finished = [(b, s) for b, s in mine if done[b, s] >= 0]
+    done = job.cache.done_mask()
+    finished = [(b, s) for b, s in mine if done[b, s]]
     damaged = _damaged(job, finished)
-    todo = [(b, s) for b, s in mine if done[b, s] < 0 or (b, s) in damaged]
+    todo = [(b, s) for b, s in mine if not done[b, s] or (b, s) in damaged]
     log.info(
         "job %d/%d (%s): %d of %d units are mine, %d already done, %d of them damaged",
         index,
@@ -364,6 +365,7 @@ def _store_targets(job: Phase1, t: _Targets | None, buffers: dict[tuple[int, int
     buf.indices[vi, pos] = raw[:, 2 * k : 6 * k].copy().view(np.int32).astype(buf.indices.dtype)
     buf.logsumexp[vi, pos] = raw[:, 6 * k :].copy().view(np.float32)
     buf.labels[pos] = item["label"].numpy()
+    buf.digests[pos] = item["digest"].numpy().astype(np.uint64)
     buf.keys[pos] = item["keys"]
 
 

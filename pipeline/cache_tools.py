@@ -29,13 +29,13 @@ def status(url: str) -> dict[str, Any]:
     """
     cache = open_cache(url)
     meta = cache.meta
-    done = cache.done_counts()
+    done = cache.done_mask()
     blocks, nshards = done.shape
     spans = [f"{meta.block_views(b).start}-{meta.block_views(b).stop - 1}" for b in range(blocks)]
-    missing = [(b, s) for b in range(blocks) for s in range(nshards) if done[b, s] < 0]
-    finished = [(b, s) for b in range(blocks) for s in range(nshards) if done[b, s] >= 0]
+    missing = [(b, s) for b in range(blocks) for s in range(nshards) if not done[b, s]]
+    finished = [(b, s) for b in range(blocks) for s in range(nshards) if done[b, s]]
     damaged = cache.missing_objects(finished)
-    agree = total = 0
+    agree = total = sample_views = 0
     why: dict[tuple[int, int], str] = {u: f"{', '.join(keys)} missing" for u, keys in damaged.items()}
     for b, s in finished:
         if (b, s) in why:
@@ -48,9 +48,9 @@ def status(url: str) -> dict[str, Any]:
         valid = unit.labels >= 0
         agree += int((unit.indices[:, valid, 0] == unit.labels[valid]).sum())
         total += int(valid.sum()) * unit.indices.shape[0]
+        sample_views += int(valid.sum()) * unit.indices.shape[0]
     intact = [(b, s) for b, s in finished if (b, s) not in why]
     stored = cache.nbytes_stored()
-    sample_views = sum(int(done[b, s]) * len(meta.block_views(b)) for b, s in intact)
     return {
         "cache": url,
         "units_done": len(intact),
@@ -73,39 +73,40 @@ def status(url: str) -> dict[str, Any]:
 
 
 def _check_keys(cache: Cache, shards: list[ShardInfo], skip: set[int]) -> list[str]:
-    """Compare every stored key with the shards' keys (tar headers only, no decode).
+    """Compare every stored key and image digest with the shards' (their bytes are read, not decoded).
 
     Shards in ``skip`` (with a damaged unit, already reported) are left out: their keys may be the damage.
     """
     problems = []
-    done = cache.done_counts()
+    done = cache.done_mask()
     for shard in shards:
         s = cache.shard_index(shard.name)
-        if s in skip or not (done[:, s] >= 0).any():
+        if s in skip or not done[:, s].any():
             continue
-        stored = cache.keys(s)
+        keys, digests = cache.keys(s), cache.digests(s)
         for raw in iter_raw(shard, s, on_error="skip"):
-            if stored[raw.position] != raw.key:
-                problems.append(
-                    f"shard {shard.name!r} position {raw.position}: cache key {stored[raw.position]!r}, "
-                    f"shard key {raw.key!r}"
-                )
+            p = raw.position
+            if keys[p] != raw.key:
+                problems.append(f"shard {shard.name!r} position {p}: cache key {keys[p]!r}, shard key {raw.key!r}")
+                break
+            if digests[p] and int(digests[p]) != raw.digest:
+                problems.append(f"shard {shard.name!r} key {raw.key!r}: image bytes differ from the cached sample's")
                 break
     return problems
 
 
 def _integrity(cache: Cache) -> tuple[list[str], set[tuple[int, int]], int]:
     """Every finished unit's objects and checksum (no teacher): problems, damaged units, units checked."""
-    done = cache.done_counts()
-    finished = [(int(b), int(s)) for b, s in np.argwhere(done >= 0)]
+    done = cache.done_mask()
+    finished = [(int(b), int(s)) for b, s in np.argwhere(done)]
     damaged = cache.damaged_units(finished, verify=True)
     problems = [f"{cache.meta.describe_unit(b, s)} is damaged: {why}" for (b, s), why in sorted(damaged.items())]
     if len(problems) > 20:
         problems = [*problems[:20], f"... and {len(problems) - 20} more damaged units"]
     if damaged:
         problems.append("run cache-teacher again with the cache's settings: it redoes damaged units")
-    if (done < 0).any():
-        problems.append(f"{int((done < 0).sum())} of {done.size} units are not done")
+    if not done.all():
+        problems.append(f"{int((~done).sum())} of {done.size} units are not done")
     return problems, set(damaged), len(finished)
 
 
@@ -130,13 +131,13 @@ def _pick(
 ) -> dict[tuple[int, int], set[int]]:
     """``n`` random (shard, view, position) triples among intact finished units, grouped by (shard, view)."""
     rng = random.Random(seed)
-    done = cache.done_counts()
+    done = cache.done_mask()
     names = {s.name for s in shards}
     candidates = [
         (b, s)
         for b in range(done.shape[0])
         for s in range(done.shape[1])
-        if done[b, s] > 0 and cache.meta.shards[s].name in names and (b, s) not in damaged
+        if done[b, s] and cache.meta.shards[s].name in names and (b, s) not in damaged
     ]
     picks: dict[tuple[int, int], set[int]] = defaultdict(set)
     for _ in range(n if candidates else 0):

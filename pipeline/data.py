@@ -102,11 +102,16 @@ def _targets(views: list[View], rows: dict[int, UnitData], shard: ShardInfo) -> 
     values, indices, lse = [], [], []
     for v in views:
         row = rows[v.view]
-        stored, label = row.keys[v.position], row.labels[v.position]
+        stored, label, digest = row.keys[v.position], row.labels[v.position], int(row.digests[v.position])
         if stored != v.key or label != v.label:
             raise CacheError(
                 f"shard {shard.url!r} position {v.position}: cache row holds key {stored!r} label {label}, "
                 f"the shard has key {v.key!r} label {v.label}; this cache was not built from these shards"
+            )
+        if digest and v.digest and digest != v.digest:
+            raise CacheError(
+                f"shard {shard.url!r} key {v.key!r}: its image bytes are not those the cache's teacher saw "
+                f"(digest {v.digest:016x}, cache {digest:016x}); the shard was rebuilt: cache it again"
             )
         values.append(row.values[v.position])
         indices.append(row.indices[v.position])

@@ -97,6 +97,7 @@ class View:
     label: int
     mix_label: int
     lam: float
+    digest: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,10 +318,11 @@ class DecodedSample:
     position: int
     image: Image.Image
     label: int
+    digest: int = 0  # a hash of the stored image bytes (pipeline.shards.image_digest); 0 = unknown
 
 
 def _view(s: DecodedSample, view: int, pixels: torch.Tensor, mix_label: int, lam: float) -> View:
-    return View(s.key, s.shard_index, s.position, view, compact(pixels), s.label, mix_label, lam)
+    return View(s.key, s.shard_index, s.position, view, compact(pixels), s.label, mix_label, lam, s.digest)
 
 
 def mixed_views(

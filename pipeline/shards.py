@@ -27,6 +27,7 @@ the tar headers that seeks over member data (a few KB read per sample, locally o
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import re
@@ -432,6 +433,20 @@ class RawSample:
     image: bytes
     label: int
 
+    @property
+    def digest(self) -> int:
+        return image_digest(self.image)
+
+
+def image_digest(data: bytes) -> int:
+    """A 63-bit hash of a sample's stored image bytes, never 0 (the cache's "unknown").
+
+    Phase 1 stores it with each cache row and phase 2 compares it on every read, so shards rebuilt with
+    the same keys, labels and counts but other images are caught (about 0.14 ms per 110 KB JPEG).
+    """
+    value = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    return value or 1
+
 
 def _int_label(value: Any, what: str, num_classes: int | None) -> int:
     if isinstance(value, bytes):
@@ -611,4 +626,4 @@ def iter_decoded(
                 stats.skip(f"undecodable image ({e})", where)
                 continue
             raise DataError(f"{where}: undecodable image ({type(e).__name__}: {e})") from e
-        yield DecodedSample(key=raw.key, shard_index=shard_index, position=raw.position, image=image, label=raw.label)
+        yield DecodedSample(raw.key, shard_index, raw.position, image, raw.label, digest=raw.digest)

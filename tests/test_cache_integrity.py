@@ -279,11 +279,11 @@ def test_markers_hold_count_and_a_checksum_a_plain_zarr_reader_can_recompute(pri
 
 
 def test_digests_are_stored_read_and_covered_by_the_checksum(tmp_path, pristine):
-    """The reserved per-row image digests: written with labels/keys, returned by read_view, checksummed."""
+    """The per-row image digests: written with labels/keys, returned by read_view, checksummed."""
     cache_dir = tmp_path / "cache"
     shutil.copytree(pristine, cache_dir)
     cache = open_cache(str(cache_dir), mode="r+")
-    assert (cache.read_view(1, 2).digests == 0).all(), "0 = unknown until phase 1 fills them"
+    assert (cache.read_view(1, 2).digests[:40] != 0).all(), "phase 1 records every sample's digest"
     units = [cache.read_block(b, 2) for b in range(2)]
     digests = np.arange(1, 41, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     for b, unit in enumerate(units):
@@ -301,12 +301,15 @@ def test_digests_are_stored_read_and_covered_by_the_checksum(tmp_path, pristine)
     }
 
 
-def test_corrupt_marker_reads_as_not_done_and_is_redone(tmp_path, pristine, digits_shards, tiny_teacher):
+def test_corrupt_marker_is_a_damaged_unit_and_is_redone(tmp_path, pristine, digits_shards, tiny_teacher):
+    """A marker object that does not decode claims its unit: the unit is reported damaged (not silently
+    missing), and cache-teacher redoes it."""
     cache = damaged_copy(pristine, tmp_path, "corrupt", "done")
     code, text = invoke("cache-status", cache)
     assert code == 0, text
     status = json.loads(text[text.index("{") :])
-    assert status["missing_units"] == [{"views": "0-0", "shard": "train-000001.tar"}], status
+    assert [(u["views"], u["shard"]) for u in status["damaged_units"]] == [("0-0", "train-000001.tar")], status
+    assert status["units_done"] == 5 and status["missing_units"] == []
     code, text = cache_teacher(cache, digits_shards, tiny_teacher)
     assert code == 0 and "1 units done, 5 skipped" in text, text
     assert files(cache) == files(pristine)

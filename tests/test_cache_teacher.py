@@ -197,7 +197,14 @@ def test_cache_is_plain_zarr_with_design_layout(deit_cache, digits_shards, tiny_
     labels = np.asarray(g["labels"][...])
     assert ((labels >= 0) & (labels < 10)).all()
     assert (np.asarray(g["done"][..., 0]) == 40).all()
-    assert (np.asarray(g["digests"][...]) == 0).all(), "digests are reserved: 0 = unknown until phase 1 fills them"
+    # Each row's digest is a 63-bit BLAKE2b of the sample's stored image bytes (0 would mean unknown).
+    expected = {}
+    for tar in sorted(Path(digits_shards).parent.glob("train-*.tar")):
+        for key, data, _ in _read_tar(tar):
+            h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+            expected[key] = h or 1
+    stored = dict(zip(key_values.tolist(), np.asarray(g["digests"][...]).tolist(), strict=True))
+    assert stored == expected
     values = np.asarray(g["values"][...]).astype(np.float32)
     assert (np.diff(values, axis=-1) <= 0).all(), "top-k values sorted descending"
     indices = np.asarray(g["indices"][...])

@@ -240,3 +240,26 @@ def test_sigint_or_sigterm_at_any_moment_leaves_a_loadable_checkpoint(
         assert "interrupted: stopped by signal" in err and "--resume" in err, err[-2000:]
         state = torch.load(out / "last.pth", weights_only=True)
         assert state["epoch"] < 50 and {"model", "optimizer", "rng"} <= state.keys()
+
+
+def test_same_keys_other_pixels_are_caught(cache: str, digits_shards: str, tiny_teacher: str, tmp_path: Path) -> None:
+    """Shards rebuilt with the same keys, labels and counts but other images: the cached targets belong to
+    other pixels. train-student refuses at the first read and verify-cache names the sample."""
+    import webdataset as wds
+
+    src = Path(digits_shards).parent
+    other = tmp_path / "rebuilt"
+    other.mkdir()
+    for tar in sorted(src.glob("train-*.tar")):
+        samples = list(wds.WebDataset(str(tar), shardshuffle=False))
+        with wds.TarWriter(str(other / tar.name)) as sink:
+            for i, s in enumerate(samples):  # each key keeps its label but gets its neighbour's image
+                sink.write({"__key__": s["__key__"], "png": samples[(i + 1) % len(samples)]["png"], "cls": s["cls"]})
+    (other / "train.json").write_bytes((src / "train.json").read_bytes())
+    pattern = str(other / Path(digits_shards).name)
+    with pytest.raises(Exception, match=r"image bytes are not those the cache's teacher saw"):
+        train(cfg_for(pattern, cache, tmp_path / "run", epochs=1, max_steps_per_epoch=2))
+    code, out = _cli("verify-cache", cache, "--shards", pattern, "--teacher-checkpoint", tiny_teacher, "--samples", "4")
+    assert code == 1 and "image bytes differ from the cached sample's" in out, out
+    code, out = _cli("verify-cache", cache, "--shards", digits_shards, "--teacher-checkpoint", tiny_teacher)
+    assert code == 0, out
