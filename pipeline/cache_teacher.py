@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections import Counter
@@ -246,8 +245,7 @@ class _OncePerMessage(logging.Filter):
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        # The same bad sample can be described with another object address on each read.
-        text = re.sub(r" at 0x[0-9a-fA-F]+", "", record.getMessage())
+        text = record.getMessage()
         if text in self.seen:
             return False
         self.seen.add(text)
@@ -382,8 +380,7 @@ def _finish_unit(job: Phase1, unit: tuple[int, int], buf: UnitData, end: dict[st
 def _count_skipped(job: Phase1, shard: int, reasons: dict[str, int]) -> None:
     """Every view block re-reads its shard and meets the same bad samples: count a shard's once.
 
-    A shard's count is the largest any of its units reported (they all report the same samples, though
-    a reason's text may differ between reads, e.g. an object address in a decoder's message).
+    A shard's count is the largest any of its units reported (they all report the same samples).
     """
     before = job.skipped.get(shard, Counter())
     if sum(reasons.values()) <= sum(before.values()):

@@ -601,6 +601,12 @@ def iter_raw(
     reader.finish()
 
 
+def _stable(e: Exception) -> str:
+    """An error's message without object addresses (PIL names ``<_io.BytesIO object at 0x...>``), so
+    skip reasons are the same from one read to the next and can be counted together."""
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"<\1>", str(e))
+
+
 def iter_decoded(
     shard: ShardInfo,
     shard_index: int,
@@ -623,7 +629,7 @@ def iter_decoded(
         except Exception as e:
             where = f"shard {shard.url!r} key {raw.key!r}"
             if on_error == "skip":
-                stats.skip(f"undecodable image ({e})", where)
+                stats.skip(f"undecodable image ({_stable(e)})", where)
                 continue
-            raise DataError(f"{where}: undecodable image ({type(e).__name__}: {e})") from e
+            raise DataError(f"{where}: undecodable image ({type(e).__name__}: {_stable(e)})") from e
         yield DecodedSample(raw.key, shard_index, raw.position, image, raw.label, digest=raw.digest)
