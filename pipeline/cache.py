@@ -693,10 +693,18 @@ def _no_metadata(url: str, name: str) -> str:
     )
 
 
-def _old_version(url: str, version: Any) -> str:
+def _old_version(url: str, attrs: dict[str, Any]) -> str:
+    recipe = attrs.get("recipe") or {}
+    pairing = (
+        f"; its mixup partners were drawn in fixed windows (recipe.mix_window: {recipe['mix_window']}), "
+        "now from the whole shard (recipe.repeats)"
+        if "mix_window" in recipe
+        else ""
+    )
     return (
-        f"cache {url!r} has format version {version}; this stillroom reads version {FORMAT_VERSION} only "
-        "(per-unit checksums): rebuild it with cache-teacher (another --out, or --force-new to replace it)"
+        f"cache {url!r} has format version {attrs.get('format_version')}; this stillroom reads version "
+        f"{FORMAT_VERSION} only (per-unit checksums){pairing}: rebuild it with cache-teacher "
+        "(another --out, or --force-new to replace it)"
     )
 
 
@@ -722,7 +730,7 @@ def open_cache(url: str, mode: str = "r") -> Cache:
     if kind != "cache" or attrs is None:
         raise CacheError(f"{url!r} is not a stillroom cache (no {ATTR!r} attributes)")
     if attrs.get("format_version") != FORMAT_VERSION:
-        raise CacheError(_old_version(url, attrs.get("format_version")))
+        raise CacheError(_old_version(url, attrs))
     meta = CacheMeta.from_attrs(dict(attrs))
     missing, differing = _layout_problems(store, meta)
     if missing:
@@ -749,7 +757,7 @@ def _settings_differ(store: Store, kind: str, attrs: dict[str, Any] | None, meta
 
 def _refuse_other_settings(url: str, attrs: dict[str, Any], meta: CacheMeta) -> None:
     if attrs.get("format_version") != FORMAT_VERSION:
-        raise CacheError(_old_version(url, attrs.get("format_version")))
+        raise CacheError(_old_version(url, attrs))
     if attrs.get("fingerprint") != meta.fingerprint:
         diffs = diff_fields(meta.identity(), CacheMeta.from_attrs(dict(attrs)).identity())
         raise CacheError(

@@ -68,7 +68,19 @@ def status(url: str) -> dict[str, Any]:
         "topk": meta.topk,
         "temperatures": list(meta.temperatures),
         "teacher": meta.teacher["name"],
+        "training": _training_note(meta.views, int(meta.recipe.get("repeats", 1))),
         "fingerprint": meta.fingerprint,
+    }
+
+
+def _training_note(views: int, repeats: int) -> dict[str, Any]:
+    """How many epochs this cache serves: a run of E epochs uses E views of each sample, whatever R."""
+    return {
+        "views": views,
+        "repeats": repeats,
+        "epochs_before_views_repeat": views,
+        "how": f"train-student --repeats {repeats} (or 1): an epoch trains 1/R of the samples R times, one view "
+        f"each, so E epochs use E views of every sample; views repeat after {views} epochs",
     }
 
 

@@ -197,10 +197,12 @@ def test_format_version_1_is_refused_with_a_rebuild_message(tmp_path, pristine, 
     shutil.copytree(pristine, out)
     group = json.loads((out / "zarr.json").read_text())
     group["attributes"]["stillroom"]["format_version"] = 1
+    group["attributes"]["stillroom"]["recipe"]["mix_window"] = 64  # what format-1 caches recorded
     (out / "zarr.json").write_text(json.dumps(group))
     for command in (["cache-status", out], teacher_args(digits_shards, tiny_teacher, out)):
         code, text = invoke(*command)
         assert code == 2 and "format version 1" in text and "rebuild it" in text and "--force-new" in text, text
+        assert "recipe.mix_window: 64" in text, "the old mixup pairing is named too"
     code, text = invoke(*teacher_args(digits_shards, tiny_teacher, out, "--force-new"))
     assert code == 0 and "6 units done" in text, text
     assert files(out) == files(pristine)
