@@ -121,6 +121,7 @@ class CacheMeta:
     versions: dict[str, str]
     format_version: int = FORMAT_VERSION
     teacher_batch_size: int | None = None
+    classes: tuple[str, ...] | None = None  # class names of the labels (from pack), when known; not identity
 
     @classmethod
     def build(cls, *, shards: Sequence[ShardInfo], num_classes: int, **fields: Any) -> CacheMeta:
@@ -139,6 +140,8 @@ class CacheMeta:
         values = {k: v for k, v in attrs.items() if k in names}
         values["temperatures"] = tuple(float(t) for t in attrs["temperatures"])
         values["shards"] = tuple(ShardEntry(s["name"], s["url"], int(s["count"])) for s in attrs["shards"])
+        if attrs.get("classes") is not None:
+            values["classes"] = tuple(str(c) for c in attrs["classes"])
         return cls(**values)
 
     def to_attrs(self) -> dict[str, Any]:
@@ -148,6 +151,8 @@ class CacheMeta:
         attrs["versions"] = dict(self.versions)
         if self.teacher_batch_size is not None:
             attrs["teacher_batch_size"] = self.teacher_batch_size
+        if self.classes is not None:
+            attrs["classes"] = list(self.classes)
         attrs["fingerprint"] = self.fingerprint
         return attrs
 

@@ -34,7 +34,7 @@ from .partition import job_slot, my_share
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
 from .replay import View, replay_shard, stack
-from .shards import OnError, ShardInfo, SkipStats, iter_decoded, load_shard_list, num_classes_from_sidecar
+from .shards import OnError, ShardInfo, SkipStats, class_names, iter_decoded, load_shard_list, num_classes_from_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def prepare(cfg: CacheConfig) -> Phase1:
         # Not part of the fingerprint, but CPU kernels may round differently at another batch size, so
         # a unit redone with another batch size can differ from its first writing in the last bits.
         teacher_batch_size=cfg.batch_size,
+        classes=tuple(names) if (names := class_names(cfg.shards)) else None,
     )
     cache = create_or_open(cfg.out, meta, force_new=cfg.force_new)
     first_bs = cache.meta.teacher_batch_size

@@ -18,7 +18,7 @@ from .models import Normalized, autocast, create, resolve_device
 from .options import EvalConfig
 from .recipe import eval_recipe
 from .samplers import epoch_plan
-from .shards import OnError, ShardInfo, load_shard_list
+from .shards import OnError, ShardInfo, check_same_classes, class_names, load_shard_list
 
 
 def head_logits(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -101,6 +101,9 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     if weights is None:
         raise CheckpointError(f"checkpoint {cfg.checkpoint!r} holds no EMA weights")
     model.load_state_dict(weights)
+    val_classes = class_names(cfg.shards)
+    if meta.get("classes") and val_classes:
+        check_same_classes(meta["classes"], val_classes, f"--shards {cfg.shards[0]!r}")
     device = resolve_device(cfg.device)
     wrapped = Normalized(model, tuple(meta["mean"]), tuple(meta["std"])).to(device)
     result = evaluate(

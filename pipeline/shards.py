@@ -250,6 +250,36 @@ def num_classes_from_sidecar(url: str) -> int | None:
     return int(n) if n is not None else None
 
 
+def class_names(spec: str | Sequence[str]) -> list[str] | None:
+    """The class names ``stillroom pack`` recorded for a shard list (its index, or the sidecar next to
+    its first shard), in label order; ``None`` when no such record exists (shards of other tools)."""
+    specs = [s.strip() for s in ([spec] if isinstance(spec, str) else spec) if s.strip()]
+    if not specs:
+        return None
+    doc = _load_json(specs[0]) if _is_index(specs[0]) else _Sidecars().find(expand_urls(specs[0])[0])
+    names = doc.get("classes") if isinstance(doc, dict) else None
+    return [str(c) for c in names] if names else None
+
+
+def check_same_classes(expected: Sequence[str], found: Sequence[str], what: str) -> None:
+    """Refuse labels that mean other classes: e.g. a validation split packed from a folder missing a
+    class, which shifts every later label by one. Names the first class that differs."""
+    if list(expected) == list(found):
+        return
+    pairs = zip(expected, found, strict=False)
+    i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(expected), len(found)))
+
+    def name(names: Sequence[str]) -> str:
+        return repr(names[i]) if i < len(names) else "nothing"
+
+    gone = sorted(set(expected) - set(found))[:3]
+    raise DataError(
+        f"{what}: label {i} means {name(found)} there but {name(expected)} in training "
+        f"({len(found)} classes vs {len(expected)}{f'; missing: {gone}' if gone else ''}); "
+        "pack both splits from the same class list"
+    )
+
+
 def _refuse_missing(urls: list[str]) -> None:
     missing = [u for u in urls if storage.is_local(u) and not storage.exists(u)]
     if missing:

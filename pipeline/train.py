@@ -40,7 +40,7 @@ from .progress import progress_bar
 from .recipe import Recipe, make_recipe
 from .samplers import EpochPlan, epoch_plan, rank_shards, steps_per_epoch
 from .seeding import stable_seed
-from .shards import ShardInfo, load_shard_list, num_classes_from_sidecar
+from .shards import ShardInfo, check_same_classes, class_names, load_shard_list, num_classes_from_sidecar
 from .task import DistillationTask
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class RunData:
     topk: int
     temperatures: list[float]
     repeats: int
+    classes: list[str] | None  # the labels' class names, when pack recorded them
 
     @property
     def num_views(self) -> int:
@@ -95,7 +96,11 @@ def resolve_data(cfg: TrainConfig) -> RunData:
         topk, temperatures, repeats = cfg.topk, list(cfg.temperatures), recipe.repeats
     if not num_classes:
         raise ConfigError("number of classes unknown: pass --num-classes (no cache, no pack sidecar)")
-    return RunData(shards, val_shards, recipe, seed, num_classes, cache, topk, temperatures, repeats)
+    classes = list(cache.meta.classes) if cache and cache.meta.classes else class_names(cfg.shards)
+    val_classes = class_names(cfg.val_shards) if cfg.val_shards else None
+    if classes and val_classes:
+        check_same_classes(classes, val_classes, f"--val-shards {cfg.val_shards[0]!r}")
+    return RunData(shards, val_shards, recipe, seed, num_classes, cache, topk, temperatures, repeats, classes)
 
 
 @dataclass
@@ -445,6 +450,7 @@ def build_student(cfg: TrainConfig, data: RunData) -> tuple[nn.Module, dict[str,
         "img_size": data.recipe.img_size,
         "mean": list(mean),
         "std": list(std),
+        "classes": data.classes,
     }
     return Normalized(model, mean, std), meta
 

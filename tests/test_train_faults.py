@@ -263,3 +263,40 @@ def test_same_keys_other_pixels_are_caught(cache: str, digits_shards: str, tiny_
     assert code == 1 and "image bytes differ from the cached sample's" in out, out
     code, out = _cli("verify-cache", cache, "--shards", digits_shards, "--teacher-checkpoint", tiny_teacher)
     assert code == 0, out
+
+
+def test_validation_classes_must_be_the_training_classes(tmp_path: Path) -> None:
+    """A val split packed from a folder missing one class shifts every later label: refused by name, by
+    train-student (before training) and by evaluate (against the classes the checkpoint was trained on)."""
+    from photos import jpeg
+
+    from pipeline.pack import pack
+
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                (tmp_path / split / c / f"{i}.jpg").write_bytes(jpeg(10 * ord(c[0]) + i, (40, 40)))
+    train_meta = pack(str(tmp_path / "train"), str(tmp_path / "shards"), per_shard=12)["train"]
+    val_meta = pack(str(tmp_path / "val"), str(tmp_path / "shards"), per_shard=12, prefix="val")["val"]
+    train_shards = str(tmp_path / "shards" / train_meta["pattern"])
+    val_shards = str(tmp_path / "shards" / val_meta["pattern"])
+    cfg = student_config(
+        train_shards,
+        None,
+        tmp_path / "run",
+        distillation="none",
+        recipe="eval",
+        img_size=32,
+        epochs=1,
+        batch_size=4,
+        val_shards=[val_shards],
+    )
+    with pytest.raises(Exception, match=r"label 1 means 'cat' there but 'bee' in training .*missing: \['bee'\]"):
+        train(cfg)
+    assert not (tmp_path / "run" / "last.pth").exists()
+    train(dataclasses.replace(cfg, val_shards=[]))
+    code, out = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--shards", val_shards)
+    assert code == 2 and "label 1 means 'cat' there but 'bee' in training" in out, out
+    code, out = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--shards", train_shards)
+    assert code == 0, out
