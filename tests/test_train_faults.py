@@ -191,7 +191,10 @@ def test_failures_are_one_line_before_training(cache: str, digits_shards: str, t
     if not torch.cuda.is_available():
         code, out = _cli(*base, *tiny, "--out", str(tmp_path / "cuda"), "--device", "cuda")
         assert code == 2 and "torch sees no CUDA device" in out, out
-    # A read-only --out.
+    # An --out that cannot be written: below a file (fails for root too), and read-only where that binds.
+    (tmp_path / "a-file").write_text("x")
+    code, out = _cli(*base, *tiny, "--out", str(tmp_path / "a-file" / "run"))
+    assert code == 2 and "is not writable" in out and len(out.strip().splitlines()) == 1, out
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
