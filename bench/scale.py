@@ -233,6 +233,7 @@ def phase1(shards: str, checkpoint: str, cache: Path, args: argparse.Namespace) 
     ]
     cmd += ["--teacher-checkpoint", checkpoint, "--recipe", "deit", "--img-size", "224", "--views", str(args.views)]
     cmd += ["--view-block", str(args.views), "--topk", "10", "--batch-size", "64", "--workers", str(args.workers)]
+    cmd += ["--repeats", str(args.repeats)]
     r = run_timed([*cmd, "--progress", "log"], r"cache-teacher: [\d,]+/")
     m = re.search(r"(\d+) views", r["stdout"])
     views = int(m.group(1)) if m else 0
@@ -247,6 +248,7 @@ def phase2(shards: str, cache: Path, out: Path, args: argparse.Namespace) -> dic
     cmd = [STILLROOM, "train-student", "--shards", shards, "--cache", str(cache), "--model", STUDENT]
     cmd += ["--epochs", "1", "--max-steps-per-epoch", str(args.steps), "--batch-size", "32", "--out", str(out)]
     cmd += ["--workers", str(args.workers), "--log-every", "1", "--warmup-epochs", "0", "--progress", "log"]
+    cmd += ["--repeats", str(args.repeats)]
     r = run_timed(cmd, r"epoch 0 \(views [\d,]+\): [\d,]+/")
     import json
 
@@ -309,6 +311,38 @@ def empty_imagenet_cache(tmp: Path) -> dict[str, Any]:
     }
 
 
+def rebatch_ms(batch: int = 128, buffer: int = 2048, views: int = 8192) -> dict[str, float]:
+    """The main process's cost of drawing one batch from the shuffle buffer, 224 px float16 views."""
+    from pipeline.data import ShuffleBuffer
+
+    def chunk(first: int) -> dict[str, Any]:
+        import torch
+
+        n = 32
+        return {
+            "pixels": torch.zeros(n, 3, 224, 224, dtype=torch.float16),
+            "label": torch.zeros(n, dtype=torch.long),
+            "mix_label": torch.zeros(n, dtype=torch.long),
+            "lam": torch.ones(n),
+            "views": torch.zeros(n, dtype=torch.long),
+            "item": torch.arange(n) // 3,
+            "keys": [f"k{first + i}" for i in range(n)],
+        }
+
+    out = {}
+    for held in (batch * 2, buffer):
+        buf = ShuffleBuffer(0)
+        for c in range(0, held + views, 32):
+            buf.add(chunk(c))
+        times = []
+        while buf.views >= held:
+            t0 = time.perf_counter()
+            buf.batch(batch)
+            times.append(time.perf_counter() - t0)
+        out[f"buffer_{held}_ms_per_batch"] = 1e3 * float(np.median(times))
+    return out
+
+
 def one_size(n: int, photos: Path, checkpoint: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.pack import pack
 
@@ -362,6 +396,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=1, help="views per sample cached in phase 1")
     ap.add_argument("--steps", type=int, default=20, help="phase-2 steps of batch 32")
     ap.add_argument("--workers", type=int, default=2, help="loader workers in both phases")
+    ap.add_argument("--repeats", type=int, default=1, help="repeated augmentation R (--views must be a multiple)")
     ap.add_argument("--tmp", default=None, help="work folder (needs ~2 x 110 KB x the largest N); default a temp dir")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     ap.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
@@ -379,12 +414,17 @@ def main() -> None:
         torch.save(timm.create_model(TEACHER, num_classes=CLASSES).state_dict(), checkpoint)
         rows = [one_size(n, tmp / "photos", checkpoint, tmp, args) for n in args.sizes]
         empty = empty_imagenet_cache(tmp)
-    text = table(rows, empty)
+        rebatch = rebatch_ms()
+    text = table(rows, empty) + (
+        f"\nRe-batching in the main process, batch 128 of 224 px float16 views: "
+        f"{rebatch['buffer_256_ms_per_batch']:.1f} ms with 256 views held, "
+        f"{rebatch['buffer_2048_ms_per_batch']:.1f} ms with 2048."
+    )
     print(text)
     write_result(
         args.out,
         "scale",
-        {"sizes": rows, "imagenet_geometry": empty},
+        {"sizes": rows, "imagenet_geometry": empty, "rebatch": rebatch, "repeats": args.repeats, "views": args.views},
         mean_jpeg_bytes=jpeg_bytes,
         make_photos_s=made_s,
         note=args.note,
