@@ -100,21 +100,29 @@ def subset(photos: Path, n: int, out: Path) -> Path:
 
 # -- measuring processes -------------------------------------------------------------------------
 class PeakRss:
-    """Polls /proc every 0.2 s: the peak resident set of a process and of each of its descendants."""
+    """Polls /proc every 0.2 s: the peak resident set of a process and of its descendants (VmRSS), and
+    their peak private memory (RssAnon: VmRSS counts pages a forked worker still shares with its parent)."""
 
     def __init__(self, pid: int):
         self.pid, self.peak, self.children_peak = pid, 0, 0
+        self.anon, self.children_anon = 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     @staticmethod
-    def _rss(pid: int) -> int:
+    def _rss(pid: int) -> tuple[int, int]:
+        """(VmRSS, RssAnon) in bytes."""
         try:
             with open(f"/proc/{pid}/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            return 0
+                fields = {
+                    line.split(":")[0]: int(line.split()[1]) * 1024
+                    for line in f
+                    if line.startswith(("VmRSS", "RssAnon"))
+                }
+        except OSError:
+            return 0, 0
+        return fields.get("VmRSS", 0), fields.get("RssAnon", 0)
 
     @staticmethod
     def _children(pid: int) -> list[int]:
@@ -126,11 +134,13 @@ class PeakRss:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss(self.pid))
+            rss, anon = self._rss(self.pid)
+            self.peak, self.anon = max(self.peak, rss), max(self.anon, anon)
             pending = self._children(self.pid)
             while pending:
                 c = pending.pop()
-                self.children_peak = max(self.children_peak, self._rss(c))
+                rss, anon = self._rss(c)
+                self.children_peak, self.children_anon = max(self.children_peak, rss), max(self.children_anon, anon)
                 pending += self._children(c)
             time.sleep(0.2)
 
@@ -162,60 +172,38 @@ def run_timed(cmd: list[str], first_line: str) -> dict[str, Any]:
         "wall_s": time.monotonic() - t0,
         "peak_rss_main_mb": rss.peak / 2**20,
         "peak_rss_worker_mb": rss.children_peak / 2**20,
+        "peak_private_main_mb": rss.anon / 2**20,
+        "peak_private_worker_mb": rss.children_anon / 2**20,
         "stdout": out,
         "log": lines,
     }
 
 
 # -- the steps -----------------------------------------------------------------------------------
+def _bytes_read() -> int:
+    """Bytes this process has read from files so far (``rchar`` of /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
 def startup_bytes(data: Path, pattern: str) -> dict[str, float]:
-    """Bytes read from shard files to learn the shard list's counts: with the pack index, and without."""
-    import pipeline.storage as storage
+    """Bytes read to learn a shard list's counts: with the pack index (the sidecar), and without any
+    index (a header-only scan), per shard, measured by the process's own read counter."""
     from pipeline.shards import load_shard_list
 
-    read = [0]
-    real_open = storage.open_read
-
-    class Counting:
-        def __init__(self, f: Any):
-            self._f = f
-
-        def read(self, *args: Any) -> bytes:
-            data = self._f.read(*args)
-            read[0] += len(data)
-            return data
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._f, name)
-
-        def __enter__(self) -> Counting:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self._f.close()
-
-    def counting_open(url: str, *args: Any, **kwargs: Any) -> Any:
-        f = real_open(url, *args, **kwargs)
-        return Counting(f) if url.endswith(".tar") else f
-
-    bare = data.parent / "no-index"
+    bare = data.parent / f"no-index-{data.name}"
     bare.mkdir(exist_ok=True)
     for tar in data.glob("*.tar"):
         (bare / tar.name).unlink(missing_ok=True)
         (bare / tar.name).symlink_to(tar)
-    storage.open_read = counting_open
-    try:
-        out = {}
-        for name, spec in (("index", str(data / pattern)), ("header_scan", str(bare / pattern))):
-            read[0] = 0
-            t0 = time.perf_counter()
-            shards = load_shard_list(spec)
-            out[f"{name}_bytes_per_shard"] = read[0] / len(shards)
-            out[f"{name}_s"] = time.perf_counter() - t0
-        out["shard_bytes"] = sum(t.stat().st_size for t in data.glob("*.tar")) / len(shards)
-        return out
-    finally:
-        storage.open_read = real_open
+    out = {}
+    for name, spec in (("index", str(data / pattern)), ("header_scan", str(bare / pattern))):
+        before, t0 = _bytes_read(), time.perf_counter()
+        shards = load_shard_list(spec)
+        out[f"{name}_bytes_per_shard"] = (_bytes_read() - before) / len(shards)
+        out[f"{name}_s"] = time.perf_counter() - t0
+    out["shard_bytes"] = sum(t.stat().st_size for t in data.glob("*.tar")) / len(shards)
+    return out
 
 
 def phase1(shards: str, checkpoint: str, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -362,8 +350,8 @@ def one_size(n: int, photos: Path, checkpoint: str, tmp: Path, args: argparse.Na
 
 def table(rows: list[dict[str, Any]], empty: dict[str, Any]) -> str:
     head = ["N", "shards", "pack s", "start-up bytes/shard (index, header scan, whole shard)"]
-    head += ["phase 1 start-up s", "img·views/s", "RSS main / worker MB", "cache B/(sample, view)"]
-    head += ["phase 2 start-up s", "img/s", "RSS main / worker MB"]
+    head += ["phase 1 start-up s", "img·views/s", "RSS main / worker MB (private)", "cache B/(sample, view)"]
+    head += ["phase 2 start-up s", "img/s", "RSS main / worker MB (private)"]
     body = []
     for r in rows:
         p1, p2 = r["phase1"], r["phase2"]
@@ -375,11 +363,13 @@ def table(rows: list[dict[str, Any]], empty: dict[str, Any]) -> str:
                 f"{r['index_bytes_per_shard']:.0f} / {r['header_scan_bytes_per_shard']:,.0f} / {r['shard_bytes']:,.0f}",
                 p1["startup_s"],
                 p1["img_views_per_s"],
-                f"{p1['peak_rss_main_mb']:.0f} / {p1['peak_rss_worker_mb']:.0f}",
+                f"{p1['peak_rss_main_mb']:.0f} / {p1['peak_rss_worker_mb']:.0f} "
+                f"({p1.get('peak_private_main_mb', 0):.0f} / {p1.get('peak_private_worker_mb', 0):.0f})",
                 p1["cache_bytes_per_sample_view"],
                 p2["startup_s"],
                 p2["img_per_s"],
-                f"{p2['peak_rss_main_mb']:.0f} / {p2['peak_rss_worker_mb']:.0f}",
+                f"{p2['peak_rss_main_mb']:.0f} / {p2['peak_rss_worker_mb']:.0f} "
+                f"({p2.get('peak_private_main_mb', 0):.0f} / {p2.get('peak_private_worker_mb', 0):.0f})",
             ]
         )
     extra = (

@@ -98,6 +98,18 @@ def write_digits_shards(out: Path, n: int, per_shard: int, prefix: str = "train"
     return str(out / meta["pattern"])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): two
+    threads on two busy cores make conv2d ~100x slower (OpenMP spinning), and subprocesses run with one,
+    so the teacher's output bits agree between in-process and subprocess runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    torch.use_deterministic_algorithms(False)  # TrainConfig.deterministic sets it process-wide
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """120 real digits in 3 shards of 40 (pattern string)."""

@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 import zarr
 from conftest import cache_cli_args, tiny_cache_config
 from typer.testing import CliRunner
@@ -35,16 +34,10 @@ from pipeline.cache import ARRAYS, CacheMeta, create_or_open, open_cache
 from pipeline.cache_teacher import run
 from pipeline.errors import CacheError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"views": 2, "view_block": 1, "batch_size": 20}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

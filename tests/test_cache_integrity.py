@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 import zarr
 from conftest import TINY_STUDENT, cache_cli_args, tiny_cache_config
@@ -33,18 +32,11 @@ from cli.main import app
 from pipeline.cache import ARRAYS, UnitData, open_cache
 from pipeline.cache_teacher import run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SETTINGS = {"views": 2, "view_block": 1, "batch_size": 20}  # 6 units: 2 blocks x 3 shards
 UNIT = "views 0-0 of shard 'train-000001.tar'"  # the damaged unit: block 0, shard 1
 DAMAGE = [(kind, array) for kind in ("deleted", "corrupt") for array in ("values", "indices", "logsumexp")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: fast on 2 busy cores, and the same teacher bits as the pristine run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

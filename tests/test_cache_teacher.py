@@ -37,17 +37,10 @@ from pipeline.cache import open_cache
 from pipeline.cache_teacher import run
 from pipeline.options import CacheConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 5
 TEMPS = [1.0, 2.0, 4.0]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: two threads on two busy cores make conv2d ~100x slower (OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(shards: str, teacher: str, out: Path, **kw) -> CacheConfig:

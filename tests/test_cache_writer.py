@@ -25,15 +25,7 @@ UNITS = 12
 WRITE_S = 0.3  # per unit, the slow store
 TEACHER_S = 0.1  # per batch: ~0.4 s of teacher per unit, more than a write
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 class _SlowTeacher(torch.nn.Module):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 import yaml
 import zarr
@@ -30,15 +29,9 @@ from pipeline.errors import DataError
 from pipeline.replay import decode_image
 from pipeline.shards import count_samples, expand_urls, iter_decoded, iter_raw, load_shard_list, shard_name
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _files(root: Path) -> dict[str, tuple[bytes, int]]:

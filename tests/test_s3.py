@@ -26,7 +26,14 @@ import pytest
 import torch
 import webdataset as wds
 import zarr
-from conftest import ROOT, TINY_STUDENT, cache_cli_args, stillroom_cmd, tiny_cache_config, write_digits_shards
+from conftest import (
+    ROOT,
+    cache_cli_args,
+    stillroom_cmd,
+    student_config,
+    tiny_cache_config,
+    write_digits_shards,
+)
 from s3server import CountingProxy, free_port, moto_server, silent_server
 from typer.testing import CliRunner
 
@@ -41,6 +48,8 @@ from pipeline.options import TrainConfig
 from pipeline.s3 import S3FileSystem
 from pipeline.shards import count_samples, load_shard_list, num_classes_from_sidecar
 from pipeline.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUCKET = "stillroom-test"
 CACHE = {"views": 2, "view_block": 1, "batch_size": 64}
@@ -106,14 +115,6 @@ def s3(moto: str, tmp_path_factory: pytest.TempPathFactory):
         yield S3(proxy, fs, local, pattern, f"s3://{BUCKET}/digits", f"s3://{BUCKET}/bare")
         _fresh_filesystems()
     proxy.close()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SHARDS = "train-{000000..000002}.tar"
@@ -252,23 +253,7 @@ def test_two_jobs_pipe_and_s3_shards_fill_one_s3_cache(s3: S3, local_cache: Path
 
 
 def _student(shards: str, cache: str, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(
-        shards=[shards],
-        cache=cache,
-        out=str(out),
-        model="deit_tiny_distilled_patch16_224",
-        model_kwargs=dict(TINY_STUDENT),
-        epochs=2,
-        batch_size=8,
-        workers=0,
-        warmup_epochs=1,
-        max_steps_per_epoch=3,
-        eval_every=0,
-        log_every=1,
-        progress="off",
-        deterministic=True,
-        **kw,
-    )
+    return student_config(shards, cache, out, max_steps_per_epoch=3, eval_every=0, **kw)
 
 
 def test_phase2_and_resume_with_shards_and_cache_on_s3(s3: S3, s3_cache: str, local_cache: Path, tmp_path: Path):

@@ -38,14 +38,7 @@ STILLROOM = str(ROOT / ".venv" / "bin" / "stillroom")
 RESUME_STUDENT = {**TINY_STUDENT, "depth": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: fast on 2 shared cores, and the same float reduction order as the subprocesses."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    torch.use_deterministic_algorithms(False)  # TrainConfig.deterministic sets it process-wide
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict[str, str]:
