@@ -82,7 +82,7 @@ def phase1(doc: dict[str, Any]) -> list[str]:
             "so each view costs the loader's time plus the teacher's: 1 / (1/loader + 1/forward) = "
             f"{fmt_num(pred)} images·views/s ({fmt_num(pred / bare)} of bare forward), against "
             f"{fmt_num(best)} measured ({fmt_num(best / pred)} of that prediction). Sharing the cores is the "
-            "first cause; what remains is start-up (teacher load, checkpoint hash, shard scan), top-k and "
+            "first cause; what remains is start-up (imports, teacher load, checkpoint hash), top-k and "
             "logsumexp, the zarr writes and OpenMP threads waiting on loader processes. With the teacher on a "
             "GPU the loader overlaps it and the bound becomes min(loader, GPU forward), which more loader "
             "workers (cores) raise.",
@@ -203,11 +203,102 @@ def accuracy(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def _flat(rows: list[dict[str, Any]], get: Any) -> str:
+    first, last = get(rows[0]), get(rows[-1])
+    return f"{fmt_num(first)} -> {fmt_num(last)} ({fmt_num(last / first)}x)"
+
+
+def scale(doc: dict[str, Any]) -> list[str]:
+    from bench.scale import table
+
+    r = doc["results"]
+    rows, geo = r["sizes"], r["imagenet_geometry"]
+    grow = rows[-1]["n"] / rows[0]["n"]
+    worker_gib = max(max(x["phase1"]["peak_rss_worker_mb"], x["phase2"]["peak_rss_worker_mb"]) for x in rows) / 1024
+    per_view = rows[-1]["phase1"]["cache_bytes_per_sample_view"]
+    out = [
+        f"Synthetic ImageNet-shaped JPEGs (1000 classes, 500x375, mean {fmt_num(doc.get('mean_jpeg_bytes'))} bytes), "
+        f"{r.get('views', 1)} view(s), repeats {r.get('repeats', 1)}; teacher `regnety_002` (random weights) and "
+        "student `deit_tiny_distilled_patch16_224` at 224 px on the CPU.",
+        "",
+        table(rows, geo),
+        "",
+        *(
+            [
+                "Re-batching in phase 2's main process (batch 128 of 224 px float16 views): "
+                f"{fmt_num(r['rebatch']['buffer_256_ms_per_batch'])} ms per batch with 256 views held, "
+                f"{fmt_num(r['rebatch']['buffer_2048_ms_per_batch'])} ms with 2048: the shuffle buffer's cost does "
+                "not grow with its size.",
+                "",
+            ]
+            if "rebatch" in r
+            else []
+        ),
+        f"As N grows {fmt_num(grow)}x, from the smallest to the largest run:",
+        "",
+        f"- phase 1 img·views/s {_flat(rows, lambda x: x['phase1']['img_views_per_s'])}; phase 2 img/s "
+        f"{_flat(rows, lambda x: x['phase2']['img_per_s'])}: nothing either phase does per sample depends on N "
+        "(a phase 1 unit reads one shard and writes one chunk per array; phase 2 reads one unit's rows per shard), "
+        "so differences of a few percent are this shared machine's drift between runs minutes apart;",
+        f"- start-up before the first teacher batch {_flat(rows, lambda x: x['phase1']['startup_s'])} s and before "
+        f"the first training step {_flat(rows, lambda x: x['phase2']['startup_s'])} s: both read per-shard "
+        "metadata only (the pack index), not the data, so they do not grow with N; phase 1's is mostly importing "
+        "torch and timm, the teacher's build and its first unit's decode (mixing partners are drawn from the "
+        "whole shard);",
+        f"- largest loader-worker RSS {fmt_num(worker_gib)} GiB (the aim: under 1.5 GiB per worker), flat in N: "
+        "with mixing, a worker holds its shard's decoded images (mixup/cutmix partners come from the whole shard: "
+        "1000 x 500x375x3 bytes = 0.56 GB here), so it grows with samples per shard, not with the data set; "
+        "anonymous memory (in brackets) leaves out the library files every process maps, and a forked "
+        "worker's includes pages it still shares with the main process;",
+        "- phase 2's main process holds the shuffle buffer (2048 views by default, 0.3 MB each at 224 px in "
+        "float16) next to the model;",
+        f"- cache {fmt_num(per_view)} bytes per (sample, view).",
+    ]
+    return out
+
+
+REGNETY_160_IMG_S = 1664  # timm results/benchmark-infer-amp-nchw-pt291-cu128-4090.csv, 224 px, AMP, RTX 4090
+
+
+def sizing(phase1_doc: dict[str, Any] | None, scale_doc: dict[str, Any] | None) -> list[str]:
+    """ImageNet with DeiT's teacher on paper, from the measured per-core loader rate and cache row size."""
+    if phase1_doc is None or scale_doc is None:
+        return ["Needs `bench/results/phase1.json` and `bench/results/scale.json`."]
+    views = 1_281_167 * 300
+    per_view = scale_doc["results"]["sizes"][-1]["phase1"]["cache_bytes_per_sample_view"]
+    units = scale_doc["results"]["imagenet_geometry"]["units"]
+    r = phase1_doc["results"]
+    workers = r["settings"]["workers"]
+    rows = []
+    for name, run in r["loader_only"].items():
+        per_core = run["images_views_per_s"] / workers
+        rows.append([name, per_core, REGNETY_160_IMG_S / per_core])
+    gpu_h = views / REGNETY_160_IMG_S / 3600
+    return [
+        "Not measured: no GPU was lent to this project. The arithmetic below combines figures measured here "
+        "(loader rate per core from the phase 1 benchmark, cache bytes per row from the scale benchmark) with "
+        f"timm's published inference rate for regnety_160: about {REGNETY_160_IMG_S:,} img/s at 224 px with AMP on "
+        "one RTX 4090 (timm's results/benchmark-infer-amp-nchw-pt291-cu128-4090.csv).",
+        "",
+        md_table(["phase 1 loader (decode + DeiT replay, 224 px)", "img·views/s per core", "cores per GPU"], rows),
+        "",
+        f"- ImageNet x 300 views = {views:,} (sample, view) rows: about {fmt_num(views * per_view / 1e9)} GB of cache "
+        f"at {fmt_num(per_view)} bytes per row, in {units:,} units (1,281 shards x 30 view blocks of 10).",
+        f"- Teacher forward: {fmt_num(gpu_h)} GPU-hours at that rate, if each GPU gets the cores above for its loader "
+        "workers (plus one for the process that runs the teacher and writes the cache): e.g. a 64-job array of one "
+        f"GPU each finishes in about {fmt_num(gpu_h / 64)} hours.",
+        "- Phase 2 runs no teacher: its cost is the student's alone (the phase 2 benchmark's cached / none ratio).",
+        "- The loader rate per core is this machine's CPU (named in the phase 1 section) on its images; check it "
+        "with `bench/phase1_speed.py --images DIR` on the target machine and data before sizing a cluster.",
+    ]
+
+
 SECTIONS = [
     ("phase1", "Phase 1 speed: cache-teacher vs bare teacher forward", phase1, "bench/phase1_speed.py"),
     ("phase2", "Phase 2 speed: student throughput by teacher mode", phase2, "bench/phase2_speed.py"),
     ("storage_fidelity", "Cache storage and soft-target fidelity", storage_fidelity, "bench/storage_fidelity.py"),
     ("accuracy", "Student accuracy by distillation mode", accuracy, "bench/accuracy.py"),
+    ("scale", "Scale: cost per sample as the data grows 16x", scale, "bench/scale.py"),
 ]
 
 
@@ -237,6 +328,8 @@ def main() -> None:
         except (KeyError, TypeError, ZeroDivisionError) as e:
             body = [f"(could not read {path}: {type(e).__name__}: {e})"]
         lines += _header(doc, title, path) + body + [""]
+    lines += ["## Sizing ImageNet with DeiT's teacher (arithmetic)", ""]
+    lines += [*sizing(_load(folder, "phase1"), _load(folder, "scale")), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

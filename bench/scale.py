@@ -101,7 +101,8 @@ def subset(photos: Path, n: int, out: Path) -> Path:
 # -- measuring processes -------------------------------------------------------------------------
 class PeakRss:
     """Polls /proc every 0.2 s: the peak resident set of a process and of its descendants (VmRSS), and
-    their peak private memory (RssAnon: VmRSS counts pages a forked worker still shares with its parent)."""
+    their peak anonymous memory (RssAnon: heap and tensors, without the mapped library files that every
+    process shares; a forked worker's count includes pages it still shares with its parent)."""
 
     def __init__(self, pid: int):
         self.pid, self.peak, self.children_peak = pid, 0, 0
@@ -350,8 +351,8 @@ def one_size(n: int, photos: Path, checkpoint: str, tmp: Path, args: argparse.Na
 
 def table(rows: list[dict[str, Any]], empty: dict[str, Any]) -> str:
     head = ["N", "shards", "pack s", "start-up bytes/shard (index, header scan, whole shard)"]
-    head += ["phase 1 start-up s", "img·views/s", "RSS main / worker MB (private)", "cache B/(sample, view)"]
-    head += ["phase 2 start-up s", "img/s", "RSS main / worker MB (private)"]
+    head += ["phase 1 start-up s", "img·views/s", "RSS main / worker MB (anonymous)", "cache B/(sample, view)"]
+    head += ["phase 2 start-up s", "img/s", "RSS main / worker MB (anonymous)"]
     body = []
     for r in rows:
         p1, p2 = r["phase1"], r["phase2"]
@@ -373,7 +374,7 @@ def table(rows: list[dict[str, Any]], empty: dict[str, Any]) -> str:
             ]
         )
     extra = (
-        f"\nImageNet geometry, no data ({empty['units']:,} units): create {empty['create_s']:.2f} s, "
+        f"\n\nImageNet geometry, no data ({empty['units']:,} units): create {empty['create_s']:.2f} s, "
         f"cache-status {empty['status_s']:.2f} s, phase-2 start-up to its refusal {empty['phase2_startup_s']:.2f} s, "
         f"metadata {empty['metadata_bytes']:,} bytes."
     )
@@ -406,7 +407,7 @@ def main() -> None:
         empty = empty_imagenet_cache(tmp)
         rebatch = rebatch_ms()
     text = table(rows, empty) + (
-        f"\nRe-batching in the main process, batch 128 of 224 px float16 views: "
+        f"\n\nRe-batching in the main process, batch 128 of 224 px float16 views: "
         f"{rebatch['buffer_256_ms_per_batch']:.1f} ms with 256 views held, "
         f"{rebatch['buffer_2048_ms_per_batch']:.1f} ms with 2048."
     )
