@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,6 +89,35 @@ def stillroom_cmd() -> list[str]:
     """The installed console script, or the module when the package is not installed."""
     exe = Path(sys.executable).with_name("stillroom")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
+
+
+# train-student in a child process, SIGKILLed on its KILL_AT_CALL-th call of ``any_rank``: once at
+# the start of every step and once after every epoch, so the call number names an exact position.
+_KILLER = """
+import os, signal, sys
+import pipeline.train as t
+calls, kill_at, any_rank = [0], int(os.environ["KILL_AT_CALL"]), t.any_rank
+def counting(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return any_rank(*args, **kwargs)
+t.any_rank = counting
+from cli.main import app
+app(sys.argv[1:], prog_name="stillroom")
+"""
+
+
+def train_killed_at(config: Path, call: int, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``train-student --config config`` and SIGKILL it at its ``call``-th step check (see above)."""
+    return subprocess.run(
+        [sys.executable, "-c", _KILLER, "train-student", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**env, "KILL_AT_CALL": str(call)},
+    )
 
 
 def write_digits_shards(out: Path, n: int, per_shard: int, prefix: str = "train", offset: int = 0) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY_STUDENT, tiny_cache_config, write_digits_shards
+from conftest import ROOT, student_config, tiny_cache_config, write_digits_shards
 
 from pipeline.cache_teacher import run as cache_teacher
 from pipeline.options import TrainConfig
@@ -90,19 +90,8 @@ def shard_keys(spec: str) -> list[set[str]]:
 
 
 def cfg_for(shards: str, cache: str, out: Path, **kw) -> TrainConfig:
-    base = TrainConfig(
-        shards=shards,
-        cache=cache,
-        out=str(out),
-        model="deit_tiny_distilled_patch16_224",
-        model_kwargs=dict(TINY_STUDENT),
-        batch_size=8,
-        workers=1,
-        warmup_epochs=1,
-        log_every=1,
-        progress="off",
-    )
-    return dataclasses.replace(base, **kw)
+    """conftest's tiny student with one loader worker per rank (torchrun runs real worker processes)."""
+    return student_config(shards, cache, out, workers=1, deterministic=False, **kw)
 
 
 def check_ranks(cfg: TrainConfig, debug_dir: Path) -> dict[int, dict[int, list[dict]]]:

@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, TINY_STUDENT, student_config, tiny_cache_config, write_digits_shards
+from conftest import ROOT, TINY_STUDENT, student_config, tiny_cache_config, train_killed_at, write_digits_shards
 
 from pipeline import losses
 from pipeline.cache import open_cache
@@ -32,7 +32,6 @@ from pipeline.task import DistillationTask
 from pipeline.train import train
 
 STUDENT = "deit_tiny_distilled_patch16_224"
-PY = str(ROOT / ".venv" / "bin" / "python")
 STILLROOM = str(ROOT / ".venv" / "bin" / "stillroom")
 # Two blocks, so drop path (0.1 on the second block) draws from the global torch RNG: resume must restore it.
 RESUME_STUDENT = {**TINY_STUDENT, "depth": 2}
@@ -230,34 +229,12 @@ def test_resume_at_epoch_boundary_is_exact(reference_run: TrainConfig, tmp_path:
         assert_same_weights(opt_ref, opt_got)
 
 
-KILLER = """
-import os, signal, sys
-import pipeline.train as t
-calls, kill_at, any_rank = [0], int(os.environ["KILL_AT_STEP_CALL"]), t.any_rank
-def counting_any_rank(*args, **kwargs):  # called once at the start of every step (and after each epoch)
-    calls[0] += 1
-    if calls[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return any_rank(*args, **kwargs)
-t.any_rank = counting_any_rank
-from cli.main import app
-app(sys.argv[1:], prog_name="stillroom")
-"""
-
-
 def test_sigkill_mid_epoch_then_resume_is_exact(reference_run: TrainConfig, tmp_path: Path) -> None:
     """checkpoint_every=4; SIGKILL at step 10 of epoch 1 (last checkpoint: step 8); --resume == uninterrupted."""
     cfg = dataclasses.replace(reference_run, out=str(tmp_path / "run"), checkpoint_every=4)
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    proc = subprocess.run(
-        [PY, "-c", KILLER, "train-student", "--config", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**_env(), "KILL_AT_STEP_CALL": str(15 + 1 + 10 + 1)},  # 15 steps, the end-of-epoch check, 10 steps
-    )
+    proc = train_killed_at(path, 15 + 1 + 10 + 1, _env(), timeout=300)  # 15 steps, the epoch's end, 10 steps
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     mid = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 8, 23)

@@ -23,7 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_STUDENT, stillroom_cmd, student_config, tiny_cache_config, write_digits_shards
+from conftest import (
+    ROOT,
+    TINY_STUDENT,
+    stillroom_cmd,
+    student_config,
+    tiny_cache_config,
+    train_killed_at,
+    write_digits_shards,
+)
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -95,21 +103,6 @@ def test_no_checkpoint_mid_accumulation() -> None:
         finish(TrainConfig(shards=["x.tar"], cache="c", accum_steps=4, checkpoint_every=6))
 
 
-KILLER = """
-import os, signal, sys
-import pipeline.train as t
-calls, kill_at, any_rank = [0], int(os.environ["KILL_AT_CALL"]), t.any_rank
-def counting(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return any_rank(*args, **kwargs)
-t.any_rank = counting
-from cli.main import app
-app(sys.argv[1:], prog_name="stillroom")
-"""
-
-
 def test_sigkill_and_resume_with_accumulation_is_exact(cache: str, digits_shards: str, tmp_path: Path) -> None:
     """accum 2, a checkpoint every 4 steps: killed at step 7 of epoch 1, resumed: the reference's weights."""
     ref = cfg_for(digits_shards, cache, tmp_path / "ref", accum_steps=2, checkpoint_every=4)
@@ -117,14 +110,7 @@ def test_sigkill_and_resume_with_accumulation_is_exact(cache: str, digits_shards
     cfg = dataclasses.replace(ref, out=str(tmp_path / "run"))
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    proc = subprocess.run(
-        [str(Path(stillroom_cmd()[0]).with_name("python")), "-c", KILLER, "train-student", "--config", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**ENV, "KILL_AT_CALL": str(15 + 1 + 7 + 1)},
-    )
+    proc = train_killed_at(path, 15 + 1 + 7 + 1, ENV)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     mid = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"]) == (1, 4)
