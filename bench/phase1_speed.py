@@ -34,11 +34,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.common import RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
+from pipeline.cache import CacheMeta  # noqa: E402
 from pipeline.cache_teacher import CacheConfig, UnitStream, build_teacher, run  # noqa: E402
 from pipeline.cache_tools import status  # noqa: E402
 from pipeline.models import autocast  # noqa: E402
 from pipeline.recipe import make_recipe  # noqa: E402
-from pipeline.replay import replay_shard  # noqa: E402
+from pipeline.replay import replay_shard, stack  # noqa: E402
 from pipeline.shards import iter_decoded, load_shard_list  # noqa: E402
 
 TEACHER = "regnety_002"
@@ -60,7 +61,7 @@ def cache_run(shards: str, teacher: str, out: Path, args: argparse.Namespace, vi
         temperatures=[1.0, 3.0],
         batch_size=args.batch_size,
         workers=args.workers,
-        progress=False,
+        progress="off",
     )
     summary = run(cfg)
     summary["images_views_per_s"] = summary["views"] / summary["wall_s"]
@@ -73,11 +74,13 @@ def bare_forward(shards: str, teacher: str, args: argparse.Namespace) -> dict:
     recipe = make_recipe("deit", args.img_size)
     shard = load_shard_list(shards)[0]
     views: list[torch.Tensor] = []
-    for window in replay_shard(iter_decoded(shard, 0, NUM_CLASSES), range(args.views), recipe, 0, shard.name):
-        views.extend(v.pixels for v in window)
+    samples = iter_decoded(shard, 0, NUM_CLASSES)
+    for view in replay_shard(samples, range(args.views), recipe, 0, shard.name, shard.count):
+        views.append(view.pixels)
         if len(views) >= args.bare_views:
             break
-    batches = [torch.stack(views[i : i + args.batch_size]) for i in range(0, len(views), args.batch_size)]
+    # compact batches, as cache-teacher hands them to the teacher's wrapper (which widens them)
+    batches = [stack(views[i : i + args.batch_size]) for i in range(0, len(views), args.batch_size)]
     batches = [b for b in batches if len(b) == args.batch_size] or batches
     cfg = CacheConfig(teacher=TEACHER, teacher_checkpoint=teacher)
     device = torch.device("cpu")
@@ -105,10 +108,20 @@ def loader_only(shards: str, args: argparse.Namespace, view_block: int) -> dict:
     infos = load_shard_list(shards)
     blocks = args.views // view_block
     units = [(b, s) for b in range(blocks) for s in range(len(infos))]
-    block_views = {b: range(b * view_block, (b + 1) * view_block) for b in range(blocks)}
-    stream = UnitStream(
-        units, infos, block_views, make_recipe("deit", args.img_size), 0, NUM_CLASSES, args.batch_size, "raise"
+    recipe = make_recipe("deit", args.img_size)
+    meta = CacheMeta.build(
+        shards=infos,
+        num_classes=NUM_CLASSES,
+        capacity=max(s.count for s in infos),
+        topk=args.topk,
+        temperatures=(1.0, 3.0),
+        views=args.views,
+        view_block=view_block,
+        seed=0,
+        recipe=recipe.to_dict(),
+        teacher={},
     )
+    stream = UnitStream(units, infos, meta, recipe, args.batch_size, "raise")
     workers = min(args.workers, len(units))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     n = 0
@@ -187,7 +200,7 @@ def main() -> None:
 
     lines = [
         f"Phase 1 speed: `{TEACHER}` teacher (random init, {NUM_CLASSES} classes), {args.img_size} px, DeiT recipe, "
-        f"{meta['num_samples']} ImageNet sample JPEGs in {len(meta['shards'])} shards, V={args.views}, "
+        f"{meta['num_samples']} photos (--images) in {len(meta['shards'])} shards, V={args.views}, "
         f"K={args.topk}, batch {args.batch_size}, {args.workers} loader workers, CPU.",
         "",
         "| measurement | setting | images·views/s | wall s | ratio to bare forward |",

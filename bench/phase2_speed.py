@@ -130,7 +130,7 @@ def main() -> None:
                 topk=10,
                 batch_size=args.batch_size,
                 workers=args.workers,
-                progress=False,
+                progress="off",
             )
         )
         cache_s = time.perf_counter() - t0
@@ -150,7 +150,7 @@ def main() -> None:
             warmup_epochs=0,
             eval_every=0,
             log_every=1,
-            progress=False,
+            progress="off",
         )
         rounds: list[dict[str, dict]] = []
         for r in range(args.rounds):  # alternate the order so a load burst does not always hit the same mode
@@ -214,7 +214,7 @@ def main() -> None:
     ]
     print(
         f"Phase 2 speed: `{STUDENT}` ({NUM_CLASSES} classes), {args.img_size} px, DeiT recipe, "
-        f"{meta['num_samples']} ImageNet sample JPEGs in {len(meta['shards'])} shards, batch {args.batch_size}, "
+        f"{meta['num_samples']} photos (--images) in {len(meta['shards'])} shards, batch {args.batch_size}, "
         f"{args.epochs} epochs x {args.steps} steps, {args.workers} loader workers, CPU, best of {args.rounds} "
         "round(s).\n"
     )

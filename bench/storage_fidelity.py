@@ -73,7 +73,7 @@ def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
                 temperatures=TEMPS,
                 batch_size=64,
                 workers=0,
-                progress=False,
+                progress="off",
             )
         )
         wall = time.perf_counter() - t0
@@ -165,7 +165,7 @@ def digits_logits(tmp: Path, args: argparse.Namespace) -> tuple[torch.Tensor, st
     from pipeline.demo import load_demo_config
     from pipeline.pack import pack
     from pipeline.recipe import make_recipe
-    from pipeline.replay import replay_shard
+    from pipeline.replay import replay_shard, stack
     from pipeline.shards import iter_decoded, load_shard_list
     from pipeline.train import TrainConfig, train
 
@@ -185,7 +185,7 @@ def digits_logits(tmp: Path, args: argparse.Namespace) -> tuple[torch.Tensor, st
                 "out": str(tmp / "teacher"),
                 "device": "cpu",
                 "workers": 0,
-                "progress": False,
+                "progress": "off",
             },
             "teacher",
         )
@@ -201,10 +201,8 @@ def digits_logits(tmp: Path, args: argparse.Namespace) -> tuple[torch.Tensor, st
     recipe = make_recipe(cfg["cache"]["recipe"])
     out = []
     for i, shard in enumerate(load_shard_list(shards)[: args.digits_shards]):
-        views = []
-        for window in replay_shard(iter_decoded(shard, i, 10), range(args.views), recipe, 0, shard.name):
-            views.extend(window)
-        px = torch.stack([v.pixels for v in views])
+        views = replay_shard(iter_decoded(shard, i, 10), range(args.views), recipe, 0, shard.name, shard.count)
+        px = stack([v.pixels for v in views])
         with torch.inference_mode():
             out.extend(teacher(px[j : j + 256]) for j in range(0, len(px), 256))
     return torch.cat(out).float(), how
