@@ -35,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+IMAGENET_CLASSES = 1000  # the teacher head of the speed and storage benchmarks
 
 
 def _photo_folder(value: str) -> Path:
@@ -57,11 +58,13 @@ def add_images_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def photo_folder_setup(folder: Path, per_shard: int, teacher: str, images: Path) -> tuple[dict[str, Any], str, str]:
-    """Shards of the photos in ``images`` plus a random-init ``teacher`` checkpoint for their classes.
+    """Shards of the photos in ``images`` plus a random-init ``teacher`` checkpoint with ImageNet's head.
 
     No pretrained weights can be downloaded here; random weights cost the same per forward, which is
-    what the speed and storage benchmarks measure. Returns the pack sidecar's ``train`` entry, the
-    shard pattern and the checkpoint path.
+    what the speed and storage benchmarks measure. The head has ``IMAGENET_CLASSES`` outputs whatever
+    the folder holds (top-k, logsumexp and storage then cost what they cost on ImageNet); a folder
+    with more classes is refused. Returns the pack sidecar's ``train`` entry, the shard pattern and
+    the checkpoint path.
     """
     import timm
     import torch
@@ -69,9 +72,11 @@ def photo_folder_setup(folder: Path, per_shard: int, teacher: str, images: Path)
     from pipeline.pack import pack
 
     meta = pack(str(images), str(folder / "data"), per_shard=per_shard)["train"]
+    if meta["num_classes"] > IMAGENET_CLASSES:
+        raise SystemExit(f"{images}: {meta['num_classes']} classes, more than the {IMAGENET_CLASSES} benchmarks use")
     torch.manual_seed(0)
     checkpoint = folder / f"{teacher}-random.pth"
-    torch.save(timm.create_model(teacher, num_classes=meta["num_classes"]).state_dict(), checkpoint)
+    torch.save(timm.create_model(teacher, num_classes=IMAGENET_CLASSES).state_dict(), checkpoint)
     return meta, str(folder / "data" / meta["pattern"]), str(checkpoint)
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from bench.common import RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
+from bench.common import IMAGENET_CLASSES, RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
 from pipeline.cache import CacheMeta  # noqa: E402
 from pipeline.cache_teacher import CacheConfig, UnitStream, build_teacher, run  # noqa: E402
 from pipeline.cache_tools import status  # noqa: E402
@@ -43,7 +43,7 @@ from pipeline.replay import replay_shard, stack  # noqa: E402
 from pipeline.shards import iter_decoded, load_shard_list  # noqa: E402
 
 TEACHER = "regnety_002"
-NUM_CLASSES = 1000
+NUM_CLASSES = IMAGENET_CLASSES
 
 
 def cache_run(shards: str, teacher: str, out: Path, args: argparse.Namespace, view_block: int) -> dict:

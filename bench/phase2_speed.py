@@ -39,14 +39,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from bench.common import RESULTS, add_images_argument, command, machine, md_table, photo_folder_setup, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    IMAGENET_CLASSES,
+    RESULTS,
+    add_images_argument,
+    command,
+    machine,
+    md_table,
+    photo_folder_setup,
+    write_result,
+)
 from pipeline.cache_teacher import CacheConfig  # noqa: E402
 from pipeline.cache_teacher import run as cache_teacher  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
 TEACHER = "regnety_016"
 STUDENT = "deit_tiny_distilled_patch16_224"
-NUM_CLASSES = 1000
+NUM_CLASSES = IMAGENET_CLASSES
 MODES = {  # mode -> (distillation, teacher_mode)
     "cached": ("hard", "cached"),
     "live": ("hard", "live"),

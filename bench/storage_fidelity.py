@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
-from bench.common import RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
+from bench.common import IMAGENET_CLASSES, RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
 from pipeline.losses import soft_target_probs  # noqa: E402
 from pipeline.models import topk_targets  # noqa: E402
 
@@ -52,8 +52,8 @@ def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
     from pipeline.cache import open_cache
     from pipeline.cache_teacher import CacheConfig, run
 
-    meta, shards, teacher = photo_folder_setup(tmp / "inet", 100, "regnety_002", args.images)
-    num_classes = meta["num_classes"]
+    _, shards, teacher = photo_folder_setup(tmp / "inet", 100, "regnety_002", args.images)
+    num_classes = IMAGENET_CLASSES
     rows = []
     for k in args.storage_k:
         out = tmp / f"cache-k{k}.zarr"
