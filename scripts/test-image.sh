@@ -239,7 +239,7 @@ step_kill_rerun() {
   wait_job rerun-1 0
   local line already
   line=$(check_job_line rerun-0 0)
-  already=$(sed -n 's/.* \([0-9]*\) already done$/\1/p' <<<"$line")
+  already=$(sed -n 's/.* \([0-9]*\) already done.*/\1/p' <<<"$line")
   [[ $already =~ ^[0-9]+$ && $already -lt $UNITS_PER_JOB ]] ||
     fail "the re-run job 0 found '$already' of $UNITS_PER_JOB units done: the kill interrupted nothing"
   say "killed job 0 had finished $already of its $UNITS_PER_JOB units; re-run: $line"

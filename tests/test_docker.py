@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,15 @@ def test_image_test_uses_existing_cli_flags() -> None:
         assert command in options, f"test-image.sh runs `stillroom {command}`, which no longer exists"
         unknown = flags - options[command]
         assert not unknown, f"test-image.sh passes {sorted(unknown)} to `stillroom {command}`, which has no such flags"
+
+
+def test_image_test_reads_the_job_line_cache_teacher_logs() -> None:
+    """test-image.sh parses 'N already done' out of cache-teacher's first log line: the two must agree."""
+    source = (ROOT / "pipeline" / "cache_teacher.py").read_text()
+    fmt = re.search(r'"(job %d/%d \(%s\): [^"]*already done[^"]*)"', source)
+    assert fmt, "cache-teacher's job line is gone: update scripts/test-image.sh with it"
+    line = "2026-01-01 INFO pipeline.cache_teacher: " + fmt.group(1) % (0, 2, "AWS Batch array job", 10, 20, 3, 0)
+    expr = re.search(r"already=\$\(sed -n '([^']+)'", TEST_IMAGE.read_text())
+    assert expr, "test-image.sh no longer reads the already-done count with sed"
+    out = subprocess.run(["sed", "-n", expr.group(1)], input=line, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3", (line, expr.group(1), out.stdout)
