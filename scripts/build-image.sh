@@ -22,6 +22,7 @@ BASE=$DEFAULT_BASE
 VARIANT=full
 CACHE_OPTS=()
 WORK=""
+MIN_FREE_GB=30 # a build on the development machine ran out of space with 23 GB free
 
 usage() { sed -n '2,12s/^# \{0,1\}//p' "$0"; }
 
@@ -144,6 +145,23 @@ build() {
 
 gb() { awk -v b="$1" 'BEGIN { printf "%.2f GB", b / 1e9 }'; }
 
+# The engine writes the ~6.5 GB install layer more than once while committing it; with less free space
+# the build fails after minutes with "no space left on device", so say so before starting.
+check_space() {
+  local root free_gb
+  if [ "$ENGINE" = podman ]; then
+    root=$("${ENGINE_CMD[@]}" info --format '{{.Store.GraphRoot}}' 2>/dev/null) || return 0
+  else
+    root=$("${ENGINE_CMD[@]}" info --format '{{.DockerRootDir}}' 2>/dev/null) || return 0
+  fi
+  [ -d "$root" ] || return 0
+  free_gb=$(df -Pk "$root" | awk 'NR == 2 { printf "%d", $4 / 1e6 }')
+  if [ "$free_gb" -lt "$MIN_FREE_GB" ]; then
+    say "WARNING: $free_gb GB free under $root; a build needs about $MIN_FREE_GB GB" \
+      "(free space with '$ENGINE image prune' or '$ENGINE rmi' of old stillroom images)"
+  fi
+}
+
 # One line: the image's size and what makes it up (sizes inside the image, from du).
 report_size() {
   local bytes parts
@@ -175,6 +193,7 @@ main() {
   resolve_base
   fix_quirks "$BASE_IMAGE"
   tls_mounts
+  check_space
   build
   bytes=$(report_size)
   say "OK $(local_name "$TAG"): $(gb "$bytes") ($bytes bytes), variant $VARIANT, base $BASE_IMAGE," \
