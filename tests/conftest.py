@@ -108,7 +108,13 @@ app(sys.argv[1:], prog_name="stillroom")
 """
 
 
-def train_killed_at(config: Path, call: int, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: the repository importable, one OpenMP thread (so its teacher
+    output bits equal the in-process runs' under ``one_thread``), output unbuffered; ``extra`` added."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def train_killed_at(config: Path, call: int, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``train-student --config config`` and SIGKILL it at its ``call``-th step check (see above)."""
     return subprocess.run(
         [sys.executable, "-c", _KILLER, "train-student", "--config", str(config)],
@@ -116,7 +122,7 @@ def train_killed_at(config: Path, call: int, env: dict[str, str], timeout: int =
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**env, "KILL_AT_CALL": str(call)},
+        env=child_env(KILL_AT_CALL=str(call)),
     )
 
 

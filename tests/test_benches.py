@@ -7,13 +7,12 @@ them silently until the next measurement. Sizes here are the smallest each scrip
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, child_env
 from photos import write_synset_folder
 
 pytestmark = pytest.mark.slow
@@ -36,8 +35,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(args: list[str], timeout: int = 600) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env()
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -15,7 +15,6 @@ missing (never overwriting), then the group's attributes last, so:
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import zarr
-from conftest import cache_cli_args, tiny_cache_config
+from conftest import cache_cli_args, child_env, tiny_cache_config
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -158,7 +157,7 @@ create_or_open(sys.argv[2], meta)
 def test_creators_starting_at_once_leave_the_bytes_of_one(tmp_path, pristine, meta):
     blob = tmp_path / "meta.pkl"
     blob.write_bytes(pickle.dumps(meta))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env()
     for round_ in range(1):  # each process imports torch (~10 s on 2 busy cores): one round of three
         out, go = tmp_path / f"cache{round_}", tmp_path / f"go{round_}"
         ready = [tmp_path / f"ready{round_}-{i}" for i in range(3)]

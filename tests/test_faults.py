@@ -25,7 +25,14 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import TINY_CACHE, TINY_STUDENT, done_markers, stillroom_cmd, tiny_cache_config, write_digits_shards
+from conftest import (
+    TINY_CACHE,
+    done_markers,
+    stillroom_cmd,
+    student_config,
+    tiny_cache_config,
+    write_digits_shards,
+)
 
 from pipeline.cache_teacher import run
 from pipeline.errors import CacheError, ConfigError, StorageError
@@ -128,19 +135,16 @@ def test_disk_full_before_done_marker_is_not_claimed(tmp_path, monkeypatch, refe
 
 # -- (b) a cache built from other shards ------------------------------------------------------------
 def _train_cfg(tmp_path: Path, shards: str, cache: Path, **kw) -> TrainConfig:
-    return TrainConfig(
-        shards=shards,
-        cache=str(cache),
-        out=str(tmp_path / "run"),
-        model="deit_tiny_distilled_patch16_224",
-        model_kwargs=TINY_STUDENT,
+    """conftest's tiny student, hard distillation, a two-step epoch: these tests only need it to start."""
+    return student_config(
+        shards,
+        str(cache),
+        tmp_path / "run",
         epochs=1,
-        batch_size=8,
         max_steps_per_epoch=2,
         warmup_epochs=0,
-        workers=0,
-        progress="off",
-        **{"distillation": "hard", **kw},
+        deterministic=False,
+        **kw,
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -15,7 +14,15 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, TINY_STUDENT, student_config, tiny_cache_config, train_killed_at, write_digits_shards
+from conftest import (
+    ROOT,
+    TINY_STUDENT,
+    child_env,
+    student_config,
+    tiny_cache_config,
+    train_killed_at,
+    write_digits_shards,
+)
 
 from pipeline import losses
 from pipeline.cache import open_cache
@@ -38,10 +45,6 @@ RESUME_STUDENT = {**TINY_STUDENT, "depth": 2}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def build_cache(shards: str, teacher: str, out: Path, **kw) -> str:
@@ -234,7 +237,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference_run: TrainConfig, tmp_
     cfg = dataclasses.replace(reference_run, out=str(tmp_path / "run"), checkpoint_every=4)
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    proc = train_killed_at(path, 15 + 1 + 10 + 1, _env(), timeout=300)  # 15 steps, the epoch's end, 10 steps
+    proc = train_killed_at(path, 15 + 1 + 10 + 1, timeout=300)  # 15 steps, the epoch's end, 10 steps
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     mid = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 8, 23)
@@ -299,7 +302,7 @@ def test_cache_of_another_seed_is_refused_by_the_cli(cache: str, digits_shards: 
         capture_output=True,
         text=True,
         timeout=300,
-        env=_env(),
+        env=child_env(),
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "does not match this training run" in proc.stderr and "seed: cache has 0, requested 1" in proc.stderr
@@ -347,7 +350,7 @@ def test_evaluate_reports_top1_top5_of_each_head(reference_run: TrainConfig, dig
         capture_output=True,
         text=True,
         timeout=300,
-        env=_env(),
+        env=child_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)

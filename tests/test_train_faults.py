@@ -26,6 +26,7 @@ import yaml
 from conftest import (
     ROOT,
     TINY_STUDENT,
+    child_env,
     stillroom_cmd,
     student_config,
     tiny_cache_config,
@@ -40,9 +41,6 @@ from pipeline.cache_teacher import run as cache_teacher
 from pipeline.errors import ConfigError
 from pipeline.options import TrainConfig
 from pipeline.train import train
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +108,7 @@ def test_sigkill_and_resume_with_accumulation_is_exact(cache: str, digits_shards
     cfg = dataclasses.replace(ref, out=str(tmp_path / "run"))
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    proc = train_killed_at(path, 15 + 1 + 7 + 1, ENV)
+    proc = train_killed_at(path, 15 + 1 + 7 + 1)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     mid = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"]) == (1, 4)
@@ -206,7 +204,7 @@ def test_sigint_or_sigterm_at_any_moment_leaves_a_loadable_checkpoint(
         p = subprocess.Popen(
             [*stillroom_cmd(), "train-student", "--config", str(path)],
             cwd=ROOT,
-            env=ENV,
+            env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import ROOT, cache_cli_args, stillroom_cmd
+from conftest import ROOT, cache_cli_args, child_env, stillroom_cmd
 
 from pipeline.cache_teacher import UnitStream, prepare
 from pipeline.data import ShuffleBuffer, StreamSpec, epoch_batches
@@ -31,8 +30,6 @@ from pipeline.options import CacheConfig
 from pipeline.recipe import make_recipe
 from pipeline.replay import model_input, stack
 from pipeline.samplers import epoch_plan
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 
 def test_uint8_views_get_the_same_input_alone_or_beside_float16_views() -> None:
@@ -117,7 +114,7 @@ def test_rebatching_cost_does_not_grow_with_the_buffer() -> None:
 
 def test_progress_is_plain_lines_off_a_terminal(digits_shards: str, tiny_teacher: str, tmp_path: Path) -> None:
     args = cache_cli_args(digits_shards, tiny_teacher, tmp_path / "c.zarr", views=2, view_block=1, progress=None)
-    env = {**ENV, "STILLROOM_PROGRESS_INTERVAL": "0"}
+    env = child_env(STILLROOM_PROGRESS_INTERVAL="0")
     proc = subprocess.run([*stillroom_cmd(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "cache-teacher:" in line and "img·view" in line]
@@ -141,7 +138,7 @@ def test_phase1_with_torchrun_two_processes_equals_one(digits_shards: str, tiny_
     done = subprocess.run(
         [*stillroom_cmd(), *cache_cli_args(digits_shards, tiny_teacher, one, **settings)],
         cwd=ROOT,
-        env=ENV,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -150,7 +147,7 @@ def test_phase1_with_torchrun_two_processes_equals_one(digits_shards: str, tiny_
     torchrun = [str(Path(stillroom_cmd()[0]).with_name("torchrun")), "--nproc-per-node", "2"]
     torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     cmd = [*torchrun, stillroom_cmd()[0], *cache_cli_args(digits_shards, tiny_teacher, two, **settings)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "job 0/2 (torchrun)" in proc.stderr and "job 1/2 (torchrun)" in proc.stderr
     summaries = re.findall(r"cache-teacher: (\d+) units done", proc.stdout)
