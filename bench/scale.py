@@ -227,7 +227,7 @@ def phase1(shards: str, checkpoint: str, cache: Path, args: argparse.Namespace) 
     m = re.search(r"(\d+) views", r["stdout"])
     views = int(m.group(1)) if m else 0
     r["img_views_per_s"] = views / max(r["wall_s"] - (r["startup_s"] or 0), 1e-9)
-    from pipeline.cache_tools import status
+    from pipeline.cache_status import status
 
     r["cache_bytes_per_sample_view"] = status(str(cache))["bytes_per_sample_view"]
     return r
@@ -250,7 +250,7 @@ def phase2(shards: str, cache: Path, out: Path, args: argparse.Namespace) -> dic
 def empty_imagenet_cache(tmp: Path) -> dict[str, Any]:
     """ImageNet's geometry with no data: creating it, cache-status on it, a phase-2 start-up refusing it."""
     from pipeline.cache import CacheMeta, create_or_open
-    from pipeline.cache_tools import status
+    from pipeline.cache_status import status
     from pipeline.errors import CacheError
     from pipeline.options import TrainConfig
     from pipeline.recipe import make_recipe

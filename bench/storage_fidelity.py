@@ -9,7 +9,7 @@ uniform, so the zstd-compressed sizes are those of such logits; the raw (uncompr
 ``2K + 2K + 4T`` is printed too.
 
 (b) Fidelity: how close the soft target rebuilt from the cache
-(``pipeline.losses.soft_target_probs`` on ``pipeline.models.topk_targets`` output: fp16 top-k
+(``pipeline.targets.soft_target_probs`` on ``pipeline.targets.topk_targets`` output: fp16 top-k
 values, indices, fp32 logsumexp per temperature, exactly what cache-teacher stores) is to the
 teacher's full softmax at tau, per K and tau in {1, 3}: mean KL(full || rebuilt) in nats,
 mean total-variation distance, top-1 agreement (argmax of the rebuilt target vs the teacher's),
@@ -41,8 +41,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.common import IMAGENET_CLASSES, RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
-from pipeline.losses import soft_target_probs  # noqa: E402
-from pipeline.models import topk_targets  # noqa: E402
+from pipeline.targets import soft_target_probs, topk_targets  # noqa: E402
 
 TEMPS = [1.0, 3.0]
 
@@ -162,11 +161,13 @@ def digits_logits(tmp: Path, args: argparse.Namespace) -> tuple[torch.Tensor, st
     """Logits of a trained digits teacher on DeiT-recipe views of the digits training shards."""
     from pipeline.cache_teacher import CacheConfig, build_teacher
     from pipeline.config import from_mapping
+    from pipeline.decode import iter_decoded
     from pipeline.demo import load_demo_config
     from pipeline.pack import pack
+    from pipeline.pixels import stack_views as stack
     from pipeline.recipe import make_recipe
-    from pipeline.replay import replay_shard, stack
-    from pipeline.shards import iter_decoded, load_shard_list
+    from pipeline.replay import replay_shard
+    from pipeline.shards import load_shard_list
     from pipeline.train import TrainConfig, train
 
     cfg = load_demo_config(None, "full")

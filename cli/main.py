@@ -21,7 +21,16 @@ import typer
 from cli.flags import command_from
 from pipeline.errors import StillroomError
 from pipeline.interrupt import sigterm_interrupts
-from pipeline.options import CacheConfig, DemoConfig, EvalConfig, PackConfig, StatusConfig, TrainConfig, VerifyConfig
+from pipeline.options import (
+    CacheConfig,
+    DemoConfig,
+    EvalConfig,
+    PackConfig,
+    PresetsConfig,
+    StatusConfig,
+    TrainConfig,
+    VerifyConfig,
+)
 from pipeline.storage import storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -66,13 +75,13 @@ def _cache_teacher(cfg: CacheConfig) -> None:
 
 
 def _cache_status(cfg: StatusConfig) -> None:
-    from pipeline.cache_tools import status
+    from pipeline.cache_status import status
 
     _print_json(status(cfg.cache))
 
 
 def _verify_cache(cfg: VerifyConfig) -> None:
-    from pipeline.cache_tools import verify
+    from pipeline.cache_verify import verify
 
     report = verify(cfg)
     _print_json(report)
@@ -103,6 +112,19 @@ def _demo(cfg: DemoConfig) -> None:
     from pipeline.demo import run_demo
 
     run_demo(cfg)
+
+
+def _presets(cfg: PresetsConfig) -> None:
+    from pipeline.preset_files import copy_presets, preset_names, preset_path
+
+    if cfg.copy_to:
+        names = copy_presets(cfg.copy_to)
+        typer.echo(f"copied {len(names)} presets to {cfg.copy_to}: {', '.join(names)}")
+    elif cfg.name:
+        typer.echo(preset_path(cfg.name).read_text(), nl=False)
+    else:
+        for name in preset_names():
+            typer.echo(f"{name}\t{preset_path(name)}")
 
 
 def _message(e: BaseException) -> str:
@@ -162,6 +184,7 @@ COMMANDS: list[tuple[str, type, Callable[[Any], None], str]] = [
     ),
     ("evaluate", EvalConfig, _evaluate, "Top-1/top-5 of the class head, the distillation head and their average."),
     ("demo", DemoConfig, _demo, "Both phases end to end on the digits shipped with scikit-learn; prints one table."),
+    ("presets", PresetsConfig, _presets, "List, print or copy the preset configs installed with stillroom."),
 ]
 
 for _name, _cls, _action, _doc in COMMANDS:

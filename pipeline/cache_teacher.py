@@ -12,8 +12,6 @@ cut short by a crash has no marker, and a damaged one loses its marker: both are
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,16 +23,21 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import storage
-from .cache import Cache, CacheMeta, UnitData, create_or_open
-from .config import finish
-from .errors import ConfigError, StorageError
-from .models import autocast, checkpoint_num_classes, load_teacher, resolve_device, topk_targets
+from .cache import Cache, CacheMeta, UnitData, create_or_open, damaged_units
+from .config import checked
+from .decode import iter_decoded
+from .errors import ConfigError
+from .models import autocast, checkpoint_num_classes, load_teacher, resolve_device
 from .options import CacheConfig
 from .partition import job_slot, my_share
+from .pixels import stack_views
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
-from .replay import View, replay_shard, stack
-from .shards import OnError, ShardInfo, SkipStats, class_names, iter_decoded, load_shard_list, num_classes_from_sidecar
+from .replay import View, replay_shard
+from .samples import OnError, SkipStats
+from .shards import ShardInfo, class_names, load_shard_list, num_classes_from_sidecar
+from .targets import topk_targets
+from .unit_writer import UnitWriter
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +89,9 @@ class UnitStream(IterableDataset):
         return {
             "unit": (block, s),
             "end": False,
-            "pixels": stack([v.pixels for v in views]),
+            "pixels": stack_views([v.pixels for v in views]),
             "position": torch.tensor([v.position for v in views]),
-            "view": torch.tensor([v.view for v in views]),
+            "view": torch.tensor([v.view_id for v in views]),
             "label": torch.tensor([v.label for v in views]),
             "digest": torch.tensor([v.digest for v in views], dtype=torch.int64),
             "keys": [v.key for v in views],
@@ -96,7 +99,7 @@ class UnitStream(IterableDataset):
 
 
 @dataclass
-class Phase1:
+class CacheJob:
     """A resolved phase-1 job: the cache it fills, its teacher and the data it reads."""
 
     cfg: CacheConfig
@@ -148,7 +151,7 @@ def _capacity(cfg: CacheConfig, shards: list[ShardInfo]) -> int:
     return capacity
 
 
-def prepare(cfg: CacheConfig) -> Phase1:
+def prepare(cfg: CacheConfig) -> CacheJob:
     """Resolve shards, teacher and recipe; create or reopen the cache (refusing a mismatch)."""
     shards = load_shard_list(cfg.shards, label_key=cfg.label_key)
     # An unreachable cache store must fail here, in one line, not in cache creation's wait for other jobs.
@@ -185,10 +188,10 @@ def prepare(cfg: CacheConfig) -> Phase1:
             first_bs,
             cfg.batch_size,
         )
-    return Phase1(cfg=cfg, cache=cache, teacher=teacher, shards=shards, recipe=recipe, device=device)
+    return CacheJob(cfg=cfg, cache=cache, teacher=teacher, shards=shards, recipe=recipe, device=device)
 
 
-def _my_units(job: Phase1) -> list[tuple[int, int]]:
+def _my_units(job: CacheJob) -> list[tuple[int, int]]:
     """This job's share of the units of the requested view range that are not done yet, or damaged."""
     cfg, meta = job.cfg, job.cache.meta
     first, stop = cfg.view_bounds()
@@ -219,13 +222,13 @@ def _my_units(job: Phase1) -> list[tuple[int, int]]:
     return todo
 
 
-def _damaged(job: Phase1, finished: list[tuple[int, int]]) -> set[tuple[int, int]]:
+def _damaged(job: CacheJob, finished: list[tuple[int, int]]) -> set[tuple[int, int]]:
     """Finished units of this job that are damaged (always a listing; a read-back with ``verify_done``).
 
     Each one's marker is removed first, so a job killed while redoing it leaves it not done.
     """
     t0 = time.perf_counter()
-    damaged = job.cache.damaged_units(finished, verify=job.cfg.verify_done)
+    damaged = damaged_units(job.cache, finished, verify=job.cfg.verify_done)
     log.info(
         "checked %d finished units in %.1fs (%s)",
         len(finished),
@@ -256,12 +259,12 @@ class _OncePerMessage(logging.Filter):
 def run(cfg: CacheConfig) -> dict[str, Any]:
     """Run (or resume) this worker's share of the cache. Returns the summary it prints."""
     t0 = time.perf_counter()
-    job = prepare(finish(cfg))
+    job = prepare(checked(cfg))
     job.summary.update(units_done=0, images=0, views=0, skipped_samples={}, bytes_written=0, write_wait_s=0.0)
     todo = _my_units(job)
     if todo:
         once = _OncePerMessage()
-        shards_log = logging.getLogger(iter_decoded.__module__)
+        shards_log = logging.getLogger(SkipStats.__module__)  # where bad samples are logged
         shards_log.addFilter(once)  # before the loader's workers fork, so they inherit it
         try:
             _process(job, todo)
@@ -271,7 +274,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     return job.summary
 
 
-def _loader(job: Phase1, todo: list[tuple[int, int]]) -> DataLoader:
+def _loader(job: CacheJob, todo: list[tuple[int, int]]) -> DataLoader:
     stream = UnitStream(todo, job.shards, job.cache.meta, job.recipe, job.cfg.batch_size, job.cfg.on_error)  # type: ignore[arg-type]
     workers = min(job.cfg.workers, len(todo))
     return DataLoader(
@@ -284,7 +287,7 @@ def _loader(job: Phase1, todo: list[tuple[int, int]]) -> DataLoader:
     )
 
 
-def _process(job: Phase1, todo: list[tuple[int, int]]) -> None:
+def _process(job: CacheJob, todo: list[tuple[int, int]]) -> None:
     """Run the teacher on every batch of ``todo`` and hand each unit to the writer when its worker finishes it.
 
     One batch is in flight on the device while the previous batch's targets are copied back and
@@ -302,7 +305,7 @@ def _process(job: Phase1, todo: list[tuple[int, int]]) -> None:
             if item["end"]:
                 _store_targets(job, pending, buffers)
                 pending = None
-                _finish_unit(job, unit, buffers.pop(unit, None) or UnitData.empty(meta, unit[0]), item, writer)
+                _queue_unit(job, unit, buffers.pop(unit, None) or UnitData.empty(meta, unit[0]), item, writer)
                 continue
             buffers.setdefault(unit, UnitData.empty(meta, unit[0]))
             launched = _teacher_batch(job, unit, item)
@@ -326,7 +329,7 @@ class _Targets:
     ready: torch.cuda.Event | None
 
 
-def _teacher_batch(job: Phase1, unit: tuple[int, int], item: dict[str, Any]) -> _Targets:
+def _teacher_batch(job: CacheJob, unit: tuple[int, int], item: dict[str, Any]) -> _Targets:
     """Launch the teacher on one batch and one device-to-host copy of all its targets; do not wait for it."""
     pixels = item["pixels"].to(job.device, non_blocking=True)
     if job.device.type == "cuda":
@@ -348,7 +351,7 @@ def _teacher_batch(job: Phase1, unit: tuple[int, int], item: dict[str, Any]) -> 
     return _Targets(unit, item, host, meta.topk, ready)
 
 
-def _store_targets(job: Phase1, t: _Targets | None, buffers: dict[tuple[int, int], UnitData]) -> None:
+def _store_targets(job: CacheJob, t: _Targets | None, buffers: dict[tuple[int, int], UnitData]) -> None:
     """Wait for one batch's copy and put its targets into its unit's buffer by (view, position)."""
     if t is None:
         return
@@ -368,7 +371,7 @@ def _store_targets(job: Phase1, t: _Targets | None, buffers: dict[tuple[int, int
     buf.keys[pos] = item["keys"]
 
 
-def _finish_unit(job: Phase1, unit: tuple[int, int], buf: UnitData, end: dict[str, Any], writer: UnitWriter) -> None:
+def _queue_unit(job: CacheJob, unit: tuple[int, int], buf: UnitData, end: dict[str, Any], writer: UnitWriter) -> None:
     """Count the unit's bad samples once per shard, and queue the unit for writing."""
     block, s = unit
     _count_skipped(job, s, end["skipped"])
@@ -378,7 +381,7 @@ def _finish_unit(job: Phase1, unit: tuple[int, int], buf: UnitData, end: dict[st
     job.summary["bytes_written"] += buf.nbytes
 
 
-def _count_skipped(job: Phase1, shard: int, reasons: dict[str, int]) -> None:
+def _count_skipped(job: CacheJob, shard: int, reasons: dict[str, int]) -> None:
     """Every view block re-reads its shard and meets the same bad samples: count a shard's once.
 
     A shard's count is the largest any of its units reported (they all report the same samples).
@@ -393,71 +396,3 @@ def _count_skipped(job: Phase1, shard: int, reasons: dict[str, int]) -> None:
     job.skipped[shard] = Counter(reasons)
     name = job.shards[shard].name
     log.warning("shard %r: %d bad sample(s) skipped: %s", name, sum(reasons.values()), "; ".join(sorted(reasons)))
-
-
-# Finished units waiting for the writer thread: enough to ride out a slow write, few enough to bound memory.
-WRITE_QUEUE_UNITS = 4
-
-
-class UnitWriter:
-    """Writes finished units in a background thread, in order, so the teacher never waits on storage.
-
-    Each unit's chunks and then its marker are written by :meth:`Cache.write_unit` as before, so
-    SIGKILL still leaves only whole units done. The first write error stops the writer and is
-    raised in the teacher's thread (at the next unit it hands over, or at the end), naming the unit;
-    leaving the ``with`` block waits until every queued unit is written. ``depth`` 0 writes inline.
-    """
-
-    def __init__(self, cache: Cache, summary: dict[str, Any], depth: int | None = None):
-        self.cache, self.summary = cache, summary
-        self.depth = WRITE_QUEUE_UNITS if depth is None else depth
-        self.queue: queue.Queue = queue.Queue(maxsize=max(self.depth, 1))
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
-
-    def __enter__(self) -> UnitWriter:
-        if self.depth:
-            self.thread.start()
-        return self
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
-        t0 = time.perf_counter()
-        if self.depth:
-            self.queue.put(None)  # finished units queued before a failure are still written
-            self.thread.join()
-        self.summary["write_wait_s"] = round(self.summary.get("write_wait_s", 0.0) + time.perf_counter() - t0, 3)
-        if exc is None:
-            self._raise()
-
-    def submit(self, block: int, shard: int, unit: UnitData, count: int) -> None:
-        """Hand over a finished unit; blocks only while the store is slower than the teacher (or inline)."""
-        self._raise()
-        t0 = time.perf_counter()
-        if self.depth:
-            self.queue.put((block, shard, unit, count))
-        else:
-            self._write(block, shard, unit, count)
-        self.summary["write_wait_s"] = self.summary.get("write_wait_s", 0.0) + time.perf_counter() - t0
-
-    def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:  # after a failure, drain without writing so submit() never blocks
-                try:
-                    self._write(*item)
-                except BaseException as e:  # raised in the teacher's thread by _raise
-                    self.error = e
-
-    def _write(self, block: int, shard: int, unit: UnitData, count: int) -> None:
-        what = self.cache.meta.describe_unit(block, shard)
-        try:
-            self.cache.write_unit(block, shard, unit, count)
-        except OSError as e:
-            raise StorageError(f"cannot write {what} to cache {self.cache.url!r}: {type(e).__name__}: {e}") from e
-        except Exception as e:
-            e.add_note(f"while writing {what} to cache {self.cache.url!r}")
-            raise
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error

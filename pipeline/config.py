@@ -179,10 +179,10 @@ def resolve(cls: type[T], config_path: str | None = None, overrides: Mapping[str
         if name not in known:
             raise ConfigError(f"unknown option {flag_name(name)}")
         values[name] = coerce(value, hints[name], flag_name(name))
-    return finish(cls(**values))
+    return checked(cls(**values))
 
 
-def finish(cfg: T) -> T:
+def checked(cfg: T) -> T:
     """Check a config built in code (declared choices, then the class's own rules); returns it."""
     check_choices(cfg)
     check = getattr(cfg, "check", None)

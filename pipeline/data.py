@@ -26,13 +26,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import UnitData, open_cache
+from .decode import iter_decoded
 from .errors import CacheError
 from .interrupt import ignore_in_worker
 from .partition import my_share
+from .pixels import join_batches, stack_views
 from .recipe import Recipe
-from .replay import View, concat, replay_copies, stack
+from .replay import View, replay_copies
 from .samplers import EpochPlan, covered
-from .shards import OnError, ShardInfo, iter_decoded
+from .samples import OnError
+from .shards import ShardInfo
 
 CHUNK_VIEWS = 32
 
@@ -43,7 +46,7 @@ class StreamSpec:
 
     shards: list[ShardInfo]
     shard_ids: list[int]  # indices into ``shards`` for this rank
-    cache_rows: list[int] | None  # cache shard index of each entry of ``shards``; None = no cache
+    cache_shards: list[int] | None  # cache shard index of each entry of ``shards``; None = no cache
     cache_url: str | None
     plan: EpochPlan
     recipe: Recipe
@@ -66,8 +69,8 @@ class ViewStream(IterableDataset):
         for i in ids:
             shard = spec.shards[i]
             rows = None
-            if cache is not None and spec.cache_rows is not None:
-                rows = {v: cache.read_view(v, spec.cache_rows[i]) for v in spec.plan.views}
+            if cache is not None and spec.cache_shards is not None:
+                rows = {v: cache.read_view(v, spec.cache_shards[i]) for v in spec.plan.views}
             positions = set(covered(spec.plan, spec.seed, shard))
             samples = iter_decoded(shard, i, spec.num_classes, spec.on_error, positions=positions)
             pending: list[list[View]] = []
@@ -84,11 +87,11 @@ def collate(items: list[list[View]], rows: dict[int, UnitData] | None, shard: Sh
     """One chunk: the views of ``items`` (each a sample's copies) in order, ``item`` numbering them."""
     views = [v for copies in items for v in copies]
     batch: dict[str, Any] = {
-        "pixels": stack([v.pixels for v in views]),
+        "pixels": stack_views([v.pixels for v in views]),
         "label": torch.tensor([v.label for v in views]),
         "mix_label": torch.tensor([v.mix_label for v in views]),
         "lam": torch.tensor([v.lam for v in views], dtype=torch.float32),
-        "views": torch.tensor([v.view for v in views]),
+        "views": torch.tensor([v.view_id for v in views]),
         "item": torch.tensor([n for n, copies in enumerate(items) for _ in copies]),
         "keys": [v.key for v in views],
     }
@@ -101,7 +104,7 @@ def _targets(views: list[View], rows: dict[int, UnitData], shard: ShardInfo) -> 
     """Each copy's cached teacher targets, after checking that its row holds this very sample."""
     values, indices, lse = [], [], []
     for v in views:
-        row = rows[v.view]
+        row = rows[v.view_id]
         stored, label, digest = row.keys[v.position], row.labels[v.position], int(row.digests[v.position])
         if stored != v.key or label != v.label:
             raise CacheError(
@@ -130,7 +133,7 @@ def _join(parts: list[tuple[dict[str, Any], int, int]]) -> dict[str, Any]:
         if key == "keys":
             out[key] = [k for chunk, a, b in parts for k in chunk[key][a:b]]
         elif key == "pixels":
-            out[key] = concat([chunk[key][a:b] for chunk, a, b in parts])
+            out[key] = join_batches([chunk[key][a:b] for chunk, a, b in parts])
         else:
             out[key] = torch.cat([chunk[key][a:b] for chunk, a, b in parts])
     return out

@@ -13,15 +13,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .cache_status import status
 from .cache_teacher import run as run_cache
-from .cache_tools import status
-from .config import finish, from_mapping, read_yaml, write_resolved
+from .config import checked, from_mapping, read_yaml, write_resolved
 from .options import CacheConfig, DemoConfig, TrainConfig
 from .pack import pack
+from .preset_files import preset_path
 from .train import train
 
 log = logging.getLogger(__name__)
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_demo_config(path: str | None, size: str) -> dict[str, Any]:
-    cfg = read_yaml(path or str(DEFAULT_CONFIG))
+    cfg = read_yaml(path or str(preset_path("demo")))
     tiny = cfg.pop("tiny", {})
     cfg.pop("recipe", None)  # only an anchor for the sections below
     return _merge(cfg, tiny) if size == "tiny" else cfg
@@ -99,7 +99,7 @@ class _Steps:
 
 def run_demo(demo: DemoConfig, console: Console | None = None) -> dict:
     """Run every step and return the table's numbers (also written to ``OUT/demo-results.json``)."""
-    demo = finish(demo)
+    demo = checked(demo)
     console = console or Console(width=110)
     preset = load_demo_config(demo.preset, demo.size)
     steps = _Steps(demo, preset, console)

@@ -20,7 +20,7 @@ class Dist:
         return self.world > 1
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         return self.rank == 0
 
 

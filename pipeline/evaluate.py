@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import finish
+from .config import checked
 from .data import StreamSpec, eval_batches
 from .distributed import Dist, all_sum
 from .errors import CheckpointError
@@ -18,12 +18,13 @@ from .models import Normalized, autocast, create, resolve_device
 from .options import EvalConfig
 from .recipe import eval_recipe
 from .samplers import epoch_plan
-from .shards import OnError, ShardInfo, check_same_classes, class_names, load_shard_list
+from .samples import OnError
+from .shards import ShardInfo, check_same_classes, class_names, load_shard_list
 
 
 def head_logits(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Logits of each head. A distilled DeiT gives ``cls``, ``dist`` and their average ``avg``."""
-    inner = model.model if isinstance(model, Normalized) else model
+    inner = model.net if isinstance(model, Normalized) else model
     if hasattr(inner, "head_dist"):
         x = model.normalize(pixels) if isinstance(model, Normalized) else pixels
         feats = inner.forward_features(x)
@@ -57,7 +58,7 @@ def evaluate(
     spec = StreamSpec(
         shards=shards,
         shard_ids=ids,
-        cache_rows=None,
+        cache_shards=None,
         cache_url=None,
         plan=epoch_plan(0, 1, 1),
         recipe=recipe,
@@ -83,7 +84,7 @@ def evaluate(
     n = max(float(counts[0]), 1.0)
     out: dict[str, Any] = {"samples": int(counts[0])}
     for i, name in enumerate(names):
-        if name == "avg" or hasattr(model.model if isinstance(model, Normalized) else model, "head_dist"):
+        if name == "avg" or hasattr(model.net if isinstance(model, Normalized) else model, "head_dist"):
             out[f"top1_{name}"] = round(100.0 * float(counts[1 + 2 * i]) / n, 3)
             out[f"top5_{name}"] = round(100.0 * float(counts[2 + 2 * i]) / n, 3)
     return out
@@ -91,7 +92,7 @@ def evaluate(
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a ``train-student`` checkpoint; the model is rebuilt from the metadata it carries."""
-    cfg = finish(cfg)
+    cfg = checked(cfg)
     state = ckpt.load(cfg.checkpoint)
     meta = state.get("model_meta")
     if not meta:

@@ -6,23 +6,29 @@ model's device, so one pixel tensor serves a teacher and a student with differen
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import timm
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .recipe import IMAGENET_MEAN, IMAGENET_STD
-from .replay import model_input
+from .pixels import model_input
+from .recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe
+
+log = logging.getLogger(__name__)
 
 
 def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read model weights from ``.safetensors``, a plain state dict, or a training checkpoint.
 
     Returns:
-        The state dict (``module.`` prefixes removed) and any metadata the file carries
+        The state dict (DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes removed, by timm's
+        ``clean_state_dict``) and any metadata the file carries
         (our checkpoints store the model name and kwargs under ``"model_meta"``).
     """
     if not os.path.exists(path):
@@ -49,8 +55,7 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         raise CheckpointError(f"checkpoint {path!r}: cannot read ({type(e).__name__}: {e})") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint {path!r}: no state dict found")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return sd, meta
+    return clean_state_dict(sd), meta
 
 
 def create(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -66,16 +71,6 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str,
     except RuntimeError as e:
         first = str(e).splitlines()[:3]
         raise CheckpointError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {' '.join(first)}") from e
-
-
-def load_model(
-    name: str, num_classes: int, checkpoint: str | None, pretrained: bool = False, **kwargs: Any
-) -> nn.Module:
-    """Create a timm model and load ``checkpoint`` strictly (missing or extra keys are errors)."""
-    model = create(name, num_classes, pretrained=pretrained, **kwargs)
-    if checkpoint:
-        _load_strict(model, read_state_dict(checkpoint)[0], checkpoint, name)
-    return model
 
 
 def load_teacher(
@@ -140,7 +135,7 @@ class Normalized(nn.Module):
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
-        self.model = model
+        self.net = model
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -149,7 +144,7 @@ class Normalized(nn.Module):
         return (model_input(pixels) - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor) -> Any:
-        return self.model(self.normalize(pixels))
+        return self.net(self.normalize(pixels))
 
 
 def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
@@ -164,25 +159,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
-
-
-@torch.no_grad()
-def topk_targets(
-    logits: torch.Tensor, k: int, temperatures: list[float], half: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the cache stores for a batch of teacher logits.
-
-    Returns:
-        ``values`` (top-k logits, descending; float16 as stored unless ``half=False``), ``indices``
-        (int64) and ``logsumexp`` of ``logits / tau`` for each temperature (float32, ``[n, T]``),
-        all computed in float32.
-    """
-    logits = logits.float()
-    if k > logits.shape[-1]:
-        raise ConfigError(f"--topk {k} is larger than the number of classes {logits.shape[-1]}")
-    values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
-    lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
-    return (values.half() if half else values), indices, lse
 
 
 def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool = False) -> int | None:
@@ -208,3 +184,37 @@ def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool =
         if weight is not None and weight.ndim >= 1:
             return int(weight.shape[0])
     return None
+
+
+def build_student(
+    name: str,
+    num_classes: int,
+    kwargs: dict[str, Any],
+    *,
+    drop_path: float,
+    distilling: bool,
+    recipe: Recipe,
+    classes: Sequence[str] | None,
+) -> tuple[Normalized, dict[str, Any]]:
+    """A student wrapped with its normalisation, and the metadata ``evaluate`` rebuilds it from."""
+    kwargs = dict(kwargs)
+    if drop_path:
+        kwargs.setdefault("drop_path_rate", drop_path)
+    model = create(name, num_classes, **kwargs)
+    if hasattr(model, "set_distilled_training"):
+        # Both heads' logits in training; with --distillation none the distillation head gets no loss (DeiT).
+        model.set_distilled_training(True)
+    elif distilling:
+        log.warning("%s has no distillation head: the distillation loss trains its only head", name)
+    mean, std = model_stats(model)
+    meta = {
+        "name": name,
+        "kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"},
+        "crop_pct": recipe.crop_pct,
+        "num_classes": num_classes,
+        "img_size": recipe.img_size,
+        "mean": list(mean),
+        "std": list(std),
+        "classes": list(classes) if classes else None,
+    }
+    return Normalized(model, mean, std), meta

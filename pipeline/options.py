@@ -2,7 +2,7 @@
 
 The CLI's flags are generated from these dataclasses and YAML configs use the same keys, so adding
 an option is one edit here. Each class's ``check()`` holds its cross-field rules; it runs when a
-config is resolved (:func:`pipeline.config.resolve`) or finished in code (:func:`pipeline.config.finish`).
+config is resolved (:func:`pipeline.config.resolve`) or checked in code (:func:`pipeline.config.checked`).
 """
 
 from __future__ import annotations
@@ -331,7 +331,17 @@ class DemoConfig:
 
     out: str = option("demo-out", help="working folder for shards, caches and checkpoints")
     size: str = option("full", choices=("full", "tiny"), help="full (~5 min on 2 cores) or tiny (a smoke run)")
-    preset: str | None = option(None, help="demo preset YAML with one section per step (default configs/demo.yaml)")
+    preset: str | None = option(
+        None, help="demo preset YAML with one section per step (default: the installed demo preset, configs/demo.yaml)"
+    )
 
     def check(self) -> None:
         _required(out=self.out)
+
+
+@dataclass
+class PresetsConfig:
+    """Options of ``stillroom presets``."""
+
+    name: str | None = option(None, help="print this preset (e.g. deit_small); without it, list them")
+    copy_to: str | None = option(None, help="copy every preset into this folder (to edit them)")

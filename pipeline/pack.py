@@ -33,13 +33,12 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from .config import finish
+from .config import checked
+from .decode import decode_image
 from .errors import DataError
 from .options import PackConfig
-from .replay import decode_image
 from .seeding import hash64
 
 log = logging.getLogger(__name__)
@@ -221,13 +220,15 @@ def _remove_stale(out: str, prefix: str, keep: int) -> list[str]:
 def _write_split(
     items: list[Item], out: str, prefix: str, per_shard: int, classes: list[str], skipped: Skipped | None = None
 ) -> dict:
+    from webdataset import TarWriter  # imports torch: only when shards are written
+
     os.makedirs(out, exist_ok=True)
     shards = []
     for s, start in enumerate(range(0, len(items), per_shard)):
         chunk = items[start : start + per_shard]
         name = f"{prefix}-{s:06d}.tar"
         tmp = os.path.join(out, name + ".tmp")
-        with wds.TarWriter(tmp, mtime=0.0) as sink:  # fixed mtime: repacking gives identical bytes
+        with TarWriter(tmp, mtime=0.0) as sink:  # fixed mtime: repacking gives identical bytes
             for it in chunk:
                 sink.write({"__key__": it.key, it.ext: it.data, "cls": str(it.label).encode()})
         os.replace(tmp, os.path.join(out, name))
@@ -278,7 +279,7 @@ def pack(source: str, out: str, **options: Any) -> dict[str, dict]:
         The sidecar metadata of each split written, by split name; each records under ``skipped``
         the source files that were not packed, and why.
     """
-    cfg = finish(PackConfig(source=source, out=out, **options))
+    cfg = checked(PackConfig(source=source, out=out, **options))
     skipped = Skipped()
     classes, items_iter = digits_items(cfg.digits_size) if source == "digits" else folder_items(source, skipped)
     items = list(items_iter)

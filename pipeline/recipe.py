@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -20,18 +20,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
-    """Parsed timm-style RandAugment string, e.g. ``rand-m9-mstd0.5-inc1``."""
+    """A timm RandAugment string, parsed as timm parses it (e.g. ``rand-m9-mstd0.5-inc1``).
 
-    magnitude: float = 9.0
-    magnitude_std: float = 0.5
+    An omitted section takes timm's default, not DeiT's: magnitude 10, 2 ops, probability 0.5, no
+    magnitude noise, the non-increasing op list, magnitude clipped to 10; ``mstd`` above 100 means a
+    magnitude drawn uniformly from [0, m], as in timm. So ``rand-m9-n2`` means here what it means in timm.
+    """
+
+    magnitude: float = 10.0
+    magnitude_std: float = 0.0
     num_layers: int = 2
     prob: float = 0.5
-    increasing: bool = True
+    increasing: bool = False
     magnitude_max: float = 10.0
 
     @classmethod
     def parse(cls, spec: str) -> RandAugmentSpec:
-        """Parse the timm config string; unknown sections are an error, not ignored."""
+        """Parse the timm config string; unknown sections (e.g. timm's ``t`` op lists) are an error, not ignored."""
         parts = spec.split("-")
         if parts[0] != "rand":
             raise ConfigError(f"auto_augment {spec!r}: only RandAugment ('rand-...') is supported")
@@ -44,7 +49,7 @@ class RandAugmentSpec:
             if name == "m":
                 values["magnitude"] = float(val)
             elif name == "mstd":
-                values["magnitude_std"] = float(val)
+                values["magnitude_std"] = float("inf") if float(val) > 100 else float(val)
             elif name == "n":
                 values["num_layers"] = int(val)
             elif name == "p":
@@ -99,7 +104,6 @@ class Recipe:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_random(self) -> bool:

@@ -21,13 +21,10 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .partition import my_share
 from .seeding import shuffled, stable_seed
-
-if TYPE_CHECKING:  # shards -> replay -> mixing -> samplers: only the type is needed here
-    from .shards import ShardInfo
+from .shards import ShardInfo
 
 
 @dataclass(frozen=True)

@@ -1,57 +1,30 @@
-"""Reading webdataset shards: shard lists with counts, and validated samples with positions.
+"""Shard lists: which shards a run reads, with each one's expected sample count and identity.
 
-Each sample keeps its shard index and its position in the shard: together they address the
-sample's cache row. Bad input is never silently dropped: by default it raises
-:class:`DataError` naming the shard and key; with ``on_error="skip"`` it is counted in
-:class:`SkipStats` and logged.
-
-Samples and positions (the definitions that counting and reading share):
-
-* A tar member belongs to a sample when it is a regular file whose name splits, as webdataset
-  splits it, into a key and an extension at the first dot of its base name (``a.b/c.seg.png``:
-  key ``a.b/c``, extension ``seg.png``). Hidden files (a base name starting with a dot, such as
-  macOS ``._c.jpg``) and webdataset's ``__meta__`` files are not part of any sample.
-* A sample is a run of consecutive members with one key; an extension seen twice in a run starts a
-  new sample (so two back-to-back copies of a sample are two samples).
-* A sample's position is its index among the samples of its shard, and a shard's count is its
-  number of samples: bad samples and duplicates included, so that skipping one leaves a gap and
-  never shifts the rows after it.
-* A duplicate is a sample whose key appeared earlier in the shard: an error naming both positions,
-  or with ``on_error="skip"`` skipped (the first one is kept).
-
+A shard's identity is its file's base name (mixing seeds and cache rows use it, so data may move).
 Counts come from, in order: the counts given (a cache's record), a shard index (wids JSON, which
-``stillroom pack`` also writes as its sidecar), the pack sidecar next to the shard, or a scan of
-the tar headers that seeks over member data (a few KB read per sample, locally or on object storage).
+``stillroom pack`` also writes as its sidecar), the pack sidecar next to the shard, or a scan of the
+tar headers (:func:`pipeline.tars.count_samples`). Nothing here decodes an image or imports torch.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
-import re
-import tarfile
 from collections import Counter
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import IO, Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import braceexpand
-from webdataset.tariterators import base_plus_ext
 
 from . import storage
 from .errors import DataError, StorageError
-from .replay import DecodedSample, decode_image
+from .tars import count_samples
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif")
-OnError = Literal["raise", "skip"]
-T = TypeVar("T")
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd magic
 _SCAN_THREADS = 8  # remote header scans run in parallel: each is latency-bound small GETs
 
 
@@ -81,25 +54,6 @@ def shard_name(url: str) -> str:
             )
         return storage.basename(target)
     return storage.basename(url)
-
-
-@dataclass
-class SkipStats:
-    """Counts of skipped samples by reason, for the summary line and the metrics file."""
-
-    reasons: Counter = field(default_factory=Counter)
-
-    def skip(self, reason: str, where: str, n: int = 1) -> None:
-        self.reasons[reason] += n
-        log.warning("skipped %d sample(s) at %s: %s", n, where, reason)
-
-    @property
-    def total(self) -> int:
-        return sum(self.reasons.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Shard lists
 
 
 def _is_index(url: str) -> bool:
@@ -349,317 +303,3 @@ def _scan_counts(urls: list[str]) -> dict[str, int]:
     else:
         found = {}
     return {u: found[u] if u in found else count_samples(u) for u in urls}
-
-
-# ---------------------------------------------------------------------------------------------
-# Tar members, samples and counts
-
-
-def member_key(name: str) -> tuple[str, str] | None:
-    """``(key, extension)`` of a tar member that belongs to a sample, else None (see the module doc)."""
-    if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
-        return None
-    if name.rsplit("/", 1)[-1].startswith("."):
-        return None
-    key, ext = base_plus_ext(name)
-    if key is None:
-        return None
-    return key, ext.lower()
-
-
-def group_samples(members: Iterable[tuple[str, T]]) -> Iterator[tuple[str, dict[str, T]]]:
-    """Group ``(member name, payload)`` pairs into ``(key, {extension: payload})`` samples, in tar order."""
-    key, sample = "", {}
-    for name, payload in members:
-        parsed = member_key(name)
-        if parsed is None:
-            continue
-        k, ext = parsed
-        if sample and (k != key or ext in sample):
-            yield key, sample
-            sample = {}
-        key = k
-        sample[ext] = payload
-    if sample:
-        yield key, sample
-
-
-def _truncated(url: str, detail: str) -> DataError:
-    return DataError(f"shard {url!r}: truncated tar ({detail})")
-
-
-def _scan_seekable(f: IO[bytes], size: int, url: str) -> list[str]:
-    """Member names from the headers of an uncompressed tar, seeking over member data."""
-    names = []
-    with tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            if m.isreg():
-                if m.offset_data + m.size > size:
-                    need = m.offset_data + m.size
-                    raise _truncated(url, f"member {m.name!r} needs bytes up to {need}, the file has {size}")
-                names.append(m.name)
-            tar.members = []  # a long shard's TarInfos are not needed after their names
-        end = tar.offset
-    # tarfile ends the member loop quietly where a header should be but is cut short or missing, and
-    # also at a damaged header: only a complete zero block at the final offset proves the scan saw all.
-    if end + tarfile.BLOCKSIZE > size:
-        raise _truncated(url, f"file ends at byte {size}, before the end-of-archive block at {end}")
-    f.seek(end)
-    if f.read(tarfile.BLOCKSIZE).strip(b"\0"):
-        raise DataError(f"shard {url!r}: damaged tar (no valid header at byte {end}, {size - end} bytes from the end)")
-    return names
-
-
-def _scan_stream(f: IO[bytes], url: str) -> list[str]:
-    """Member names from a compressed tar or a pipe: the whole stream is read (no way to seek)."""
-    names = []
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
-            if m.isreg():
-                names.append(m.name)
-        at = tar.fileobj.tell()
-        if at < tar.offset + tarfile.BLOCKSIZE:
-            raise _truncated(url, f"stream ends at byte {at}, before the end-of-archive block at {tar.offset}")
-    return names
-
-
-def count_samples(url: str) -> int:
-    """Count the samples of a shard from its tar headers (no image read). Fails on a truncated tar.
-
-    An uncompressed local or remote tar is scanned by seeking over member data: a few KB are read
-    per sample. A compressed tar or a ``pipe:`` has to be streamed whole.
-    """
-    try:
-        with storage.guard(url):
-            if storage.is_pipe(url):
-                with storage.open_read(url) as f:
-                    names = _scan_stream(f, url)
-            else:
-                f, size = storage.open_ranged(url)
-                with f:
-                    compressed = f.read(4).startswith(_COMPRESSED)
-                    f.seek(0)
-                    if compressed:
-                        with storage.open_read(url) as whole:
-                            names = _scan_stream(whole, url)
-                    else:
-                        names = _scan_seekable(f, size, url)
-    except FileNotFoundError:
-        raise DataError(f"shard {url!r} does not exist") from None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"shard {url!r}: cannot read tar ({e})") from e
-    return sum(1 for _ in group_samples((n, None) for n in names))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading samples
-
-
-@dataclass
-class RawSample:
-    key: str
-    shard_index: int
-    position: int
-    image: bytes
-    label: int
-
-    @property
-    def digest(self) -> int:
-        return image_digest(self.image)
-
-
-def image_digest(data: bytes) -> int:
-    """A 63-bit hash of a sample's stored image bytes, never 0 (the cache's "unknown").
-
-    Phase 1 stores it with each cache row and phase 2 compares it on every read, so shards rebuilt with
-    the same keys, labels and counts but other images are caught (about 0.14 ms per 110 KB JPEG).
-    """
-    value = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
-    return value or 1
-
-
-def _int_label(value: Any, what: str, num_classes: int | None) -> int:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise ValueError(f"non-integer {what} {text[:20]!r}")
-        value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"non-integer {what} {value!r:.20}")
-    if value < 0 or (num_classes is not None and value >= num_classes):
-        raise ValueError(f"label {value} out of range [0, {num_classes})")
-    return value
-
-
-def _label(sample: dict[str, bytes], label_key: str | None, num_classes: int | None) -> int:
-    if label_key is None:
-        if sample.get("cls") is None:
-            hint = " (is the label in the .json? pass --label-key NAME)" if "json" in sample else ""
-            raise ValueError(f"missing .cls{hint}")
-        return _int_label(sample["cls"], ".cls", num_classes)
-    if sample.get("json") is None:
-        raise ValueError(f"missing .json (labels are read from its {label_key!r} field)")
-    try:
-        doc = json.loads(sample["json"])
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("invalid .json") from None
-    if not isinstance(doc, dict) or label_key not in doc:
-        raise ValueError(f".json has no {label_key!r} field")
-    return _int_label(doc[label_key], f".json {label_key!r}", num_classes)
-
-
-def _image(sample: dict[str, bytes]) -> bytes:
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        present = sorted(sample)
-        raise ValueError(f"no image (.{'/.'.join(IMAGE_EXTS)}) among {present}")
-    if not sample[ext]:
-        raise ValueError(f"empty .{ext} file")
-    return sample[ext]
-
-
-def _members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of the tar members that belong to samples, streaming."""
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for m in tar:
-            if m.isreg() and member_key(m.name) is not None:
-                data = tar.extractfile(m)
-                yield m.name, data.read() if data else b""
-            tar.members = []
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """Open a shard for streaming: local path, ``pipe:`` command, or any fsspec URL."""
-    if storage.is_local(url) and not storage.exists(url):
-        raise DataError(f"shard {url!r} does not exist")
-    try:
-        with storage.guard(url):
-            return storage.open_read(url)
-    except (DataError, StorageError):
-        raise
-    except FileNotFoundError:
-        raise DataError(f"shard {url!r} does not exist") from None
-    except Exception as e:  # fsspec / pipe errors come in many types; name the shard whatever they are
-        raise DataError(f"shard {url!r}: cannot open ({e})") from e
-
-
-class _Reader:
-    """The state of one pass over a shard: position, keys seen, skip accounting."""
-
-    def __init__(
-        self, shard: ShardInfo, shard_index: int, num_classes: int | None, on_error: OnError, stats: SkipStats
-    ):
-        self.shard, self.shard_index, self.num_classes = shard, shard_index, num_classes
-        self.on_error, self.stats = on_error, stats
-        self.position = 0
-        self.seen: dict[str, int] = {}
-
-    def bad(self, reason: str, key: str) -> None:
-        """Skip the sample at the current position, or raise naming it."""
-        where = f"shard {self.shard.url!r} key {key!r}"
-        if self.on_error != "skip":
-            raise DataError(f"{where}: {reason}") from None
-        self.stats.skip(reason if not reason.startswith("duplicate key") else "duplicate key", where)
-
-    def sample(self, key: str, sample: dict[str, bytes]) -> RawSample | None:
-        first = self.seen.setdefault(key, self.position)
-        try:
-            if first != self.position:
-                raise ValueError(f"duplicate key (at positions {first} and {self.position})")
-            label = _label(sample, self.shard.label_key, self.num_classes)
-            return RawSample(key, self.shard_index, self.position, _image(sample), label)
-        except ValueError as e:
-            self.bad(str(e), key)
-            return None
-        finally:
-            self.position += 1
-
-    def broken(self, e: Exception) -> None:
-        """The tar became unreadable mid-way: raise, or skip the rest of the shard."""
-        url = self.shard.url
-        err = storage.storage_error(e, url)
-        if err is not None:  # an unreachable store is not bad data: never skipped
-            raise err from e
-        msg = f"shard {url!r}: unreadable tar after {self.position} samples ({type(e).__name__}: {e})"
-        if self.on_error != "skip":
-            raise DataError(msg) from e
-        left = max(self.shard.count - self.position, 1)
-        self.stats.skip(f"unreadable tar ({type(e).__name__})", f"shard {url!r}", left)
-        self.position = self.shard.count
-
-    def finish(self) -> None:
-        """Compare the samples read with the expected count: a truncated tar otherwise ends silently."""
-        shard, position = self.shard, self.position
-        if position == shard.count:
-            return
-        msg = (
-            f"shard {shard.url!r}: read {position} samples, expected {shard.count} (truncated tar or wrong shard list?)"
-        )
-        if self.on_error != "skip" or position > shard.count:
-            raise DataError(msg)
-        self.stats.skip("missing from shard (truncated tar?)", f"shard {shard.url!r}", shard.count - position)
-
-
-def iter_raw(
-    shard: ShardInfo,
-    shard_index: int,
-    num_classes: int | None = None,
-    on_error: OnError = "raise",
-    stats: SkipStats | None = None,
-) -> Iterator[RawSample]:
-    """Yield validated raw samples of one shard, in tar order, with their positions.
-
-    Labels come from ``.cls``, or from the ``.json`` field ``shard.label_key``. After the last
-    sample, the number of samples read is compared with ``shard.count``.
-    """
-    reader = _Reader(shard, shard_index, num_classes, on_error, stats if stats is not None else SkipStats())
-    stream = open_shard(shard.url)
-    try:
-        for key, sample in group_samples(_members(stream)):
-            raw = reader.sample(key, sample)
-            if raw is not None:
-                yield raw
-    except DataError:
-        raise
-    except Exception as e:
-        reader.broken(e)
-        return
-    finally:
-        stream.close()
-    reader.finish()
-
-
-def _stable(e: Exception) -> str:
-    """An error's message without object addresses (PIL names ``<_io.BytesIO object at 0x...>``), so
-    skip reasons are the same from one read to the next and can be counted together."""
-    return re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"<\1>", str(e))
-
-
-def iter_decoded(
-    shard: ShardInfo,
-    shard_index: int,
-    num_classes: int | None = None,
-    on_error: OnError = "raise",
-    stats: SkipStats | None = None,
-    positions: Container[int] | None = None,
-) -> Iterator[DecodedSample]:
-    """Like :func:`iter_raw`, with each image decoded once to RGB.
-
-    ``positions``: decode only these (phase 2 trains a part of each shard per epoch); the others are
-    still read and checked, so a bad sample is reported wherever it is.
-    """
-    stats = stats if stats is not None else SkipStats()
-    for raw in iter_raw(shard, shard_index, num_classes, on_error, stats):
-        if positions is not None and raw.position not in positions:
-            continue
-        try:
-            image = decode_image(raw.image)
-        except Exception as e:
-            where = f"shard {shard.url!r} key {raw.key!r}"
-            if on_error == "skip":
-                stats.skip(f"undecodable image ({_stable(e)})", where)
-                continue
-            raise DataError(f"{where}: undecodable image ({type(e).__name__}: {_stable(e)})") from e
-        yield DecodedSample(raw.key, shard_index, raw.position, image, raw.label, digest=raw.digest)

@@ -124,7 +124,9 @@ def fault(e: BaseException) -> BaseException | None:
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         module = type(cur).__module__.split(".")[0]
-        if module in ("botocore", "aiobotocore", "aiohttp", "s3fs") or isinstance(cur, (ConnectionError, TimeoutError)):
+        if module in ("botocore", "aiobotocore", "aiohttp", "s3fs") or (
+            isinstance(cur, (ConnectionError, TimeoutError)) and not isinstance(cur, BrokenPipeError)
+        ):
             return cur
         if type(cur).__name__ == "FSTimeoutError":
             return cur

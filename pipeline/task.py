@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
-from .models import autocast, topk_targets
+from .models import autocast
+from .targets import soft_target_probs, topk_targets
 
 Distillation = Literal["none", "hard", "soft"]
 
@@ -115,7 +116,7 @@ class DistillationTask(nn.Module):
             distill = losses.hard_distillation(dist_logits, indices[:, 0])
         else:
             t = self.temperatures.index(self.tau)
-            probs = losses.soft_target_probs(values, indices, lse[:, t], self.tau, self.num_classes)
+            probs = soft_target_probs(values, indices, lse[:, t], self.tau, self.num_classes)
             distill = losses.soft_distillation(dist_logits, probs, self.tau)
         return TaskOutput(losses.combine(base, distill, self.alpha), base.detach(), distill.detach())
 

@@ -13,8 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,84 +21,25 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch import nn
 
 from . import checkpoint as ckpt
-from .cache import Cache, open_cache
-from .config import finish, write_resolved
+from .cache import check_run
+from .config import checked, write_resolved
 from .data import StreamSpec, epoch_batches
 from .distributed import Dist, any_rank, barrier, init, shutdown
 from .errors import ConfigError
 from .evaluate import evaluate
 from .interrupt import RunInterrupted, StopSignals
 from .metrics import DebugTrace, MetricsLog
-from .models import Normalized, check_input_size, create, load_teacher, model_stats, resolve_device
+from .models import check_input_size, resolve_device
 from .options import TrainConfig
 from .progress import progress_bar
-from .recipe import Recipe, make_recipe
-from .samplers import EpochPlan, epoch_plan, rank_shards, steps_per_epoch
+from .run_data import live_teacher, resolve_data, student_for
+from .samplers import EpochPlan, rank_shards, steps_per_epoch
 from .seeding import stable_seed
-from .shards import ShardInfo, check_same_classes, class_names, load_shard_list, num_classes_from_sidecar
 from .task import DistillationTask
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunData:
-    """What a run trains on: shards, the recipe and seed of their views, and the cache's targets."""
-
-    shards: list[ShardInfo]
-    val_shards: list[ShardInfo]
-    recipe: Recipe
-    seed: int
-    num_classes: int
-    cache: Cache | None
-    topk: int
-    temperatures: list[float]
-    repeats: int
-    classes: list[str] | None  # the labels' class names, when pack recorded them
-
-    @property
-    def num_views(self) -> int:
-        """Views available per sample: the cache's, or unbounded when views are replayed without one."""
-        return self.cache.meta.views if self.cache else 1 << 30
-
-    def plan(self, epoch: int) -> EpochPlan:
-        return epoch_plan(epoch, self.repeats, self.num_views)
-
-
-def resolve_data(cfg: TrainConfig) -> RunData:
-    """Open the cache (if distilling) and the shard lists; settle the recipe, seed and class count."""
-    cache = open_cache(cfg.cache) if cfg.cache and cfg.distillation != "none" else None
-    counts = {s.name: s.count for s in cache.meta.shards} if cache else None
-    shards = load_shard_list(cfg.shards, counts, label_key=cfg.label_key)
-    val_shards = load_shard_list(cfg.val_shards, label_key=cfg.label_key) if cfg.val_shards else []
-    if cache is not None:
-        meta = cache.meta
-        recipe = make_recipe(cfg.recipe if cfg.recipe is not None else meta.recipe, cfg.img_size)
-        seed, num_classes = (cfg.seed if cfg.seed is not None else meta.seed), meta.num_classes
-        topk, temperatures = meta.topk, list(meta.temperatures)
-        if cfg.distillation == "soft" and float(cfg.tau) not in temperatures:
-            raise ConfigError(f"--tau {cfg.tau} is not a cached temperature (cache has {temperatures})")
-        repeats = cfg.repeats or recipe.repeats
-        if repeats not in (1, recipe.repeats):
-            raise ConfigError(
-                f"--repeats {repeats}: the cache's mixing partners were drawn for {recipe.repeats} repeats "
-                f"(recipe.repeats); train with --repeats {recipe.repeats} or 1, or cache with --repeats {repeats}"
-            )
-    else:
-        recipe = make_recipe(cfg.recipe or "deit", cfg.img_size, cfg.repeats)
-        seed = cfg.seed or 0
-        num_classes = cfg.num_classes or num_classes_from_sidecar(shards[0].url) or 0
-        topk, temperatures, repeats = cfg.topk, list(cfg.temperatures), recipe.repeats
-    if not num_classes:
-        raise ConfigError("number of classes unknown: pass --num-classes (no cache, no pack sidecar)")
-    classes = list(cache.meta.classes) if cache and cache.meta.classes else class_names(cfg.shards)
-    val_classes = class_names(cfg.val_shards) if cfg.val_shards else None
-    if classes and val_classes:
-        check_same_classes(classes, val_classes, f"--val-shards {cfg.val_shards[0]!r}")
-    return RunData(shards, val_shards, recipe, seed, num_classes, cache, topk, temperatures, repeats, classes)
 
 
 @dataclass
@@ -119,23 +58,23 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, dist: Dist, stop: StopSignals | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist
         self.stop = stop or StopSignals()
-        if dist.main:
-            prepare_out(cfg)
+        if dist.is_main:
+            ckpt.prepare_out(cfg)
         self.data = resolve_data(cfg)
-        self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.main)
+        self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.is_main)
         state = self.checkpointer.load_last() if cfg.resume else None
         if cfg.resume and state is None:
             log.warning("--resume: no checkpoint at %s, starting from scratch", self.checkpointer.last_path)
         if state:
-            check_resumable(cfg, state, dist.world, self.checkpointer.last_path)
+            ckpt.check_resumable(cfg, state, dist.world, self.checkpointer.last_path)
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
-        self.cache_rows = self._check_cache()
+        self.cache_shards = self._check_cache()
         self._build()
         if state:
             self.load_state_dict(state)
-        if dist.main:
+        if dist.is_main:
             write_resolved(cfg, cfg.out)
-        self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.main)
+        self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
         self.trace = DebugTrace(dist.rank)
 
     def _check_cache(self) -> list[int] | None:
@@ -144,7 +83,7 @@ class Trainer:
         if data.cache is None:
             return None
         views = {v for e in range(self.position.epoch, cfg.epochs) for v in data.plan(e).views}
-        rows = data.cache.check_run(data.shards, data.recipe.to_dict(), data.seed, views)
+        rows = check_run(data.cache, data.shards, data.recipe.to_dict(), data.seed, views)
         if cfg.epochs > data.num_views:
             log.warning(
                 "training %d epochs on a cache of %d views: views repeat (a run of E epochs uses E views of "
@@ -160,15 +99,15 @@ class Trainer:
         cfg, data, dist = self.cfg, self.data, self.dist
         self.run_seed = data.seed if cfg.run_seed is None else cfg.run_seed
         torch.manual_seed(stable_seed("init", self.run_seed))  # same initial weights on every rank
-        self.model, self.model_meta = build_student(cfg, data)
+        self.model, self.model_meta = student_for(cfg, data)
         check_input_size(self.model, data.recipe.img_size, f"--model {cfg.model}")
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        teacher = build_live_teacher(cfg, data, self.device) if cfg.live else None
+        teacher = live_teacher(cfg, data, self.device) if cfg.live else None
         self.global_batch = cfg.batch_size * dist.world * cfg.accum_steps
         self.lr = cfg.lr * self.global_batch / 512.0  # DeiT's linear scaling rule
-        self.optimizer = create_optimizer_v2(self.model.model, "adamw", lr=self.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = create_optimizer_v2(self.model.net, "adamw", lr=self.lr, weight_decay=cfg.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer,
             "cosine",
@@ -216,9 +155,9 @@ class Trainer:
         ``--epochs``) and fast-forwarded to ``global_step``.
         """
         return {
-            "model": self.model.model.state_dict(),
+            "model": self.model.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.module.model.state_dict() if self.ema is not None else None,
+            "ema": self.ema.module.net.state_dict() if self.ema is not None else None,
             **dataclasses.asdict(self.position),
             "rng": ckpt.rng_state(),
             "world": self.dist.world,
@@ -227,10 +166,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.model.load_state_dict(state["model"])
+        self.model.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.module.model.load_state_dict(state["ema"])
+            self.ema.module.net.load_state_dict(state["ema"])
         self.position = Position(**{f.name: state[f.name] for f in dataclasses.fields(Position)})
         self.scheduler.step_update(num_updates=self.position.global_step)
         if self.dist.rank == 0:
@@ -287,7 +226,7 @@ class Trainer:
         spec = StreamSpec(
             shards=data.shards,
             shard_ids=rank_shards(data.shards, epoch, data.seed, dist.rank, dist.world),
-            cache_rows=self.cache_rows if cfg.cached else None,
+            cache_shards=self.cache_shards if cfg.cached else None,
             cache_url=data.cache.url if data.cache and cfg.cached else None,
             plan=plan,
             recipe=data.recipe,
@@ -311,7 +250,7 @@ class Trainer:
         views = ",".join(map(str, plan.views))
         self.task.train()
         t0, seen, loss_sum, trained = time.perf_counter(), 0, 0.0, 0
-        mode = cfg.progress if self.dist.main else "off"
+        mode = cfg.progress if self.dist.is_main else "off"
         with progress_bar(f"epoch {epoch} (views {views})", total=steps, unit="step", mode=mode) as bar:
             try:
                 for step in range(steps):
@@ -430,45 +369,13 @@ class Trainer:
         return result
 
 
-def build_student(cfg: TrainConfig, data: RunData) -> tuple[nn.Module, dict[str, Any]]:
-    """The student wrapped with its normalisation, and the metadata ``evaluate`` rebuilds it from."""
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_path:
-        kwargs.setdefault("drop_path_rate", cfg.drop_path)
-    model = create(cfg.model, data.num_classes, **kwargs)
-    if hasattr(model, "set_distilled_training"):
-        # Both heads' logits in training; with --distillation none the distillation head gets no loss (DeiT).
-        model.set_distilled_training(True)
-    elif cfg.distillation != "none":
-        log.warning("%s has no distillation head: the distillation loss trains its only head", cfg.model)
-    mean, std = model_stats(model)
-    meta = {
-        "name": cfg.model,
-        "kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"},
-        "crop_pct": data.recipe.crop_pct,
-        "num_classes": data.num_classes,
-        "img_size": data.recipe.img_size,
-        "mean": list(mean),
-        "std": list(std),
-        "classes": data.classes,
-    }
-    return Normalized(model, mean, std), meta
-
-
-def build_live_teacher(cfg: TrainConfig, data: RunData, device: torch.device) -> nn.Module:
-    name = cfg.teacher or (data.cache.meta.teacher["name"] if data.cache else None)
-    if not name:
-        raise ConfigError("--teacher-mode live needs --teacher NAME (there is no cache to take it from)")
-    return load_teacher(name, data.num_classes, cfg.teacher_checkpoint, device, cfg.teacher_kwargs)[0]
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training job. Returns the final metrics.
 
     Raises:
         RunInterrupted: on SIGINT/SIGTERM, after saving the exact position to ``last.pth``.
     """
-    cfg = finish(cfg)
+    cfg = checked(cfg)
     device = resolve_device(cfg.device)
     with StopSignals() as stop:
         dist = init(device.type)
@@ -478,68 +385,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             return Trainer(cfg, device, dist, stop).train()
         finally:
             shutdown(dist)
-
-
-def prepare_out(cfg: TrainConfig) -> None:
-    """Refuse to write over a previous run unless told how (``--resume`` or ``--force-new``), and make
-    sure ``--out`` is writable before any work."""
-    names = ("last.pth", "best.pth", "metrics.jsonl")
-    previous = [name for name in names if os.path.exists(os.path.join(cfg.out, name))]
-    if previous and not cfg.resume:
-        if not cfg.force_new:
-            raise ConfigError(
-                f"--out {cfg.out!r} already holds a run ({', '.join(previous)}): add --resume to continue it, "
-                "or --force-new to start over (its files are moved aside, not deleted)"
-            )
-        aside = os.path.join(cfg.out, time.strftime("replaced-%Y%m%d-%H%M%S"))
-        os.makedirs(aside, exist_ok=True)
-        for name in (*previous, "resolved-config.yaml"):
-            if os.path.exists(os.path.join(cfg.out, name)):
-                shutil.move(os.path.join(cfg.out, name), os.path.join(aside, name))
-        log.warning("--force-new: the previous run in %s was moved to %s", cfg.out, aside)
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        probe = os.path.join(cfg.out, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--out {cfg.out!r} is not writable: {e.strerror or e}") from None
-
-
-# Settings that fix which samples the steps of an epoch hold: a mid-epoch checkpoint can only be
-# continued with the same ones. At an epoch end only the global batch must stay (the schedule counts
-# optimizer steps).
-_STREAM_FIELDS = (
-    "batch_size",
-    "accum_steps",
-    "workers",
-    "shuffle_buffer",
-    "max_steps_per_epoch",
-    "repeats",
-    "run_seed",
-)
-
-
-def check_resumable(cfg: TrainConfig, state: dict[str, Any], world: int, path: str) -> None:
-    """Refuse a resume that would skip or repeat samples or jump the learning-rate schedule."""
-    old = state.get("config", {})
-    old_world = int(state.get("world", world))
-    if int(state.get("step_in_epoch", 0)):
-        where = f"{path} was taken mid-epoch (epoch {state['epoch']}, step {state['step_in_epoch']})"
-        if old_world != world:
-            raise ConfigError(f"{where} on {old_world} ranks, now {world}: resume on {old_world} ranks")
-        for name in _STREAM_FIELDS:
-            if name in old and old[name] != getattr(cfg, name):
-                raise ConfigError(
-                    f"{where} with --{name.replace('_', '-')} {old[name]}, now {getattr(cfg, name)}: it would skip "
-                    f"or repeat samples; resume with --{name.replace('_', '-')} {old[name]}"
-                )
-    if "batch_size" in old:
-        before = old["batch_size"] * old_world * old.get("accum_steps", 1)
-        now = cfg.batch_size * world * cfg.accum_steps
-        if before != now:
-            raise ConfigError(
-                f"{path}: the global batch was {before} (--batch-size x ranks x --accum-steps), now {now}: "
-                "the learning-rate schedule counts optimizer steps; keep the global batch when resuming"
-            )

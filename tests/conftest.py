@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.options import CacheConfig, TrainConfig  # noqa: E402
 from pipeline.pack import _write_split, digits_items  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS=1 when other work shares the cores: two spinning OpenMP threads on a busy core are ~100x slower.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 TINY_STUDENT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 # What every test cache shares (the ``tiny_teacher`` on 32 px digits); tests vary views, blocks, batch.

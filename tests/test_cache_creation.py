@@ -29,7 +29,7 @@ from conftest import cache_cli_args, child_env, tiny_cache_config
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.cache import ARRAYS, CacheMeta, create_or_open, open_cache
+from pipeline.cache import ARRAYS, CacheMeta, create_or_open, damaged_units, open_cache
 from pipeline.cache_teacher import run
 from pipeline.errors import CacheError
 
@@ -232,9 +232,9 @@ def test_object_store_half_created_cache_is_completed_and_damage_found(tmp_path,
     unit = open_cache(str(pristine)).read_block(1, 2)
     cache.write_unit(1, 2, unit, 40)
     assert fs.cat(f"{root}/values/c/1/2/0") == (pristine / "values/c/1/2/0").read_bytes()
-    assert cache.damaged_units([(1, 2)]) == {}
+    assert damaged_units(cache, [(1, 2)]) == {}
     fs.rm(f"{root}/indices/c/1/2/0")
-    assert cache.damaged_units([(1, 2)], verify=False) == {(1, 2): "indices/c/1/2/0 missing"}
+    assert damaged_units(cache, [(1, 2)], verify=False) == {(1, 2): "indices/c/1/2/0 missing"}
     with pytest.raises(CacheError, match=r"views 1-1 of shard 'train-000002.tar' is damaged: indices/c/1/2/0 missing"):
         open_cache(url).read_view(1, 2)
     cache.invalidate(1, 2)

@@ -29,7 +29,7 @@ from conftest import TINY_STUDENT, cache_cli_args, tiny_cache_config
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.cache import ARRAYS, UnitData, open_cache
+from pipeline.cache import ARRAYS, UnitData, missing_objects, open_cache
 from pipeline.cache_teacher import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,7 +132,7 @@ def cache_teacher(cache: Path, shards: str, teacher: str, *extra: str) -> tuple[
 # -- a damaged chunk, through each command ----------------------------------------------------------
 def test_undamaged_cache_trains_verifies_and_is_complete(tmp_path, pristine, digits_shards, tiny_teacher):
     """The control: the same commands pass on the pristine cache, and every unit's objects are stored."""
-    assert open_cache(str(pristine)).missing_objects([(b, s) for b in range(2) for s in range(3)]) == {}
+    assert missing_objects(open_cache(str(pristine)), [(b, s) for b in range(2) for s in range(3)]) == {}
     code, text = train_student(pristine, digits_shards, tmp_path)
     assert code == 0, text
     code, text = verify_cache(pristine, digits_shards, tiny_teacher)

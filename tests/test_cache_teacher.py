@@ -30,8 +30,7 @@ from PIL import Image
 from torchvision import transforms as T
 from typer.testing import CliRunner
 
-import pipeline.replay
-import pipeline.shards
+import pipeline.decode
 from cli.main import app
 from pipeline.cache import open_cache
 from pipeline.cache_teacher import run
@@ -389,14 +388,13 @@ def test_each_image_decoded_once_per_unit(
     tmp_path, monkeypatch, digits_shards, tiny_teacher, view_block, units_per_shard
 ):
     calls: defaultdict[bytes, int] = defaultdict(int)
-    real = pipeline.replay.decode_image
+    real = pipeline.decode.decode_image
 
     def counting(data: bytes):
         calls[hashlib.sha256(data).digest()] += 1
         return real(data)
 
-    monkeypatch.setattr(pipeline.replay, "decode_image", counting)
-    monkeypatch.setattr(pipeline.shards, "decode_image", counting)  # the name iter_decoded uses
+    monkeypatch.setattr(pipeline.decode, "decode_image", counting)
     summary = run(_cfg(digits_shards, tiny_teacher, tmp_path / "cache", view_block=view_block, workers=0))
     assert summary["views"] == 120 * 4
     assert len(calls) == 120, "every image decoded"

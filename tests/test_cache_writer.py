@@ -17,6 +17,7 @@ import torch
 from conftest import tiny_cache_config
 
 import pipeline.cache_teacher as phase1
+import pipeline.unit_writer as unit_writer
 from pipeline.cache import Cache
 from pipeline.cache_teacher import run
 
@@ -61,7 +62,7 @@ def _run(monkeypatch, shards: str, teacher: str, out: Path, write_s: float, queu
     with monkeypatch.context() as m:
         m.setattr(phase1, "build_teacher", build)
         m.setattr(Cache, "write_unit", write_unit)
-        m.setattr(phase1, "WRITE_QUEUE_UNITS", queue_units)
+        m.setattr(unit_writer, "WRITE_QUEUE_UNITS", queue_units)
         summary = run(tiny_cache_config(shards, teacher, out, **SETTINGS))
     assert summary["units_done"] == UNITS and len(writes) == UNITS
     summary["writes_s"] = sum(dt for _, dt in writes)
@@ -70,15 +71,16 @@ def _run(monkeypatch, shards: str, teacher: str, out: Path, write_s: float, queu
 
 
 def test_teacher_does_not_wait_on_a_slow_store(monkeypatch, tmp_path, digits_shards, tiny_teacher):
-    fast = _run(monkeypatch, digits_shards, tiny_teacher, tmp_path / "fast", 0.0, phase1.WRITE_QUEUE_UNITS)
-    slow = _run(monkeypatch, digits_shards, tiny_teacher, tmp_path / "slow", WRITE_S, phase1.WRITE_QUEUE_UNITS)
+    fast = _run(monkeypatch, digits_shards, tiny_teacher, tmp_path / "fast", 0.0, unit_writer.WRITE_QUEUE_UNITS)
+    slow = _run(monkeypatch, digits_shards, tiny_teacher, tmp_path / "slow", WRITE_S, unit_writer.WRITE_QUEUE_UNITS)
     inline = _run(monkeypatch, digits_shards, tiny_teacher, tmp_path / "inline", WRITE_S, 0)
     print(
         f"wall: fast store {fast['wall_s']:.2f}s, slow store {slow['wall_s']:.2f}s, slow store written inline "
         f"{inline['wall_s']:.2f}s; teacher thread blocked on writes: {slow['write_wait_s']:.2f}s vs "
         f"{inline['write_wait_s']:.2f}s inline ({slow['writes_s']:.2f}s of writes)"
     )
-    assert slow["writer_threads"] == {"cache-writer"} and inline["writer_threads"] == {"MainThread"}
+    assert all(name.startswith("cache-writer") for name in slow["writer_threads"])
+    assert inline["writer_threads"] == {"MainThread"}
     assert slow["writes_s"] >= UNITS * WRITE_S
     # Only the final drain (about one write) is lost, not a write per unit.
     assert slow["write_wait_s"] < 3 * WRITE_S, slow

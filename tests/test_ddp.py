@@ -24,7 +24,8 @@ from conftest import ROOT, student_config, tiny_cache_config, write_digits_shard
 from pipeline.cache_teacher import run as cache_teacher
 from pipeline.options import TrainConfig
 from pipeline.samplers import epoch_plan, rank_shards, steps_per_epoch
-from pipeline.shards import iter_raw, load_shard_list
+from pipeline.samples import iter_raw
+from pipeline.shards import load_shard_list
 
 TORCHRUN = str(ROOT / ".venv" / "bin" / "torchrun")
 STILLROOM = str(ROOT / ".venv" / "bin" / "stillroom")

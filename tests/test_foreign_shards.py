@@ -25,9 +25,11 @@ from photos import encode, photo
 from typer.testing import CliRunner
 
 from cli.main import app
+from pipeline.decode import decode_image, iter_decoded
 from pipeline.errors import DataError
-from pipeline.replay import decode_image
-from pipeline.shards import count_samples, expand_urls, iter_decoded, iter_raw, load_shard_list, shard_name
+from pipeline.samples import iter_raw
+from pipeline.shards import expand_urls, load_shard_list, shard_name
+from pipeline.tars import count_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
 from pipeline import losses
-from pipeline.models import topk_targets
+from pipeline.targets import soft_target_probs, topk_targets
 from pipeline.task import DistillationTask
 
 C = 10
@@ -49,7 +49,7 @@ def cached_targets(t: torch.Tensor, k: int, temps: list[float], half: bool = Fal
 def test_soft_target_probs_full_k_is_the_softmax(tau: float) -> None:
     t = logits(8, 0)
     c = cached_targets(t, C, [tau])
-    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
     torch.testing.assert_close(probs, F.softmax(t / tau, dim=1), rtol=0, atol=1e-6)
 
 
@@ -58,7 +58,7 @@ def test_soft_target_probs_top_k_exact_rest_uniform(k: int) -> None:
     tau = 3.0
     t = logits(16, 1)
     c = cached_targets(t, k, [1.0, tau])
-    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 1], tau, C)
+    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 1], tau, C)
     exact = F.softmax(t / tau, dim=1)
     top = probs.gather(1, c["t_indices"])
     torch.testing.assert_close(top, exact.gather(1, c["t_indices"]), rtol=0, atol=1e-6)
@@ -75,7 +75,7 @@ def test_soft_target_probs_top_k_exact_rest_uniform(k: int) -> None:
 def test_soft_distillation_matches_deit(tau: float) -> None:
     s, t = logits(8, 2), logits(8, 3)
     c = cached_targets(t, C, [tau])
-    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
     ours = losses.soft_distillation(s, probs, tau)
     torch.testing.assert_close(ours, deit_soft(s, t, tau), rtol=1e-5, atol=1e-6)
 
@@ -85,7 +85,7 @@ def test_soft_distillation_fp16_cache_is_close_to_deit() -> None:
     tau = 3.0
     s, t = logits(32, 4), logits(32, 5, scale=5.0)
     c = cached_targets(t, 5, [tau], half=True)
-    probs = losses.soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
     assert torch.isfinite(probs).all() and (probs >= 0).all()
     ours = losses.soft_distillation(s, probs, tau)
     torch.testing.assert_close(ours, deit_soft(s, t, tau), rtol=0.05, atol=1e-3)
@@ -156,11 +156,11 @@ def test_task_none_trains_the_class_head_only_as_deit() -> None:
 
 
 def test_uncached_tau_is_refused_by_the_config() -> None:
-    from pipeline.config import finish
+    from pipeline.config import checked
     from pipeline.errors import ConfigError
     from pipeline.options import TrainConfig
 
     live = TrainConfig(shards=["x.tar"], distillation="soft", teacher_mode="live", teacher_checkpoint="t.pth")
     with pytest.raises(ConfigError, match=r"--tau 2\.0 is not one of --temperatures \[1\.0, 3\.0\]"):
-        finish(dataclasses.replace(live, tau=2.0))
-    assert finish(dataclasses.replace(live, tau=3.0)).tau == 3.0
+        checked(dataclasses.replace(live, tau=2.0))
+    assert checked(dataclasses.replace(live, tau=3.0)).tau == 3.0

@@ -35,6 +35,7 @@ REQUIRED = {
     "train-student": ["--shards", "a.tar", "--cache", "c.zarr"],
     "evaluate": ["--checkpoint", "m.pth", "--shards", "v.tar"],
     "demo": [],
+    "presets": [],
 }
 GIVEN = {"source", "out", "shards", "cache", "teacher_checkpoint", "checkpoint"}
 

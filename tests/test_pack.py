@@ -24,9 +24,12 @@ from photos import write_synset_folder
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.decode import iter_decoded
 from pipeline.errors import ConfigError, DataError
 from pipeline.pack import pack
-from pipeline.shards import count_samples, iter_decoded, iter_raw, load_shard_list, num_classes_from_sidecar
+from pipeline.samples import iter_raw
+from pipeline.shards import load_shard_list, num_classes_from_sidecar
+from pipeline.tars import count_samples
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +282,7 @@ def _photo_folder(root: Path) -> dict[str, bytes]:
 
 def test_pack_reencodes_other_formats_and_reports_what_it_skips(tmp_path):
     """BMP/TIFF/GIF are packed as lossless PNG (reading gives the same RGB); other files are reported."""
-    from pipeline.replay import decode_image
+    from pipeline.decode import decode_image
 
     root = tmp_path / "src"
     files = _photo_folder(root)

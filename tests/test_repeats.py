@@ -42,7 +42,7 @@ def spec(shards: list[ShardInfo], epoch: int, rank: int, world: int) -> StreamSp
     return StreamSpec(
         shards=shards,
         shard_ids=rank_shards(shards, epoch, SEED, rank, world),
-        cache_rows=None,
+        cache_shards=None,
         cache_url=None,
         plan=epoch_plan(epoch, R, V),
         recipe=recipe(),

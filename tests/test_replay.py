@@ -31,12 +31,16 @@ from photos import jpeg
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from pipeline.augment import augment_view
 from pipeline.data import StreamSpec, ViewStream, epoch_batches
+from pipeline.decode import decode_image, iter_decoded
 from pipeline.mixing import partners
+from pipeline.pixels import model_input
 from pipeline.recipe import Recipe, make_recipe
-from pipeline.replay import View, augment_view, decode_image, model_input, replay_shard
+from pipeline.replay import View, replay_shard
 from pipeline.samplers import epoch_plan, groups
-from pipeline.shards import ShardInfo, SkipStats, iter_decoded, load_shard_list
+from pipeline.samples import SkipStats
+from pipeline.shards import ShardInfo, load_shard_list
 
 SEED = 1234
 TESTS_DIR = Path(__file__).resolve().parent
@@ -72,8 +76,8 @@ def shard_views(pattern: str, recipe: Recipe, views: list[int], seed: int = SEED
     out: dict[tuple[str, int], View] = {}
     for i, shard in enumerate(load_shard_list(pattern)):
         for v in replay_shard(iter_decoded(shard, i, 10), views, recipe, seed, shard.name, shard.count):
-            assert (v.key, v.view) not in out
-            out[v.key, v.view] = v
+            assert (v.key, v.view_id) not in out
+            out[v.key, v.view_id] = v
     return out
 
 
@@ -205,7 +209,7 @@ def _spec(pattern: str, recipe: Recipe, view: int) -> StreamSpec:
     return StreamSpec(
         shards=shards,
         shard_ids=list(range(len(shards))),
-        cache_rows=None,
+        cache_shards=None,
         cache_url=None,
         plan=epoch_plan(view, 1, 1 << 30),
         recipe=recipe,
@@ -280,7 +284,7 @@ def test_shard_index_and_location_do_not_change_mixed_views(tmp_path, digits_sha
     again = {}
     for i, shard in enumerate(load_shard_list(urls)):
         for v in replay_shard(iter_decoded(shard, i, 10), [1], recipe, SEED, shard.name, shard.count):
-            again[v.key, v.view] = v
+            again[v.key, v.view_id] = v
     assert base.keys() == again.keys()
     for k, v in base.items():
         assert torch.equal(v.pixels, again[k].pixels) and (v.mix_label, v.lam) == (again[k].mix_label, again[k].lam)
@@ -323,7 +327,7 @@ def _unmixed(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: str) 
     """Each sample's own view, finished but not mixed, as the model sees it."""
     samples = iter_decoded(shard, 0, 10, on_error)  # type: ignore[arg-type]
     return {
-        (v.key, v.view): model_input(v.pixels)
+        (v.key, v.view_id): model_input(v.pixels)
         for v in replay_shard(samples, views, no_mix(recipe), SEED, shard.name, shard.count)
     }
 
@@ -362,13 +366,13 @@ def _replay_twice(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: 
     first, second = reads
     assert skipped[0] == skipped[1] and len(first) == len(second)
     for a, b in zip(first, second, strict=True):
-        assert (a.key, a.view, a.label, a.mix_label, a.lam) == (b.key, b.view, b.label, b.mix_label, b.lam)
+        assert (a.key, a.view_id, a.label, a.mix_label, a.lam) == (b.key, b.view_id, b.label, b.mix_label, b.lam)
         assert torch.equal(a.pixels, b.pixels), a.key
     return first, skipped[0]
 
 
 def _order(v: View) -> tuple[int, int]:
-    return v.view, v.position
+    return v.view_id, v.position
 
 
 def _mix_kind(a: View, b: View, unmixed: dict, view: int) -> str:
@@ -396,7 +400,7 @@ def check_pairs(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: st
     kinds: dict = defaultdict(int, skipped=skipped)
     met: dict[str, set[str]] = defaultdict(set)
     for view in views:
-        members = {v.position: v for v in first if v.view == view}
+        members = {v.position: v for v in first if v.view_id == view}
         group = groups(SEED, view // recipe.repeats, shard.name, shard.count, recipe.repeats)
         pairs = partners(SEED, view, shard.name, shard.count, recipe.repeats, members)
         assert sorted(p for pair in pairs for p in pair if p is not None) == sorted(members), "each sample once"

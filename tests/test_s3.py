@@ -41,12 +41,14 @@ pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 from cli.main import app
-from pipeline.cache import exists as cache_exists
+from pipeline.cache import open_cache
+from pipeline.cache_status import status
 from pipeline.cache_teacher import run as cache_teacher
-from pipeline.cache_tools import status
+from pipeline.errors import CacheError
 from pipeline.options import TrainConfig
 from pipeline.s3 import S3FileSystem
-from pipeline.shards import count_samples, load_shard_list, num_classes_from_sidecar
+from pipeline.shards import load_shard_list, num_classes_from_sidecar
+from pipeline.tars import count_samples
 from pipeline.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,6 +63,14 @@ def moto(tmp_path_factory: pytest.TempPathFactory):
     """moto's S3 server as a subprocess on a free port, for the whole session; stopped at the end."""
     with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
         yield endpoint
+
+
+def _is_cache(url: str) -> bool:
+    try:
+        open_cache(url)
+        return True
+    except CacheError:
+        return False
 
 
 def _s3_env(endpoint: str) -> dict[str, str]:
@@ -305,7 +315,7 @@ def test_sigkill_while_creating_the_cache_on_s3_then_rerun_completes(
         s3.proxy.stall = None
     # Half made: some array metadata written, no group attributes, so no reader takes it for a cache.
     s3.fs.invalidate_cache()
-    assert s3.fs.find(f"{BUCKET}/caches/killed") and not cache_exists(out)
+    assert s3.fs.find(f"{BUCKET}/caches/killed") and not _is_cache(out)
     _FailFastClock.deadline = time.monotonic() + 10
     monkeypatch.setattr("pipeline.cache.time", _FailFastClock, raising=False)
     _fresh_filesystems()

@@ -21,17 +21,11 @@ from conftest import write_digits_shards
 from photos import jpeg
 from PIL import Image
 
-from pipeline.shards import (
-    DataError,
-    ShardInfo,
-    SkipStats,
-    count_samples,
-    expand_urls,
-    iter_decoded,
-    iter_raw,
-    load_shard_list,
-    num_classes_from_sidecar,
-)
+from pipeline.decode import iter_decoded
+from pipeline.errors import DataError
+from pipeline.samples import SkipStats, iter_raw
+from pipeline.shards import ShardInfo, expand_urls, load_shard_list, num_classes_from_sidecar
+from pipeline.tars import count_samples
 
 N = 6  # samples per hand-made shard; the bad one sits at position BAD
 BAD = 2

@@ -24,17 +24,19 @@ from conftest import (
     write_digits_shards,
 )
 
-from pipeline import losses
+from pipeline.augment import eval_view
 from pipeline.cache import open_cache
 from pipeline.cache_teacher import run as cache_teacher
 from pipeline.data import StreamSpec, epoch_batches
+from pipeline.decode import iter_decoded
 from pipeline.errors import CacheError, ConfigError
-from pipeline.models import Normalized, create, load_model, model_stats
+from pipeline.models import Normalized, create, load_teacher, model_stats
 from pipeline.options import TrainConfig
+from pipeline.pixels import model_input
 from pipeline.recipe import eval_recipe, make_recipe
-from pipeline.replay import eval_view, model_input
 from pipeline.samplers import epoch_plan
-from pipeline.shards import iter_decoded, load_shard_list
+from pipeline.shards import load_shard_list
+from pipeline.targets import soft_target_probs
 from pipeline.task import DistillationTask
 from pipeline.train import train
 
@@ -85,7 +87,7 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
     spec = StreamSpec(
         shards=shards,
         shard_ids=[0, 1, 2],
-        cache_rows=[0, 1, 2],
+        cache_shards=[0, 1, 2],
         cache_url=cache,
         plan=epoch_plan(1, 1, 2),
         recipe=recipe,
@@ -96,7 +98,7 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
     assert {"t_values", "t_indices", "t_lse"} <= batch.keys()
     assert (batch["lam"] < 1).any(), "the batch should hold mixed views"
 
-    teacher_net = load_model("regnetx_002", 10, tiny_teacher).eval()
+    teacher_net = load_teacher("regnetx_002", 10, tiny_teacher, torch.device("cpu"))[0].net
     teacher = Normalized(teacher_net, *model_stats(teacher_net)).eval()
     torch.manual_seed(0)
     net = create(STUDENT, 10, **TINY_STUDENT)
@@ -112,7 +114,7 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
 
     for tau in (1.0, 3.0):
         t = [1.0, 3.0].index(tau)
-        probs = losses.soft_target_probs(batch["t_values"], batch["t_indices"], batch["t_lse"][:, t], tau, 10)
+        probs = soft_target_probs(batch["t_values"], batch["t_indices"], batch["t_lse"][:, t], tau, 10)
         exact = F.softmax(live_logits / tau, dim=1)
         torch.testing.assert_close(
             probs.gather(1, batch["t_indices"]), exact.gather(1, batch["t_indices"]), rtol=2e-3, atol=1e-4

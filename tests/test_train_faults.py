@@ -96,9 +96,9 @@ def test_resume_with_other_batch_geometry_is_refused(cache: str, digits_shards: 
 
 def test_no_checkpoint_mid_accumulation() -> None:
     with pytest.raises(ConfigError, match="--checkpoint-every 6 must be a multiple of --accum-steps 4"):
-        from pipeline.config import finish
+        from pipeline.config import checked
 
-        finish(TrainConfig(shards=["x.tar"], cache="c", accum_steps=4, checkpoint_every=6))
+        checked(TrainConfig(shards=["x.tar"], cache="c", accum_steps=4, checkpoint_every=6))
 
 
 def test_sigkill_and_resume_with_accumulation_is_exact(cache: str, digits_shards: str, tmp_path: Path) -> None:

@@ -27,20 +27,20 @@ from pipeline.cache_teacher import UnitStream, prepare
 from pipeline.data import ShuffleBuffer, StreamSpec, epoch_batches
 from pipeline.models import load_teacher
 from pipeline.options import CacheConfig
+from pipeline.pixels import model_input, stack_views
 from pipeline.recipe import make_recipe
-from pipeline.replay import model_input, stack
 from pipeline.samplers import epoch_plan
 
 
 def test_uint8_views_get_the_same_input_alone_or_beside_float16_views() -> None:
     u8 = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
     f16 = torch.rand(3, 8, 8).to(torch.float16)
-    alone, mixed = stack([u8, u8]), stack([u8, f16])
+    alone, mixed = stack_views([u8, u8]), stack_views([u8, f16])
     assert alone.dtype == torch.uint8 and mixed.dtype == torch.float16
     assert torch.equal(model_input(alone)[0], model_input(mixed)[0])
     every = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(model_input(every), (every.float() / 255.0).half().float()), "k -> float16(k / 255)"
-    assert stack([u8]).element_size() == 1 and mixed.element_size() == 2
+    assert stack_views([u8]).element_size() == 1 and mixed.element_size() == 2
 
 
 def test_both_phases_feed_the_teacher_the_same_numbers(digits_shards: str, tiny_teacher: str, tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_both_phases_feed_the_teacher_the_same_numbers(digits_shards: str, tiny_
             if seen <= 24:  # the teacher itself, one view at a time (no batch-size rounding)
                 with torch.no_grad():
                     a = teacher(batch["pixels"][:1])
-                    b = teacher(stack([phase1[batch["keys"][0], view].half()]))
+                    b = teacher(stack_views([phase1[batch["keys"][0], view].half()]))
                 assert torch.equal(a, b)
         assert seen == 120
 

@@ -1,4 +1,5 @@
-"""Inspecting and verifying a cache: ``stillroom cache-status`` and ``stillroom verify-cache``."""
+"""``stillroom verify-cache``: prove a cache right for its shards and teacher: every unit's checksum,
+every key and image digest, then the live teacher on random replayed views."""
 
 from __future__ import annotations
 
@@ -11,77 +12,18 @@ import numpy as np
 import torch
 
 from . import storage
-from .cache import Cache, UnitDamaged, open_cache
-from .config import finish
+from .cache import Cache, damaged_units, open_cache
+from .config import checked
+from .decode import iter_decoded
 from .errors import CacheError
-from .models import autocast, load_teacher, resolve_device, topk_targets
+from .models import autocast, load_teacher, resolve_device
 from .options import VerifyConfig
+from .pixels import stack_views
 from .recipe import make_recipe
-from .replay import replay_shard, stack
-from .shards import ShardInfo, iter_decoded, iter_raw, load_shard_list
-
-
-def status(url: str) -> dict[str, Any]:
-    """Completeness by view block and shard, damaged units, storage, and teacher top-1 agreement with labels.
-
-    Every finished unit is read back and checked against its checksum (the agreement needs its data
-    anyway); a damaged one is listed with why, never a crash.
-    """
-    cache = open_cache(url)
-    meta = cache.meta
-    done = cache.done_mask()
-    blocks, nshards = done.shape
-    spans = [f"{meta.block_views(b).start}-{meta.block_views(b).stop - 1}" for b in range(blocks)]
-    missing = [(b, s) for b in range(blocks) for s in range(nshards) if not done[b, s]]
-    finished = [(b, s) for b in range(blocks) for s in range(nshards) if done[b, s]]
-    damaged = cache.missing_objects(finished)
-    agree = total = sample_views = 0
-    why: dict[tuple[int, int], str] = {u: f"{', '.join(keys)} missing" for u, keys in damaged.items()}
-    for b, s in finished:
-        if (b, s) in why:
-            continue
-        try:
-            unit = cache.read_block(b, s)
-        except UnitDamaged as e:
-            why[(b, s)] = e.why
-            continue
-        valid = unit.labels >= 0
-        agree += int((unit.indices[:, valid, 0] == unit.labels[valid]).sum())
-        total += int(valid.sum()) * unit.indices.shape[0]
-        sample_views += int(valid.sum()) * unit.indices.shape[0]
-    intact = [(b, s) for b, s in finished if (b, s) not in why]
-    stored = cache.nbytes_stored()
-    return {
-        "cache": url,
-        "units_done": len(intact),
-        "units_damaged": len(why),
-        "units_total": int(done.size),
-        "by_view_block": {spans[b]: f"{sum(1 for x, _ in intact if x == b)}/{nshards}" for b in range(blocks)},
-        "missing_units": [{"views": spans[b], "shard": meta.shards[s].name} for b, s in missing],
-        "damaged_units": [
-            {"views": spans[b], "shard": meta.shards[s].name, "why": w} for (b, s), w in sorted(why.items())
-        ],
-        "samples_views_cached": sample_views,
-        "bytes_on_disk": stored,
-        "bytes_per_sample_view": round(stored / sample_views, 2) if sample_views else None,
-        "teacher_top1_vs_label_pct": round(100.0 * agree / total, 2) if total else None,
-        "topk": meta.topk,
-        "temperatures": list(meta.temperatures),
-        "teacher": meta.teacher["name"],
-        "training": _training_note(meta.views, int(meta.recipe.get("repeats", 1))),
-        "fingerprint": meta.fingerprint,
-    }
-
-
-def _training_note(views: int, repeats: int) -> dict[str, Any]:
-    """How many epochs this cache serves: a run of E epochs uses E views of each sample, whatever R."""
-    return {
-        "views": views,
-        "repeats": repeats,
-        "epochs_before_views_repeat": views,
-        "how": f"train-student --repeats {repeats} (or 1): an epoch trains 1/R of the samples R times, one view "
-        f"each, so E epochs use E views of every sample; views repeat after {views} epochs",
-    }
+from .replay import replay_shard
+from .samples import iter_raw
+from .shards import ShardInfo, load_shard_list
+from .targets import topk_targets
 
 
 def _check_keys(cache: Cache, shards: list[ShardInfo], skip: set[int]) -> list[str]:
@@ -111,7 +53,7 @@ def _integrity(cache: Cache) -> tuple[list[str], set[tuple[int, int]], int]:
     """Every finished unit's objects and checksum (no teacher): problems, damaged units, units checked."""
     done = cache.done_mask()
     finished = [(int(b), int(s)) for b, s in np.argwhere(done)]
-    damaged = cache.damaged_units(finished, verify=True)
+    damaged = damaged_units(cache, finished, verify=True)
     problems = [f"{cache.meta.describe_unit(b, s)} is damaged: {why}" for (b, s), why in sorted(damaged.items())]
     if len(problems) > 20:
         problems = [*problems[:20], f"... and {len(problems) - 20} more damaged units"]
@@ -166,17 +108,17 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
     Returns a report with ``ok`` False when an array or unit is damaged, a key differs, a unit is
     missing, or the top-1 agreement or max |logit difference| is beyond tolerance.
     """
-    cfg = finish(cfg)
+    cfg = checked(cfg)
     cache = open_cache(cfg.cache)  # every array's metadata is checked against the attributes here
     meta = cache.meta
-    problems, damaged, checked = _integrity(cache)
+    problems, damaged, verified = _integrity(cache)
     if storage.sha256_file(cfg.teacher_checkpoint) != meta.teacher["checkpoint_sha256"]:
         problems.append(f"teacher checkpoint {cfg.teacher_checkpoint!r} is not the one this cache was built with")
     shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards}, label_key=cfg.label_key)
     problems += _check_keys(cache, shards, {s for _, s in damaged})
     agreement = _live_check(cfg, cache, shards, damaged)
     report = _report(cfg, meta.topk, agreement, problems, min_top1)
-    return {**report, "units_verified": checked - len(damaged), "units_damaged": len(damaged)}
+    return {**report, "units_verified": verified - len(damaged), "units_damaged": len(damaged)}
 
 
 def _live_check(cfg: VerifyConfig, cache: Cache, shards: list[ShardInfo], damaged: set) -> _Agreement:
@@ -198,7 +140,7 @@ def _live_check(cfg: VerifyConfig, cache: Cache, shards: list[ShardInfo], damage
         if not chosen:
             continue
         with torch.inference_mode(), autocast(device):
-            logits = teacher(stack([x.pixels for x in chosen]).to(device))
+            logits = teacher(stack_views([x.pixels for x in chosen]).to(device))
         values, indices, _ = topk_targets(logits, meta.topk, list(meta.temperatures), half=False)
         for j, x in enumerate(chosen):
             agreement.add(

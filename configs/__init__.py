@@ -1,0 +1,1 @@
+"""The presets (YAML configs), installed with the package as ``pipeline.presets``: see ``stillroom presets``."""

@@ -1,0 +1,49 @@
+"""Compact pixels: how a finished view travels between processes and becomes a model's input.
+
+A view is uint8 CHW while its pixels are whole numbers (no random erasing, no mixup), else float16;
+the model sees ``float32(float16(x))`` either way (:func:`model_input`), whatever else is in its
+batch, so the teacher in phase 1 and the student in phase 2 get the same numbers. Batches of compact
+views are built with :func:`stack_views` and joined with :func:`join_batches`: unlike ``torch.stack``
+and ``torch.cat`` they turn a uint8 part into exactly the float16 :func:`model_input` gives it when
+other parts are float16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def compact(x: torch.Tensor) -> torch.Tensor:
+    """A finished view as it travels and is stored: uint8 stays uint8, anything else becomes float16."""
+    return x if x.dtype == torch.uint8 else x.to(torch.float16)
+
+
+# float16(k / 255) for every uint8 k, computed once on the CPU: a table lookup gives the same numbers on
+# any device, where a division on an accelerator might round differently.
+_UINT8_TO_HALF = (torch.arange(256, dtype=torch.float32) / 255.0).to(torch.float16)
+
+
+def model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """float32 model input from compact pixels (a view or a batch): ``float32(float16(x))`` for both kinds.
+
+    uint8 value ``k`` becomes ``float16(k / 255)``, exactly as :func:`stack_views` turns a uint8 view that
+    shares a batch with float16 views, so a view's input does not depend on its batch or its device.
+    """
+    if pixels.dtype == torch.uint8:
+        pixels = _UINT8_TO_HALF.to(pixels.device)[pixels.long()]
+    return pixels.float()
+
+
+def join_batches(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Join batches of compact pixels: uint8 if every part is uint8 (1 byte per value), else float16
+    (2 bytes), a uint8 part turned into exactly the float16 :func:`model_input` would give it."""
+    if all(p.dtype == torch.uint8 for p in parts):
+        return torch.cat(list(parts))
+    return torch.cat([model_input(p).to(torch.float16) if p.dtype == torch.uint8 else p for p in parts])
+
+
+def stack_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor from compact views (see :func:`join_batches`)."""
+    return join_batches([v[None] for v in views])
