@@ -282,7 +282,7 @@ def empty_imagenet_cache(tmp: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     st = status(url)
     status_s = time.perf_counter() - t0
-    cfg = TrainConfig(shards=[str(folder / "train-{000000..001280}.tar")], cache=url, out=str(tmp / "refused"))
+    cfg = TrainConfig(shards=[str(folder / "train-{000000..001280}.tar")], cache=[url], out=str(tmp / "refused"))
     t0 = time.perf_counter()
     try:
         train(cfg)
@@ -301,34 +301,41 @@ def empty_imagenet_cache(tmp: Path) -> dict[str, Any]:
 
 
 def rebatch_ms(batch: int = 128, buffer: int = 2048, views: int = 8192) -> dict[str, float]:
-    """The main process's cost of drawing one batch from the shuffle buffer, 224 px float16 views."""
-    from pipeline.data import ShuffleBuffer
+    """The main process's cost of drawing one batch from a window of the epoch, 224 px float16 views."""
+    import torch
 
-    def chunk(first: int) -> dict[str, Any]:
-        import torch
+    from pipeline import deal as dl
+    from pipeline.data import StreamSpec, WindowBatches
+    from pipeline.recipe import make_recipe
+    from pipeline.samplers import epoch_plan
 
-        n = 32
+    def chunk(first: int, n: int) -> dict[str, Any]:
         return {
+            "lane": 0,
+            "first": first,
+            "stop": first + n,
+            "skipped": [],
+            "copy": torch.arange(first, first + n),
             "pixels": torch.zeros(n, 3, 224, 224, dtype=torch.float16),
             "label": torch.zeros(n, dtype=torch.long),
             "mix_label": torch.zeros(n, dtype=torch.long),
             "lam": torch.ones(n),
             "views": torch.zeros(n, dtype=torch.long),
-            "item": torch.arange(n) // 3,
             "keys": [f"k{first + i}" for i in range(n)],
         }
 
     out = {}
-    for held in (batch * 2, buffer):
-        buf = ShuffleBuffer(0)
-        for c in range(0, held + views, 32):
-            buf.add(chunk(c))
+    for window in (batch * 2, buffer):
+        total = window + views
+        spec = StreamSpec([], [[dl.Segment(0, 0, total)]], [0], epoch_plan(0, 1, 1), make_recipe("deit"), 0, 10)
+        chunks = (chunk(a, min(dl.CHUNK, total - a)) for a in range(0, total, dl.CHUNK))
+        draws = iter(WindowBatches(chunks, spec, window, batch, seed=0, first_step=0))
         times = []
-        while buf.views >= held:
+        for _ in range(views // batch):
             t0 = time.perf_counter()
-            buf.batch(batch)
+            next(draws)
             times.append(time.perf_counter() - t0)
-        out[f"buffer_{held}_ms_per_batch"] = 1e3 * float(np.median(times))
+        out[f"buffer_{window}_ms_per_batch"] = 1e3 * float(np.median(times))
     return out
 
 

@@ -114,7 +114,7 @@ def fidelity_rows(logits: torch.Tensor, ks: list[int], source: str) -> list[dict
         values, indices, lse = topk_targets(logits, k, TEMPS)  # fp16 values, as cached
         for ti, tau in enumerate(TEMPS):
             p = torch.softmax(logits / tau, dim=-1)
-            q = soft_target_probs(values, indices, lse[:, ti], tau, c)
+            q = soft_target_probs(values, indices, lse[:, 0], lse[:, ti], TEMPS[0], tau, c)
             logp = torch.log_softmax(logits / tau, dim=-1)
             zero_q = (q <= 0) & (p > 0)
             kl = (p * (logp - torch.log(q.clamp_min(1e-30)))).sum(-1)

@@ -30,13 +30,13 @@ from .errors import ConfigError
 from .models import autocast, checkpoint_num_classes, load_teacher, resolve_device
 from .options import CacheConfig
 from .partition import job_slot, my_share
-from .pixels import stack_views
+from .pixels import checked_row, pixel_digest, stack_views
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
 from .replay import View, replay_shard
 from .samples import OnError, SkipStats
 from .shards import ShardInfo, class_names, load_shard_list, num_classes_from_sidecar
-from .targets import topk_targets
+from .targets import pack_rows, reduction_of, teacher_outputs, unpack_rows
 from .unit_writer import UnitWriter
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,16 @@ class UnitStream(IterableDataset):
             pending.append(view)
             positions.add(view.position)
             if len(pending) == self.batch_size:
-                yield self._batch(block, s, pending)
+                yield self._batch(block, s, pending, shard.name)
                 pending = []
         if pending:
-            yield self._batch(block, s, pending)
+            yield self._batch(block, s, pending, shard.name)
         yield {"unit": (block, s), "end": True, "count": len(positions), "skipped": dict(stats.reasons)}
 
-    @staticmethod
-    def _batch(block: int, s: int, views: list[View]) -> dict[str, Any]:
+    def _batch(self, block: int, s: int, views: list[View], shard: str) -> dict[str, Any]:
+        checks = [
+            pixel_digest(v.pixels) if checked_row(self.meta.seed, v.view_id, shard, v.position) else 0 for v in views
+        ]
         return {
             "unit": (block, s),
             "end": False,
@@ -94,6 +96,7 @@ class UnitStream(IterableDataset):
             "view": torch.tensor([v.view_id for v in views]),
             "label": torch.tensor([v.label for v in views]),
             "digest": torch.tensor([v.digest for v in views], dtype=torch.int64),
+            "pixel_digest": torch.tensor(checks, dtype=torch.int64),
             "keys": [v.key for v in views],
         }
 
@@ -153,6 +156,7 @@ def _capacity(cfg: CacheConfig, shards: list[ShardInfo]) -> int:
 
 def prepare(cfg: CacheConfig) -> CacheJob:
     """Resolve shards, teacher and recipe; create or reopen the cache (refusing a mismatch)."""
+    job_slot(cfg.job_index, cfg.job_count)  # a bad --job-index is refused before anything is created
     shards = load_shard_list(cfg.shards, label_key=cfg.label_key)
     # An unreachable cache store must fail here, in one line, not in cache creation's wait for other jobs.
     storage.exists(cfg.out)
@@ -168,6 +172,8 @@ def prepare(cfg: CacheConfig) -> CacheJob:
         num_classes=num_classes,
         capacity=_capacity(cfg, shards),
         topk=cfg.topk,
+        topk_mass=cfg.topk_mass,
+        topk_min=cfg.topk_min if cfg.topk_mass is not None else 1,
         temperatures=tuple(float(t) for t in cfg.temperatures),
         views=cfg.views,
         view_block=cfg.view_block,
@@ -228,12 +234,13 @@ def _damaged(job: CacheJob, finished: list[tuple[int, int]]) -> set[tuple[int, i
     Each one's marker is removed first, so a job killed while redoing it leaves it not done.
     """
     t0 = time.perf_counter()
-    damaged = damaged_units(job.cache, finished, verify=job.cfg.verify_done)
+    verify = job.cfg.verify_done or job.cache.restored  # restored metadata proves nothing about the units
+    damaged = damaged_units(job.cache, finished, verify=verify)
     log.info(
         "checked %d finished units in %.1fs (%s)",
         len(finished),
         time.perf_counter() - t0,
-        "checksums" if job.cfg.verify_done else "objects present",
+        "checksums" if verify else "objects present",
     )
     for (b, s), why in sorted(damaged.items()):
         log.warning("cache %s: %s is damaged (%s); redoing it", job.cfg.out, job.cache.meta.describe_unit(b, s), why)
@@ -324,8 +331,8 @@ class _Targets:
 
     unit: tuple[int, int]
     item: dict[str, Any]
-    host: torch.Tensor  # [n, bytes] uint8: values (float16), indices (int32), logsumexp (float32) per row
-    topk: int
+    host: torch.Tensor  # [n, bytes] uint8: every output of targets.teacher_outputs, side by side
+    layout: list[tuple[str, torch.dtype, int]]
     ready: torch.cuda.Event | None
 
 
@@ -336,19 +343,14 @@ def _teacher_batch(job: CacheJob, unit: tuple[int, int], item: dict[str, Any]) -
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(job.device):
         logits = job.teacher(pixels)
-    meta = job.cache.meta
-    values, indices, lse = topk_targets(logits, meta.topk, list(meta.temperatures))
-    n = values.shape[0]
-    # One copy instead of three: the targets' bytes side by side, reinterpreted (not converted) on the host.
-    parts = [values, indices.to(torch.int32), lse]
-    packed = torch.cat([p.contiguous().view(torch.uint8).reshape(n, -1) for p in parts], dim=1)
+    packed, layout = pack_rows(teacher_outputs(logits, reduction_of(job.cache.meta)))
     if job.device.type != "cuda":
-        return _Targets(unit, item, packed, meta.topk, None)
+        return _Targets(unit, item, packed, layout, None)
     host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(packed, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return _Targets(unit, item, host, meta.topk, ready)
+    return _Targets(unit, item, host, layout, ready)
 
 
 def _store_targets(job: CacheJob, t: _Targets | None, buffers: dict[tuple[int, int], UnitData]) -> None:
@@ -357,15 +359,13 @@ def _store_targets(job: CacheJob, t: _Targets | None, buffers: dict[tuple[int, i
         return
     if t.ready is not None:
         t.ready.synchronize()
-    raw = t.host.numpy()
-    k = t.topk
-    buf = buffers[t.unit]
-    item = t.item
+    buf, item = buffers[t.unit], t.item
     vi = (item["view"] - job.cache.meta.block_views(t.unit[0]).start).numpy()
     pos = item["position"].numpy()
-    buf.values[vi, pos] = raw[:, : 2 * k].copy().view(np.float16)
-    buf.indices[vi, pos] = raw[:, 2 * k : 6 * k].copy().view(np.int32).astype(buf.indices.dtype)
-    buf.logsumexp[vi, pos] = raw[:, 6 * k :].copy().view(np.float32)
+    for name, rows in unpack_rows(t.host.numpy(), t.layout).items():
+        target = getattr(buf, name)
+        target[vi, pos] = rows.astype(target.dtype, copy=False)
+    buf.pixel_digests[vi, pos, 0] = item["pixel_digest"].numpy().astype(np.uint32)
     buf.labels[pos] = item["label"].numpy()
     buf.digests[pos] = item["digest"].numpy().astype(np.uint64)
     buf.keys[pos] = item["keys"]

@@ -5,25 +5,25 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import storage
-from .cache import Cache, damaged_units, open_cache
+from .cache import Cache, CacheMeta, UnitData, damaged_units, open_cache, replay_mismatch
 from .config import checked
 from .decode import iter_decoded
 from .errors import CacheError
 from .models import autocast, load_teacher, resolve_device
 from .options import VerifyConfig
-from .pixels import stack_views
+from .pixels import checked_row, pixel_digest, stack_views
 from .recipe import make_recipe
 from .replay import replay_shard
 from .samples import iter_raw
 from .shards import ShardInfo, load_shard_list
-from .targets import topk_targets
+from .targets import reduction_of, soft_target_probs, teacher_outputs
 
 
 def _check_keys(cache: Cache, shards: list[ShardInfo], skip: set[int]) -> list[str]:
@@ -66,18 +66,25 @@ def _integrity(cache: Cache) -> tuple[list[str], set[tuple[int, int]], int]:
 
 @dataclass
 class _Agreement:
-    """Running comparison of cached and live top-k targets."""
+    """Running comparison of cached and live targets, and of replayed pixels with phase 1's digests."""
 
     checked: int = 0
     top1: int = 0
     overlap: int = 0
+    kept: int = 0
     max_diff: float = 0.0
+    kl: dict[float, list[float]] = field(default_factory=lambda: defaultdict(list))
+    pixels_checked: int = 0
+    pixel_mismatches: list[str] = field(default_factory=list)
 
-    def add(self, cached_idx: np.ndarray, cached_val: np.ndarray, live_idx: np.ndarray, live_val: np.ndarray) -> None:
+    def add(self, cached: dict[str, np.ndarray], live: dict[str, np.ndarray]) -> None:
+        valid = cached["indices"] >= 0
         self.checked += 1
-        self.top1 += int(cached_idx[0] == live_idx[0])
-        self.overlap += len(set(cached_idx.tolist()) & set(live_idx.tolist()))
-        self.max_diff = max(self.max_diff, float(np.abs(cached_val - live_val).max()))
+        self.top1 += int(cached["indices"][0] == live["indices"][0])
+        self.overlap += len(set(cached["indices"][valid].tolist()) & set(live["indices"][valid].tolist()))
+        self.kept += int(valid.sum())
+        diff = np.abs(cached["values"][valid].astype(np.float32) - live["values"][valid])
+        self.max_diff = max(self.max_diff, float(diff.max()))
 
 
 def _pick(
@@ -122,34 +129,61 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
 
 
 def _live_check(cfg: VerifyConfig, cache: Cache, shards: list[ShardInfo], damaged: set) -> _Agreement:
-    """Replay random (sample, view) pairs of intact units and compare the live teacher with the cache."""
+    """Replay random (sample, view) pairs of intact units and compare the live teacher with the cache: the
+    kept classes and their values, the KL between the teacher's full distribution and the one rebuilt
+    from the cache at every cached temperature, and the digests of every checked row's replayed pixels."""
     meta = cache.meta
     device = resolve_device(cfg.device)
     t = meta.teacher
     teacher, _ = load_teacher(t["name"], meta.num_classes, cfg.teacher_checkpoint, device, t.get("kwargs"))
-    recipe = make_recipe(meta.recipe)
+    recipe, how = make_recipe(meta.recipe), reduction_of(meta)
     by_name = {s.name: s for s in shards}
     agreement = _Agreement()
     for (s, v), positions in sorted(_pick(cache, shards, cfg.samples, cfg.seed, damaged).items()):
         shard = by_name[meta.shards[s].name]
         rows = cache.read_view(v, s)
         samples = iter_decoded(shard, s, meta.num_classes, on_error="skip")
-        chosen = [
-            x for x in replay_shard(samples, [v], recipe, meta.seed, shard.name, shard.count) if x.position in positions
-        ]
+        replayed = list(replay_shard(samples, [v], recipe, meta.seed, shard.name, shard.count))
+        _check_pixels(cache, shard, v, rows, replayed, agreement)
+        chosen = [x for x in replayed if x.position in positions]
         if not chosen:
             continue
         with torch.inference_mode(), autocast(device):
-            logits = teacher(stack_views([x.pixels for x in chosen]).to(device))
-        values, indices, _ = topk_targets(logits, meta.topk, list(meta.temperatures), half=False)
-        for j, x in enumerate(chosen):
+            logits = teacher(stack_views([x.pixels for x in chosen]).to(device)).float().cpu()
+        live = {k: x.numpy() for k, x in teacher_outputs(logits, how, half=False).items()}
+        pos = [x.position for x in chosen]
+        for j, p in enumerate(pos):
             agreement.add(
-                rows.indices[x.position].astype(np.int64),
-                rows.values[x.position].astype(np.float32),
-                indices[j].cpu().numpy(),
-                values[j].cpu().numpy(),
+                {"values": rows.values[p], "indices": rows.indices[p].astype(np.int64)},
+                {k: x[j] for k, x in live.items()},
             )
+        _soft_target_kl(meta, logits, rows, pos, agreement)
     return agreement
+
+
+def _soft_target_kl(meta: CacheMeta, logits: torch.Tensor, rows: UnitData, pos: list[int], a: _Agreement) -> None:
+    """KL(teacher's full distribution || the one rebuilt from the cache rows) at every cached temperature."""
+    values = torch.from_numpy(rows.values[pos].astype(np.float32))
+    indices = torch.from_numpy(rows.indices[pos].astype(np.int64))
+    lse = torch.from_numpy(rows.logsumexp[pos])
+    t0 = meta.temperatures[0]
+    for i, tau in enumerate(meta.temperatures):
+        full = torch.softmax(logits / tau, dim=-1)
+        rebuilt = soft_target_probs(values, indices, lse[:, 0], lse[:, i], t0, tau, meta.num_classes)
+        kl = torch.nn.functional.kl_div(rebuilt.clamp_min(1e-30).log(), full, reduction="none").sum(dim=-1)
+        a.kl[tau] += kl.tolist()
+
+
+def _check_pixels(cache: Cache, shard: ShardInfo, v: int, rows: UnitData, replayed: list, a: _Agreement) -> None:
+    """Recompute the digest of every replayed view whose row phase 1 recorded one."""
+    for x in replayed:
+        expected = int(rows.pixel_digests[x.position, 0])
+        if expected and checked_row(cache.meta.seed, v, shard.name, x.position):
+            a.pixels_checked += 1
+            ours = pixel_digest(x.pixels)
+            if ours != expected:
+                where = f"shard {shard.url!r} key {x.key!r} view {v}"
+                a.pixel_mismatches.append(replay_mismatch(cache.meta, where, ours, expected))
 
 
 def _report(cfg: VerifyConfig, k: int, a: _Agreement, problems: list[str], min_top1: float) -> dict[str, Any]:
@@ -157,14 +191,21 @@ def _report(cfg: VerifyConfig, k: int, a: _Agreement, problems: list[str], min_t
         "cache": cfg.cache,
         "checked": a.checked,
         "top1_agreement": round(a.top1 / a.checked, 4) if a.checked else None,
-        "topk_overlap": round(a.overlap / (a.checked * k), 4) if a.checked else None,
-        "max_abs_logit_diff": round(a.max_diff, 5),
+        "topk_overlap": round(a.overlap / a.kept, 4) if a.kept else None,
+        "max_abs_value_diff": round(a.max_diff, 5),
         "atol": cfg.atol,
+        "soft_target_kl": {str(t): round(float(np.mean(v)), 6) for t, v in sorted(a.kl.items())},
+        "pixels_checked": a.pixels_checked,
+        "pixel_mismatches": len(a.pixel_mismatches),
     }
     if a.checked and report["top1_agreement"] < min_top1:
         problems.append(f"top-1 agreement {report['top1_agreement']} < {min_top1}")
     if a.max_diff > cfg.atol:
-        problems.append(f"max |logit difference| {a.max_diff:.4g} > {cfg.atol}")
+        problems.append(f"max |value difference| {a.max_diff:.4g} > {cfg.atol}")
+    if a.pixel_mismatches:
+        problems.append(
+            f"{len(a.pixel_mismatches)} of {a.pixels_checked} replayed views differ: {a.pixel_mismatches[0]}"
+        )
     if not a.checked and not problems:
         raise CacheError(f"cache {cfg.cache!r}: nothing to verify (no finished unit on these shards)")
     report["problems"] = problems

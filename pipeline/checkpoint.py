@@ -7,6 +7,7 @@ Only tensors, numbers, strings, lists and dicts go in (no pickled objects), so
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -22,8 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def save_atomic(state: dict[str, Any], path: str) -> None:
-    """Write to a temp file in the same directory, fsync, then ``os.replace``: never half-written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write to a temp file in the same directory, fsync, then ``os.replace``: never half-written.
+
+    Raises:
+        CheckpointError: the file cannot be written, in one line naming it and the free space (torch
+            reports a full disk as ``enforce fail at inline_container.cc ... unexpected pos``).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -31,10 +38,21 @@ def save_atomic(state: dict[str, Any], path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise CheckpointError(f"cannot write checkpoint {path!r}: {_write_failure(e, folder)}") from e
         raise
+
+
+def _write_failure(e: BaseException, folder: str) -> str:
+    free = shutil.disk_usage(folder).free
+    space = f"{free / 1e6:,.1f} MB free on {folder}"
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "unexpected pos" in str(e):
+        return f"no space left on the device ({space}; the file was not replaced)"
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+    return f"{type(e).__name__}: {detail} ({space})"
 
 
 def load(path: str) -> dict[str, Any]:
@@ -69,25 +87,18 @@ class Checkpointer:
         return load(self.last_path) if os.path.exists(self.last_path) else None
 
 
-def rng_state() -> dict[str, Any]:
-    """Torch RNG state (drop path and dropout draw from it); data replay uses none of it."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def prepare_out(cfg: TrainConfig) -> None:
     """Refuse to write over a previous run unless told how (``--resume`` or ``--force-new``), and make
     sure ``--out`` is writable before any work."""
     names = ("last.pth", "best.pth", "metrics.jsonl")
     previous = [name for name in names if os.path.exists(os.path.join(cfg.out, name))]
+    if cfg.resume and previous and "last.pth" not in previous:
+        raise ConfigError(
+            f"--resume: {os.path.join(cfg.out, 'last.pth')} does not exist, but --out holds a run "
+            f"({', '.join(previous)}): it cannot be continued; --force-new starts over (its files are moved aside)"
+        )
+    if cfg.resume and not previous:
+        log.info("--resume: %s holds no run yet; starting one", cfg.out)
     if previous and not cfg.resume:
         if not cfg.force_new:
             raise ConfigError(
@@ -113,19 +124,32 @@ def prepare_out(cfg: TrainConfig) -> None:
 # Settings that fix which samples the steps of an epoch hold: a mid-epoch checkpoint can only be
 # continued with the same ones. At an epoch end only the global batch must stay (the schedule counts
 # optimizer steps).
-_STREAM_FIELDS = (
-    "batch_size",
-    "accum_steps",
-    "workers",
-    "shuffle_buffer",
-    "max_steps_per_epoch",
-    "repeats",
-    "run_seed",
-)
+_STREAM_FIELDS = ("batch_size", "accum_steps", "workers", "shuffle_buffer", "max_steps_per_epoch")
 
 
-def check_resumable(cfg: TrainConfig, state: dict[str, Any], world: int, path: str) -> None:
-    """Refuse a resume that would skip or repeat samples or jump the learning-rate schedule."""
+def _first_difference(name: str, before: Any, now: Any) -> str:
+    if name == "shards" and isinstance(before, list) and isinstance(now, list):
+        for i, (a, b) in enumerate(zip(before, now, strict=False)):
+            if list(a) != list(b):
+                return f"shard {i} is {tuple(b)} now, {tuple(a)} in the run (same shards in another order?)"
+        return f"{len(now)} shards now, {len(before)} in the run"
+    if name == "caches":
+        return f"cache fingerprint(s) {[c[:12] for c in now]} now, {[c[:12] for c in before]} in the run"
+    return f"{now!r} now, {before!r} in the run"
+
+
+def check_resumable(cfg: TrainConfig, state: dict[str, Any], world: int, path: str, identity: dict[str, Any]) -> None:
+    """Refuse a resume that would not continue the same run, skip or repeat samples, or jump the
+    learning-rate schedule, naming the field."""
+    if "identity" not in state:
+        raise ConfigError(f"{path} was written by an older stillroom that did not record its run: start over")
+    for name, now in identity.items():
+        before = state["identity"].get(name)
+        if before != now:
+            raise ConfigError(
+                f"--resume: {path} belongs to another run: {name}: {_first_difference(name, before, now)}; "
+                "a resume continues the same run (another --out, or --force-new, starts a new one)"
+            )
     old = state.get("config", {})
     old_world = int(state.get("world", world))
     if int(state.get("step_in_epoch", 0)):

@@ -183,7 +183,15 @@ def resolve(cls: type[T], config_path: str | None = None, overrides: Mapping[str
 
 
 def checked(cfg: T) -> T:
-    """Check a config built in code (declared choices, then the class's own rules); returns it."""
+    """Check a config built in code (declared choices, then the class's own rules); returns it.
+
+    A string given in code for a list of strings (``cache="c.zarr"``) is that list's one item, as on the
+    command line.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(type(cfg)):
+        if hints[f.name] == list[str] and isinstance(getattr(cfg, f.name), str):
+            setattr(cfg, f.name, [getattr(cfg, f.name)])
     check_choices(cfg)
     check = getattr(cfg, "check", None)
     if check is not None:

@@ -1,261 +1,378 @@
-"""Phase 2 input: replayed copies of this rank's shards, joined to their cached teacher rows.
+"""Phase 2 input: this rank's share of the epoch (:mod:`pipeline.deal`), replayed lane by lane in loader
+workers and drawn window by window into batches, with each copy's cached teacher targets.
 
-Every rank gets a disjoint set of shards each epoch (a seeded permutation of the shard list), and
-a step budget computed from shard counts alone, identical on all ranks, so no rank waits forever
-for a peer with more data (:mod:`pipeline.samplers`). DataLoader workers each take whole shards,
-decode only the samples the epoch trains, replay their copies (one per view of the epoch's plan)
-through the same :mod:`pipeline.replay` as phase 1, and look up each copy's cache row by (view,
-shard, position), checking that the stored key and label are the sample's.
+A worker replays one lane: segment by segment it streams the shard, decodes the samples its segment
+trains (and their mixing partners), replays each pair's copies for the epoch's views through the same
+:mod:`pipeline.replay` as phase 1, and sends them ``CHUNK`` lane slots at a time, tagged with their lane
+and copy index. A copy whose pixels cannot be exactly those its targets were computed on is not sent
+but reported with why: the sample is unreadable now, or its mixing partner is (while the cache was made
+from both), or the cache never held it. Its slot is filled with another copy of the same window, so
+batches keep their size and every rank its steps (:class:`WindowBatches`).
 
-Workers send chunks of about 32 views (few, large messages), a sample's copies next to each other.
-The trainer's :class:`ShuffleBuffer` draws whole samples at random from a few thousand views, so a
-sample's copies land in the same or the next batch, as DeiT's repeated-augmentation sampler puts
-them, and a batch costs O(batch size) whatever the buffer size.
+Every copy's cache row is checked (key, label, image digest) and, on the rows phase 1 chose, the digest
+of its replayed pixels: an environment that replays a single pixel differently stops the run, naming
+the library versions that differ.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cache import UnitData, open_cache
-from .decode import iter_decoded
-from .errors import CacheError
+from . import deal as dl
+from .cache import Cache, UnitData, open_cache, replay_mismatch
+from .decode import DecodedSample, iter_decoded
+from .errors import CacheError, DataError
 from .interrupt import ignore_in_worker
-from .partition import my_share
-from .pixels import join_batches, stack_views
+from .pixels import checked_row, join_batches, pixel_digest, stack_views
 from .recipe import Recipe
-from .replay import View, replay_copies
-from .samplers import EpochPlan, covered
-from .samples import OnError
+from .replay import View, pair_copies
+from .samplers import EpochPlan
+from .samples import OnError, SkipStats
+from .seeding import stable_seed
 from .shards import ShardInfo
 
-CHUNK_VIEWS = 32
+UNREADABLE = "sample unreadable"
+PARTNER_UNREADABLE = "mixing partner unreadable (both were read when the cache was made)"
+NOT_CACHED = "not in the cache (unreadable when the cache was made)"
 
 
 @dataclass
 class StreamSpec:
-    """Everything a worker needs to rebuild its share of an epoch (picklable, no open handles)."""
+    """Everything a worker needs to replay this rank's lanes (picklable, no open handles)."""
 
     shards: list[ShardInfo]
-    shard_ids: list[int]  # indices into ``shards`` for this rank
-    cache_shards: list[int] | None  # cache shard index of each entry of ``shards``; None = no cache
-    cache_url: str | None
+    lanes: list[list[dl.Segment]]
+    starts: list[int]  # first lane copy each lane produces: 0, or where a resumed window begins
     plan: EpochPlan
     recipe: Recipe
     seed: int
     num_classes: int
     on_error: OnError = "raise"
+    caches: list[str] = field(default_factory=list)  # whose targets each copy carries (cached mode)
+    presence: str | None = None  # the cache whose rows say which samples phase 1 read
+    cache_shards: list[int] | None = None  # cache shard index of each run shard
+    lse_columns: list[list[int]] = field(default_factory=list)  # per cache, the logsumexp columns sent
+    pairing: int = 1  # the repeats the cache's mixing pairs were drawn for (recipe.repeats)
+
+    def lane_copies(self) -> list[int]:
+        return [self.plan.repeats * sum(s.size for s in lane) for lane in self.lanes]
 
 
-class ViewStream(IterableDataset):
-    """Yields collated chunks of copies (with cached targets when a cache is given)."""
+class _Rows:
+    """A shard's cache rows for the epoch's views (every cache), read once while a lane is on that shard."""
 
-    def __init__(self, spec: StreamSpec, chunk: int = CHUNK_VIEWS):
-        self.spec, self.chunk = spec, chunk
+    def __init__(self, caches: list[Cache], presence: Cache | None, views: Sequence[int]):
+        self.caches, self.presence, self.views = caches, presence, views
+        self.shard: int | None = None
+        self.rows: list[dict[int, UnitData]] = []
+        self.planned: np.ndarray | None = None  # which positions phase 1 read; None: no cache
+
+    def load(self, cache_shard: int | None) -> None:
+        if cache_shard is None or self.shard == cache_shard:
+            return
+        self.rows = [{v: c.read_view(v, cache_shard) for v in self.views} for c in self.caches]
+        if self.presence is not None:
+            first = self.rows[0][self.views[0]] if self.rows else self.presence.read_view(self.views[0], cache_shard)
+            self.planned = np.asarray(first.labels) >= 0
+        self.shard = cache_shard
+
+
+class LaneStream(IterableDataset):
+    """Yields a worker's lane as chunks of ``CHUNK`` lane slots: its copies and the slots' fates."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         info = get_worker_info()
-        ids = my_share(spec.shard_ids, info.id, info.num_workers) if info else spec.shard_ids
-        cache = open_cache(spec.cache_url) if spec.cache_url else None  # opened in the worker, never forked
-        for i in ids:
-            shard = spec.shards[i]
-            rows = None
-            if cache is not None and spec.cache_shards is not None:
-                rows = {v: cache.read_view(v, spec.cache_shards[i]) for v in spec.plan.views}
-            positions = set(covered(spec.plan, spec.seed, shard))
-            samples = iter_decoded(shard, i, spec.num_classes, spec.on_error, positions=positions)
-            pending: list[list[View]] = []
-            for copies in replay_copies(samples, spec.plan.views, spec.recipe, spec.seed, shard.name, shard.count):
-                pending.append(copies)
-                if sum(len(c) for c in pending) >= self.chunk:
-                    yield collate(pending, rows, shard)
-                    pending = []
-            if pending:
-                yield collate(pending, rows, shard)
+        lanes = [info.id] if info else list(range(len(spec.lanes)))
+        caches = [open_cache(u) for u in spec.caches]  # opened in the worker, never forked
+        presence = open_cache(spec.presence) if spec.presence else None
+        totals = spec.lane_copies()
+        for lane in lanes:
+            rows = _Rows(caches, presence, spec.plan.views)
+            chunk: list[tuple[int, View | str, dict | None]] = []
+            for item in _lane(spec, lane, rows):
+                chunk.append(item)
+                index = item[0]
+                if (index + 1) % dl.CHUNK == 0 or index + 1 == totals[lane]:
+                    yield collate(chunk, lane)
+                    chunk = []
 
 
-def collate(items: list[list[View]], rows: dict[int, UnitData] | None, shard: ShardInfo) -> dict[str, Any]:
-    """One chunk: the views of ``items`` (each a sample's copies) in order, ``item`` numbering them."""
-    views = [v for copies in items for v in copies]
-    batch: dict[str, Any] = {
-        "pixels": stack_views([v.pixels for v in views]),
-        "label": torch.tensor([v.label for v in views]),
-        "mix_label": torch.tensor([v.mix_label for v in views]),
-        "lam": torch.tensor([v.lam for v in views], dtype=torch.float32),
-        "views": torch.tensor([v.view_id for v in views]),
-        "item": torch.tensor([n for n, copies in enumerate(items) for _ in copies]),
+def _lane(spec: StreamSpec, lane: int, rows: _Rows) -> Iterator[tuple[int, View | str, dict | None]]:
+    """``(lane copy index, view or why it is skipped, targets)`` of every copy of the lane from its start."""
+    repeats, index, start = spec.plan.repeats, 0, spec.starts[lane]
+    for seg in spec.lanes[lane]:
+        shard = spec.shards[seg.shard]
+        samples = dl.lane_samples(seg, spec.seed, spec.plan, shard, spec.pairing)
+        if index + repeats * len(samples) <= start:  # trained before a resume point: not even read
+            index += repeats * len(samples)
+            continue
+        before = max(0, (start - index) // repeats)
+        index += repeats * before
+        for i, item in enumerate(_segment(spec, seg, shard, samples[before:], rows)):
+            if index + i >= start:
+                yield (index + i, *item)
+        index += repeats * (len(samples) - before)
+
+
+def _segment(
+    spec: StreamSpec, seg: dl.Segment, shard: ShardInfo, samples: list[tuple[int, tuple[int, ...]]], rows: _Rows
+) -> Iterator[tuple[View | str, dict | None]]:
+    """Each sample's copies (``R`` per sample) in ``samples`` order, or why they are skipped."""
+    rows.load(spec.cache_shards[seg.shard] if spec.cache_shards else None)
+    needed = {p for _, pair in samples for p in pair}
+    stats = SkipStats()
+    stream = iter_decoded(shard, seg.shard, spec.num_classes, spec.on_error, stats, positions=needed)
+    decoded: dict[int, DecodedSample] = {}
+    made: dict[int, list[View]] = {}  # a partner's copies, made with its pair, waiting for its turn
+    uses = Counter(q for _, pair in samples for q in pair)
+    seen = -1  # every needed position up to here has been read (or found unreadable)
+    try:
+        for p, pair in samples:
+            while seen < max(pair):
+                s = next(stream, None)
+                seen = shard.count if s is None else s.position
+                if s is not None:
+                    decoded[s.position] = s
+            fate = _copies(spec, shard, p, pair, decoded, made, rows)
+            for j in range(spec.plan.repeats):
+                yield (fate, None) if isinstance(fate, str) else (fate[j], _targets(spec, shard, fate[j], rows))
+            for q in pair:
+                uses[q] -= 1
+                if not uses[q]:
+                    decoded.pop(q, None)
+                    made.pop(q, None)
+    finally:
+        stream.close()
+
+
+def _copies(
+    spec: StreamSpec,
+    shard: ShardInfo,
+    p: int,
+    pair: tuple[int, ...],
+    decoded: dict[int, DecodedSample],
+    made: dict[int, list[View]],
+    rows: _Rows,
+) -> list[View] | str:
+    """The copies of sample ``p``, or why it is not trained (see the module docstring)."""
+    planned = rows.planned
+    if planned is not None and not planned[p]:
+        return NOT_CACHED
+    if p not in decoded:
+        return UNREADABLE
+    if p in made:
+        return made.pop(p)
+    partner = next((q for q in pair if q != p), None) if spec.recipe.mixes else None
+    if partner is not None and planned is not None and not planned[partner]:
+        partner = None  # phase 1 never read it: p was cached unmixed
+    if partner is not None and partner not in decoded:
+        if planned is not None:
+            return PARTNER_UNREADABLE
+        partner = None  # no cache: read now is all there is, as phase 1 would have done
+    if partner is None:
+        return pair_copies(decoded[p], None, spec.plan.views, spec.recipe, spec.seed, shard.name)[0]
+    a, b = (decoded[pair[0]], decoded[pair[1]])
+    copies_a, copies_b = pair_copies(a, b, spec.plan.views, spec.recipe, spec.seed, shard.name)
+    mine, theirs = (copies_a, copies_b) if p == pair[0] else (copies_b, copies_a)
+    made[partner] = theirs
+    return mine
+
+
+def _targets(spec: StreamSpec, shard: ShardInfo, v: View, rows: _Rows) -> dict[str, np.ndarray] | None:
+    """The copy's cached targets from every cache, after checking that each row holds this very view."""
+    if not rows.rows:
+        return None
+    out: dict[str, list[np.ndarray]] = {"t_values": [], "t_indices": [], "t_lse": []}
+    for cache, by_view, columns in zip(rows.caches, rows.rows, spec.lse_columns, strict=True):
+        row = by_view[v.view_id]
+        _check_row(cache, shard, v, row)
+        out["t_values"].append(row.values[v.position])
+        out["t_indices"].append(row.indices[v.position])
+        out["t_lse"].append(row.logsumexp[v.position][columns])
+    width = max(len(x) for x in out["t_values"])
+    return {
+        "t_values": np.stack([np.pad(x.astype(np.float32), (0, width - len(x))) for x in out["t_values"]]),
+        "t_indices": np.stack(
+            [np.pad(x.astype(np.int64), (0, width - len(x)), constant_values=-1) for x in out["t_indices"]]
+        ),
+        "t_lse": np.stack(out["t_lse"]),
+    }
+
+
+def _check_row(cache: Cache, shard: ShardInfo, v: View, row: UnitData) -> None:
+    """Key, label, image digest and (on the rows phase 1 chose) replayed pixels of one cache row."""
+    p = v.position
+    stored, label, digest = row.keys[p], row.labels[p], int(row.digests[p])
+    if stored != v.key or label != v.label:
+        raise CacheError(
+            f"shard {shard.url!r} position {p}: cache {cache.url!r} row holds key {stored!r} label {label}, the "
+            f"shard has key {v.key!r} label {v.label}; this cache was not built from these shards"
+        )
+    if digest and v.digest and digest != v.digest:
+        raise CacheError(
+            f"shard {shard.url!r} key {v.key!r}: its image bytes are not those the cache's teacher saw "
+            f"(digest {v.digest:016x}, cache {digest:016x}); the shard was rebuilt: cache it again"
+        )
+    expected = int(row.pixel_digests[p, 0])
+    if expected and checked_row(cache.meta.seed, v.view_id, shard.name, p):
+        ours = pixel_digest(v.pixels)
+        if ours != expected:
+            where = f"shard {shard.url!r} key {v.key!r} view {v.view_id}"
+            raise CacheError(replay_mismatch(cache.meta, where, ours, expected))
+
+
+def collate(items: list[tuple[int, View | str, dict | None]], lane: int) -> dict[str, Any]:
+    """One chunk of a lane: the copies sent (their lane copy index in ``copy``) and the ones skipped."""
+    sent = [(i, v, t) for i, v, t in items if not isinstance(v, str)]
+    views = [v for _, v, _ in sent]
+    chunk: dict[str, Any] = {
+        "lane": lane,
+        "first": items[0][0],
+        "stop": items[-1][0] + 1,
+        "skipped": [(i, why) for i, why, _ in items if isinstance(why, str)],
+        "copy": torch.tensor([i for i, _, _ in sent], dtype=torch.int64),
         "keys": [v.key for v in views],
     }
-    if rows is not None:
-        batch.update(_targets(views, rows, shard))
-    return batch
+    if not views:
+        return chunk
+    chunk.update(
+        pixels=stack_views([v.pixels for v in views]),
+        label=torch.tensor([v.label for v in views]),
+        mix_label=torch.tensor([v.mix_label for v in views]),
+        lam=torch.tensor([v.lam for v in views], dtype=torch.float32),
+        views=torch.tensor([v.view_id for v in views]),
+    )
+    if sent[0][2] is not None:
+        for key in ("t_values", "t_indices", "t_lse"):
+            chunk[key] = torch.from_numpy(np.stack([t[key] for _, _, t in sent]))
+    return chunk
 
 
-def _targets(views: list[View], rows: dict[int, UnitData], shard: ShardInfo) -> dict[str, torch.Tensor]:
-    """Each copy's cached teacher targets, after checking that its row holds this very sample."""
-    values, indices, lse = [], [], []
-    for v in views:
-        row = rows[v.view_id]
-        stored, label, digest = row.keys[v.position], row.labels[v.position], int(row.digests[v.position])
-        if stored != v.key or label != v.label:
-            raise CacheError(
-                f"shard {shard.url!r} position {v.position}: cache row holds key {stored!r} label {label}, "
-                f"the shard has key {v.key!r} label {v.label}; this cache was not built from these shards"
-            )
-        if digest and v.digest and digest != v.digest:
-            raise CacheError(
-                f"shard {shard.url!r} key {v.key!r}: its image bytes are not those the cache's teacher saw "
-                f"(digest {v.digest:016x}, cache {digest:016x}); the shard was rebuilt: cache it again"
-            )
-        values.append(row.values[v.position])
-        indices.append(row.indices[v.position])
-        lse.append(row.logsumexp[v.position])
-    return {
-        "t_values": torch.from_numpy(np.stack(values).astype(np.float32)),
-        "t_indices": torch.from_numpy(np.stack(indices).astype(np.int64)),
-        "t_lse": torch.from_numpy(np.stack(lse)),
-    }
+class WindowBatches:
+    """One rank's batches of an epoch, assembled from its lanes' chunks window by window.
 
-
-def _join(parts: list[tuple[dict[str, Any], int, int]]) -> dict[str, Any]:
-    """One batch from slices ``[a, b)`` of chunks; copies only the views it takes."""
-    out: dict[str, Any] = {}
-    for key in parts[0][0]:
-        if key == "keys":
-            out[key] = [k for chunk, a, b in parts for k in chunk[key][a:b]]
-        elif key == "pixels":
-            out[key] = join_batches([chunk[key][a:b] for chunk, a, b in parts])
-        else:
-            out[key] = torch.cat([chunk[key][a:b] for chunk, a, b in parts])
-    return out
-
-
-class ShuffleBuffer:
-    """Chunks of views held for shuffling; batches are drawn a whole sample (all its copies) at a time.
-
-    Drawing a sample is O(1) (swap with the last, pop) and assembling a batch copies only its own views,
-    so a batch costs O(batch size) however large the buffer. A sample whose copies do not fit in the
-    batch being filled starts the next one.
+    The window's copies are put in the order :func:`pipeline.deal.window_order` gives; a skipped copy's
+    slot takes a copy drawn (seeded) from the window's trained ones, so every batch has its size and every
+    rank its steps. Started at ``first_step``, the copies of that window's earlier steps are dropped:
+    they were trained before the checkpoint, and nothing before the window is read at all.
     """
 
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-        self.items: list[tuple[int, int, int]] = []  # (chunk id, first view, end) of each sample's copies
-        self.chunks: dict[int, dict[str, Any]] = {}
-        self.refs: dict[int, int] = {}  # samples of a chunk not yet drawn in full
-        self.carry: list[tuple[int, int, int]] = []  # the rest of a sample split by the last batch
-        self.views = 0
-        self._next_id = 0
+    def __init__(
+        self,
+        chunks: Iterator[dict[str, Any]],
+        spec: StreamSpec,
+        window: int,
+        batch_size: int,
+        seed: int,
+        first_step: int,
+    ):
+        self.chunks, self.spec, self.batch_size, self.seed = chunks, spec, batch_size, seed
+        self.lane_copies = spec.lane_copies()
+        self.windows = dl.windows(self.lane_copies, window)
+        self.first_window, self.offset, _ = dl.resume_point(self.lane_copies, window, first_step, batch_size)
+        self.held: dict[tuple[int, int], dict[str, Any]] = {}  # (lane, first copy) -> chunk
+        self.where: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}  # copy id -> (chunk, row)
+        self.skipped: dict[tuple[int, int], str] = {}
+        self.received = [s for s in spec.starts]
+        self.counts: Counter = Counter()  # skipped copies by reason, and "filled" slots
 
-    def add(self, chunk: dict[str, Any]) -> None:
-        cid, self._next_id = self._next_id, self._next_id + 1
-        item = chunk.pop("item").tolist()
-        starts = [i for i in range(len(item)) if i == 0 or item[i] != item[i - 1]] + [len(item)]
-        self.items += [(cid, a, b) for a, b in itertools.pairwise(starts)]
-        self.chunks[cid], self.refs[cid] = chunk, len(starts) - 1
-        self.views += len(item)
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for w in range(self.first_window, len(self.windows)):
+            order = self._order(w)
+            if w == self.first_window:
+                order = order[self.offset :]
+            for a in range(0, len(order), self.batch_size):
+                yield self._gather(order[a : a + self.batch_size])
+            self._release(w)
 
-    def batch(self, size: int) -> dict[str, Any]:
-        """``size`` views: the carried-over rest of the last sample first, then random whole samples."""
-        parts, need = [], size
-        while need:
-            cid, a, b = self.carry.pop() if self.carry else self._draw()
-            take = min(need, b - a)
-            parts.append((cid, a, a + take))
-            if a + take < b:
-                self.carry.append((cid, a + take, b))
+    def _order(self, w: int) -> list[tuple[int, int]]:
+        """The window's copy ids in batch order, each skipped slot filled with a trained copy of the window."""
+        for lane, _, stop in self.windows[w]:
+            while self.received[lane] < stop:
+                self._take(next(self.chunks))
+        order = dl.window_order(self.windows[w], self.spec.plan.repeats, stable_window_seed(self.seed, w))
+        trained = [cid for cid in order if cid in self.where]
+        if not trained:
+            raise DataError(
+                f"every copy of window {w} of this rank's epoch {self.spec.plan.epoch} is unreadable "
+                f"({len(order)} copies: {dict(Counter(self.skipped[c] for c in order))}); is a whole shard broken?"
+            )
+        rng = random.Random(stable_window_seed(self.seed, w, "fill"))
+        filled = []
+        for cid in order:
+            if cid in self.where:
+                filled.append(cid)
             else:
-                self.refs[cid] -= 1
-            need -= take
-        self.views -= size
-        out = _join([(self.chunks[cid], a, b) for cid, a, b in parts])
-        for cid in {cid for cid, _, _ in parts}:
-            if not self.refs[cid]:
-                del self.refs[cid], self.chunks[cid]
+                filled.append(trained[rng.randrange(len(trained))])
+        skipped = [c for c in order if c not in self.where][self.offset if w == self.first_window else 0 :]
+        self.counts.update(self.skipped[c] for c in skipped)
+        self.counts["filled"] += len(skipped)
+        return filled
+
+    def _take(self, chunk: dict[str, Any]) -> None:
+        lane, key = chunk["lane"], (chunk["lane"], chunk["first"])
+        self.held[key] = chunk
+        for row, copy in enumerate(chunk["copy"].tolist()):
+            self.where[(lane, copy)] = (key, row)
+        for copy, why in chunk["skipped"]:
+            self.skipped[(lane, copy)] = why
+        self.received[lane] = chunk["stop"]
+
+    def _gather(self, slots: list[tuple[int, int]]) -> dict[str, Any]:
+        rows = [self.where[cid] for cid in slots]
+        first = self.held[rows[0][0]]
+        out: dict[str, Any] = {"keys": [self.held[k]["keys"][r] for k, r in rows]}
+        for key in first:
+            if key in ("lane", "first", "stop", "skipped", "copy", "keys"):
+                continue
+            parts = [self.held[k][key][r : r + 1] for k, r in rows]
+            out[key] = join_batches(parts) if key == "pixels" else torch.cat(parts)
         return out
 
-    def _draw(self) -> tuple[int, int, int]:
-        k = self.rng.randrange(len(self.items))
-        self.items[k], self.items[-1] = self.items[-1], self.items[k]
-        return self.items.pop()
+    def _release(self, w: int) -> None:
+        """Drop the chunks no later window needs (their last copy is in window ``w`` or before)."""
+        bound = {lane: stop for lane, _, stop in self.windows[w]}
+        for key in [k for k, c in self.held.items() if c["stop"] <= bound.get(k[0], -1)]:
+            chunk = self.held.pop(key)
+            for copy in chunk["copy"].tolist():
+                self.where.pop((chunk["lane"], copy), None)
+            for copy, _ in chunk["skipped"]:
+                self.skipped.pop((chunk["lane"], copy), None)
 
 
-def shuffled_batches(
-    chunks: Iterator[dict[str, Any]], batch_size: int, buffer: int, seed: int
-) -> Iterator[dict[str, Any]]:
-    """Re-batch chunks into exact ``batch_size`` batches drawn at random from up to ``buffer`` views.
-
-    Like webdataset's shuffle, the first batch comes once two batches' worth of views are held, and the
-    buffer then grows by one batch per batch drawn until it holds ``buffer`` views: training starts in
-    seconds, not after the buffer is full. Shuffling happens after replay and mixing, so it changes
-    batch composition only, never a view.
-    """
-    buf = ShuffleBuffer(seed)
-    target = min(buffer, 2 * batch_size)
-    for chunk in chunks:
-        buf.add(chunk)
-        while buf.views >= max(target, batch_size):
-            yield buf.batch(batch_size)
-            target = min(buffer, target + batch_size)
-    while buf.views >= batch_size:
-        yield buf.batch(batch_size)
+def stable_window_seed(seed: int, window: int, *more: object) -> int:
+    return stable_seed("window", seed, window, *more)
 
 
 def epoch_batches(
-    spec: StreamSpec, batch_size: int, workers: int, shuffle_buffer: int, seed: int, pin_memory: bool = False
-) -> Iterator[dict[str, Any]]:
-    """Exact-size batches of one rank's epoch (the caller stops after its step budget)."""
-    workers = min(workers, len(spec.shard_ids))
-    # A private generator: otherwise each new loader iterator draws its base seed from the global torch
-    # RNG, which drop path also draws from, and a mid-epoch resume (which restores that RNG after the
-    # epoch's loader was made) would replay a different stream.
+    spec: StreamSpec, batch_size: int, window: int, seed: int, first_step: int = 0, pin_memory: bool = False
+) -> WindowBatches:
+    """This rank's batches of the epoch from ``first_step`` on (one loader worker per lane)."""
+    lanes = len(spec.lanes)
+    _, _, spec.starts = dl.resume_point(spec.lane_copies(), window, first_step, batch_size)
+    spec.starts = [s - s % dl.CHUNK for s in spec.starts]
+    workers = lanes if lanes > 1 else 0
+    # Workers run up to about a window ahead: the window being drawn from is never waited for.
+    prefetch = math.ceil(window / (max(lanes, 1) * dl.CHUNK)) + 2
     loader = DataLoader(
-        ViewStream(spec),
+        LaneStream(spec),
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=prefetch if workers else None,
         worker_init_fn=ignore_in_worker,
     )
-    yield from shuffled_batches(iter(loader), batch_size, shuffle_buffer, seed)
-
-
-def eval_batches(spec: StreamSpec, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
-    """All of one rank's evaluation samples, in order, in batches of at most ``batch_size``."""
-    workers = min(workers, len(spec.shard_ids))
-    loader = DataLoader(
-        ViewStream(spec),
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=ignore_in_worker,
-    )
-    pending: list[tuple[dict[str, Any], int, int]] = []
-    held = 0
-    for chunk in loader:
-        chunk.pop("item")
-        pending.append((chunk, 0, len(chunk["keys"])))
-        held += len(chunk["keys"])
-        while held >= batch_size:
-            parts, need = [], batch_size
-            while need:
-                c, a, b = pending.pop(0)
-                take = min(need, b - a)
-                parts.append((c, a, a + take))
-                if a + take < b:
-                    pending.insert(0, (c, a + take, b))
-                need -= take
-            held -= batch_size
-            yield _join(parts)
-    if pending:
-        yield _join(pending)
+    return WindowBatches(iter(loader), spec, window, batch_size, seed, first_step)

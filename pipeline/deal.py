@@ -105,7 +105,7 @@ def deal(shards: Sequence[ShardInfo], plan: EpochPlan, seed: int, world: int) ->
     """The epoch's deal over ``world`` ranks (from shard counts and seeds alone)."""
     order = list(range(len(shards)))
     random.Random(stable_seed("shard-order", seed, plan.epoch)).shuffle(order)
-    sizes = tuple(group_size(s.count, plan.repeats, plan.group) for s in shards)
+    sizes = tuple(group_size(s.count, plan.repeats, plan.group) for s in shards)  # == len(epoch_items(...)) flat
     order = [s for s in order if sizes[s]]
     return EpochDeal(plan, tuple(order), sizes, world)
 
@@ -129,21 +129,38 @@ def split_lanes(segments: Sequence[Segment], lanes: int) -> list[list[Segment]]:
     return out
 
 
-def lane_samples(segment: Segment, seed: int, plan: EpochPlan, shard: ShardInfo) -> list[tuple[int, int | None]]:
-    """``(position, partner position or None)`` of a segment's samples, in the order the lane emits them.
+def epoch_items(plan: EpochPlan, seed: int, shard: ShardInfo, pairing: int) -> list[tuple[int, ...]]:
+    """The pairs (and odd ones out) of ``shard`` that ``plan``'s epoch trains, in sequence order.
 
-    That is the order in which their pairs complete while the shard's tar is streamed (the later
-    member's position, then the place in the group sequence), so a worker emits each pair as soon as
-    it has read both members, holding only the samples whose partner is still to come.
+    Pairs are drawn for the cache's repeats (``pairing``, :func:`pipeline.mixing.group_sequence`); an
+    epoch with repeats trains one of its groups, an epoch without (``--repeats 1`` on any cache) trains
+    every group, one after the other.
     """
-    seq = group_sequence(seed, plan.block, shard.name, shard.count, plan.repeats, plan.group)
-    mine = []
-    for i in range(segment.start, segment.stop):
-        mate = i ^ 1 if (i ^ 1) < len(seq) else None
-        partner = seq[mate] if mate is not None else None
-        mine.append((max(seq[i], partner if partner is not None else -1), i, seq[i], partner))
+    if plan.repeats == pairing:
+        block, groups = plan.block, [plan.group]
+    else:  # plan.repeats == 1: every sample, paired as the cache's block of this view pairs them
+        block, groups = plan.views[0] // pairing, list(range(pairing))
+    items: list[tuple[int, ...]] = []
+    for g in groups:
+        seq = group_sequence(seed, block, shard.name, shard.count, pairing, g)
+        items += [tuple(seq[i : i + 2]) for i in range(0, len(seq), 2)]
+    return items
+
+
+def lane_samples(
+    segment: Segment, seed: int, plan: EpochPlan, shard: ShardInfo, pairing: int
+) -> list[tuple[int, tuple[int, ...]]]:
+    """``(position, its pair)`` of a segment's samples, in the order the lane emits them.
+
+    That is the order in which their pairs complete while the shard's tar is streamed (the later member's
+    position, then the place in the sequence), so a worker emits each pair as soon as it has read both
+    members, holding only the samples whose partner is still to come. A pair is given in its own order
+    (``(a, b)``: the order its mixing draws are seeded with), or ``(p,)`` for one alone.
+    """
+    flat = [(p, item) for item in epoch_items(plan, seed, shard, pairing) for p in item]
+    mine = [(max(item), i, p, item) for i, (p, item) in enumerate(flat[segment.start : segment.stop])]
     mine.sort()
-    return [(p, q) for _, _, p, q in mine]
+    return [(p, item) for _, _, p, item in mine]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,23 +1,29 @@
 """Evaluation: top-1/top-5 of the class head, the distillation head and their average (as DeiT
-reports all three), on validation shards through the deterministic evaluation recipe."""
+reports all three), on validation shards through the deterministic evaluation recipe: each rank reads
+its share of whole shards, in order, and the counts are summed."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import checkpoint as ckpt
 from .config import checked
-from .data import StreamSpec, eval_batches
+from .deal import CHUNK
+from .decode import iter_decoded
 from .distributed import Dist, all_sum
 from .errors import CheckpointError
+from .interrupt import ignore_in_worker
 from .models import Normalized, autocast, create, resolve_device
 from .options import EvalConfig
-from .recipe import eval_recipe
-from .samplers import epoch_plan
+from .pixels import join_batches, stack_views
+from .recipe import Recipe, eval_recipe
+from .replay import View, mixed_views
 from .samples import OnError
 from .shards import ShardInfo, check_same_classes, class_names, load_shard_list
 
@@ -55,20 +61,9 @@ def evaluate(
     model.eval()
     recipe = dataclasses.replace(eval_recipe(img_size), crop_pct=crop_pct)
     ids = list(range(len(shards)))[d.rank :: d.world]
-    spec = StreamSpec(
-        shards=shards,
-        shard_ids=ids,
-        cache_shards=None,
-        cache_url=None,
-        plan=epoch_plan(0, 1, 1),
-        recipe=recipe,
-        seed=0,
-        num_classes=num_classes,
-        on_error=on_error,
-    )
     names = ("cls", "dist", "avg")
     counts = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=device)
-    for batch in eval_batches(spec, batch_size, workers) if ids else []:
+    for batch in eval_batches(shards, ids, recipe, num_classes, on_error, batch_size, workers) if ids else []:
         pixels = batch["pixels"].to(device)
         label = batch["label"].to(device)
         with autocast(device):
@@ -120,3 +115,77 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
         cfg.on_error,  # type: ignore[arg-type]
     )
     return {"checkpoint": cfg.checkpoint, "epoch": state.get("epoch"), **result}
+
+
+class EvalStream(IterableDataset):
+    """Evaluation views of whole shards (no mixing, no cache), in order, ``CHUNK`` at a time."""
+
+    def __init__(self, shards: list[ShardInfo], ids: list[int], recipe: Recipe, num_classes: int, on_error: OnError):
+        self.shards, self.ids, self.recipe, self.num_classes, self.on_error = shards, ids, recipe, num_classes, on_error
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        ids = self.ids[info.id :: info.num_workers] if info else self.ids
+        for i in ids:
+            shard = self.shards[i]
+            pending: list[View] = []
+            for s in iter_decoded(shard, i, self.num_classes, self.on_error):
+                pending += mixed_views([s], 0, self.recipe, 0, shard.name, shard.count)
+                if len(pending) >= CHUNK:
+                    yield _eval_chunk(pending)
+                    pending = []
+            if pending:
+                yield _eval_chunk(pending)
+
+
+def _eval_chunk(views: list[View]) -> dict[str, Any]:
+    return {
+        "pixels": stack_views([v.pixels for v in views]),
+        "label": torch.tensor([v.label for v in views]),
+        "keys": [v.key for v in views],
+    }
+
+
+def eval_batches(
+    shards: list[ShardInfo],
+    ids: list[int],
+    recipe: Recipe,
+    num_classes: int,
+    on_error: OnError,
+    batch_size: int,
+    workers: int,
+) -> Iterator[dict[str, Any]]:
+    """All evaluation samples of the shards ``ids``, in batches of at most ``batch_size``."""
+    workers = min(workers, len(ids))
+    loader = DataLoader(
+        EvalStream(shards, ids, recipe, num_classes, on_error),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_in_worker,
+    )
+    held: list[dict[str, Any]] = []
+    size = 0
+    for chunk in loader:
+        held.append(chunk)
+        size += len(chunk["keys"])
+        if size >= batch_size:
+            joined = _join_chunks(held)
+            while len(joined["keys"]) >= batch_size:
+                yield _rows(joined, 0, batch_size)
+                joined = _rows(joined, batch_size, len(joined["keys"]))
+            held, size = [joined], len(joined["keys"])
+    if size:
+        yield _join_chunks(held)
+
+
+def _join_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixels": join_batches([c["pixels"] for c in chunks]),
+        "label": torch.cat([c["label"] for c in chunks]),
+        "keys": [k for c in chunks for k in c["keys"]],
+    }
+
+
+def _rows(batch: dict[str, Any], a: int, b: int) -> dict[str, Any]:
+    return {"pixels": batch["pixels"][a:b], "label": batch["label"][a:b], "keys": batch["keys"][a:b]}

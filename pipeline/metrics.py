@@ -27,9 +27,12 @@ class MetricsLog:
 
 class DebugTrace:
     """With ``STILLROOM_DEBUG_DIR`` set, each rank appends every step's sample keys and a digest of its
-    parameters to ``rank<r>.jsonl``: how tests check DDP sharding and synchronisation."""
+    parameters to ``rank<r>.jsonl``: how tests check DDP sharding and synchronisation. With
+    ``STILLROOM_DEBUG_STOP_AT_STEP=N`` every rank acts as if SIGTERM arrived at global step ``N`` (tests of
+    multi-rank resume at an exact position)."""
 
     def __init__(self, rank: int):
+        self.stop_at = int(os.environ.get("STILLROOM_DEBUG_STOP_AT_STEP", "-1"))
         folder = os.environ.get("STILLROOM_DEBUG_DIR")
         self.path = os.path.join(folder, f"rank{rank}.jsonl") if folder else None
         if folder:
@@ -43,3 +46,30 @@ class DebugTrace:
             h.update(p.detach().cpu().numpy().tobytes())
         with open(self.path, "a") as f:
             f.write(json.dumps({**fields, "params_sha256": h.hexdigest()}) + "\n")
+
+
+class StepMeter:
+    """An epoch's steps as they are trained: the progress display, a ``train`` line every ``log_every``
+    steps, and the epoch's loss and throughput (images over all ranks)."""
+
+    def __init__(self, metrics: MetricsLog, bar: Any, log_every: int, world: int):
+        self.metrics, self.bar, self.log_every, self.world = metrics, bar, log_every, world
+        self.t0, self.seen, self.loss_sum, self.trained = time.perf_counter(), 0, 0.0, 0
+
+    def step(self, epoch: int, step: int, losses: tuple[float, float, float], images: int, lr: float) -> None:
+        self.seen, self.loss_sum, self.trained = self.seen + images, self.loss_sum + losses[0], self.trained + 1
+        rate = self.seen * self.world / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.advance()
+        self.bar.set(loss=losses[0], lr=lr, img_s=rate)
+        if self.log_every and (step + 1) % self.log_every == 0:
+            fields = dict(zip(("loss", "base_loss", "distill_loss"), losses, strict=True))
+            self.metrics.write("train", epoch=epoch, step=step + 1, **fields, lr=lr, img_per_s=round(rate, 2))
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t0
+        return {
+            "steps": self.trained,
+            "train_loss": self.loss_sum / max(self.trained, 1),
+            "img_per_s": round(self.seen * self.world / max(elapsed, 1e-9), 2),
+            "epoch_s": round(elapsed, 3),
+        }

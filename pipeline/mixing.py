@@ -1,21 +1,22 @@
-"""Mixup / CutMix partners drawn from the whole shard, new for every view, the same in both phases.
+"""Mixup / CutMix partners drawn from the whole shard, new for every epoch's RA block, the same in both phases.
 
-For view ``v`` of a shard, a permutation seeded by ``(seed, v, shard)`` orders the shard's positions;
-within each repeated-augmentation group of block ``v // R`` (:func:`pipeline.samplers.groups`; one
-group when ``R = 1``), consecutive positions of that order are partners, and an odd one out stays
-unmixed, as does the partner of a sample that is not there (skipped as bad). Both members of a pair
-share one decision (mix or not, mixup or cutmix), one lambda and one box, drawn from a generator
-seeded by ``(seed, v, shard, pair)``; each member's view is its own pixels mixed with its partner's,
-so each gets its own teacher logits. Over ``V`` views a sample meets
-partners from its whole shard. Pixels are mixed in float32 and rounded once, when the view is made
-compact (:func:`pipeline.replay.compact`).
+For repeated-augmentation block ``b`` (views ``b*R .. b*R+R-1``, :mod:`pipeline.samplers`), a
+permutation seeded by ``(seed, b, shard)`` orders the shard's positions; within each RA group of
+the block, consecutive positions of that order are partners, and an odd one out stays unmixed, as
+does the partner of a sample that is not there (skipped as bad). A sample keeps its partner for the
+``R`` views of the block (as DeiT's repeated copies often do) and meets a new one every block, so a
+pair is self-contained for a whole epoch: the smallest unit whose pixels can be reproduced on their own,
+which is what lets phase 2 deal pairs to ranks (:mod:`pipeline.deal`). Each view draws its own
+decision (mix or not, mixup or cutmix), lambda and box from a generator seeded by
+``(seed, view, shard, pair)``, shared by both members; each member's view is its own pixels mixed
+with its partner's, so each gets its own teacher logits. With ``R = 1`` a block is a view. Pixels are
+mixed in float32 and rounded once, when the view is made compact (:func:`pipeline.pixels.compact`).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
 from collections.abc import Collection
 
 import torch
@@ -25,30 +26,29 @@ from .samplers import groups
 from .seeding import shuffled, stable_seed
 
 
-def partners(
-    seed: int, view: int, shard: str, count: int, repeats: int, present: Collection[int]
-) -> list[tuple[int, int | None]]:
-    """The pairs of ``present`` positions mixed together in ``view``; ``(p, None)`` for one left alone.
+def group_sequence(seed: int, block: int, shard: str, count: int, repeats: int, group: int) -> list[int]:
+    """The positions of one RA group of ``shard`` in block ``block``, in pair order: the two members of
+    each pair side by side (indices ``2i`` and ``2i + 1``), an odd one out last."""
+    member = groups(seed, block, shard, count, repeats)
+    return [p for p in shuffled(count, "mix-order", seed, block, shard) if member[p] == group]
 
-    Pairs are fixed by ``(seed, view, shard, count, repeats)`` alone: consecutive positions of the
-    view's permutation within one repeated-augmentation group, so the partner of a trained copy is
-    trained in the same epoch. A position missing from ``present`` (a skipped bad sample, or one
-    another epoch trains) leaves only its own partner unmixed.
+
+def partners(
+    seed: int, block: int, shard: str, count: int, repeats: int, present: Collection[int]
+) -> list[tuple[int, int | None]]:
+    """The pairs of ``present`` positions mixed together in RA block ``block``; ``(p, None)`` for one
+    left alone (an odd one out, or a sample whose partner is not in ``present``).
+
+    Pairs are fixed by ``(seed, block, shard, count, repeats)`` alone (:func:`group_sequence` of every
+    group), so the partner of a trained copy is trained in the same epoch with the same views.
     """
-    group = groups(seed, view // repeats, shard, count, repeats)
-    members: dict[int, list[int]] = defaultdict(list)
-    for p in shuffled(count, "mix-order", seed, view, shard):
-        members[group[p]].append(p)
     pairs: list[tuple[int, int | None]] = []
-    for g in sorted(members):
-        ms = members[g]
-        slots: list[tuple[int, int | None]] = list(zip(ms[0::2], ms[1::2], strict=False))
-        if len(ms) % 2:
-            slots.append((ms[-1], None))
-        for a, b in slots:
-            here = [p for p in (a, b) if p is not None and p in present]
+    for g in range(repeats):
+        seq = group_sequence(seed, block, shard, count, repeats, g)
+        for i in range(0, len(seq), 2):
+            here = [p for p in seq[i : i + 2] if p in present]
             if len(here) == 2:
-                pairs.append((a, b))  # type: ignore[arg-type]
+                pairs.append((here[0], here[1]))
             elif here:
                 pairs.append((here[0], None))
     return pairs

@@ -93,7 +93,13 @@ class CacheConfig:
     views: int = option(10, help="V, views per sample in the cache")
     view_range: str | None = option(None, help="START:STOP, the views this job computes (on view-block edges)")
     view_block: int = option(5, help="B, views per unit of work (each image is decoded once per unit)")
-    topk: int = option(10, help="K, logits kept per view")
+    topk: int = option(10, help="K, logits kept per view (with --topk-mass: at most)")
+    topk_mass: float | None = option(
+        None,
+        help="per-row K: keep the fewest logits whose probability at the largest cached temperature reaches "
+        "this mass (e.g. 0.95), at least --topk-min and at most --topk; off: always K (docs/recipe.md)",
+    )
+    topk_min: int = option(1, help="with --topk-mass, never fewer logits per view than this")
     temperatures: list[float] = option(
         factory=lambda: [1.0, 3.0], help="temperatures whose logsumexp is stored (comma list)"
     )
@@ -132,6 +138,10 @@ class CacheConfig:
         _not_negative(workers=self.workers, job_index=self.job_index)
         if not self.temperatures or any(not float(t) > 0 for t in self.temperatures):
             raise ConfigError(f"--temperatures must be one or more positive numbers, got {self.temperatures}")
+        if self.topk_mass is not None and not 0.0 < self.topk_mass <= 1.0:
+            raise ConfigError(f"--topk-mass must be in (0, 1], got {self.topk_mass}")
+        if not 1 <= self.topk_min <= self.topk:
+            raise ConfigError(f"--topk-min must be in [1, --topk {self.topk}], got {self.topk_min}")
         self.view_bounds()
 
     def view_bounds(self) -> tuple[int, int]:
@@ -155,7 +165,14 @@ class TrainConfig:
     shards: list[str] = option(factory=list, help=SHARDS_HELP)
     val_shards: list[str] = option(factory=list, help="validation shard URLs (same forms as --shards)")
     label_key: str | None = option(None, help=LABEL_KEY_HELP)
-    cache: str | None = option(None, help="teacher cache made by cache-teacher")
+    cache: list[str] = option(
+        factory=list,
+        help="teacher cache made by cache-teacher; repeat the flag (or give a YAML list) to distil from several "
+        "teachers cached over the same views (cache-teacher --like CACHE)",
+    )
+    teacher_weights: list[float] = option(
+        factory=list, help="weight of each cache's teacher in their combination (comma list; default: equal)"
+    )
     out: str = option("runs/student", help="output folder: checkpoints, metrics.jsonl, resolved-config.yaml")
     model: str = option("deit_small_distilled_patch16_224", help="timm model name of the student")
     model_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments, as YAML")
@@ -171,8 +188,12 @@ class TrainConfig:
     teacher_mode: str = option(
         "cached", choices=("cached", "live"), help="cached: read the cache; live: run the teacher in the loop"
     )
-    teacher: str | None = option(None, help="timm name of the live teacher (default: the cache's)")
-    teacher_checkpoint: str | None = option(None, help="weights of the live teacher")
+    teacher: list[str] = option(
+        factory=list, help="timm name of each live teacher (default: each cache's teacher); repeat for several"
+    )
+    teacher_checkpoint: list[str] = option(
+        factory=list, help="weights of each live teacher, in the order of --cache (or of --teacher); repeat for several"
+    )
     teacher_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments of the teacher")
     topk: int = option(10, help="K of the live teacher's targets when there is no cache")
     temperatures: list[float] = option(
@@ -204,6 +225,7 @@ class TrainConfig:
     model_ema: bool = option(False, help="keep an exponential moving average of the weights")
     model_ema_decay: float = option(0.99996, help="decay of the weights' moving average")
     amp: bool = option(True, help="bf16 autocast on CUDA")
+    compile: bool = option(False, help="torch.compile the student (as timm's --torchcompile); off by default")
     workers: int = option(2, help="data loader worker processes per rank")
     shuffle_buffer: int = option(
         2048, help="views held for shuffling between shards (2048 x 224 px views: 300 MB uint8, 600 MB float16)"
@@ -273,6 +295,11 @@ class TrainConfig:
             raise ConfigError("--distillation hard/soft with --teacher-mode cached needs --cache")
         if self.live and not self.teacher_checkpoint:
             raise ConfigError("--teacher-mode live needs --teacher-checkpoint (and --teacher without a cache)")
+        teachers = len(self.cache) if self.cache else len(self.teacher_checkpoint)
+        if self.teacher_weights and len(self.teacher_weights) != teachers:
+            raise ConfigError(f"--teacher-weights gives {len(self.teacher_weights)} weights for {teachers} teacher(s)")
+        if any(w < 0 for w in self.teacher_weights) or (self.teacher_weights and not sum(self.teacher_weights) > 0):
+            raise ConfigError(f"--teacher-weights must be >= 0 with a positive sum, got {self.teacher_weights}")
         if self.distillation == "soft" and not self.cache and float(self.tau) not in self.temperatures:
             raise ConfigError(f"--tau {self.tau} is not one of --temperatures {self.temperatures}")
 

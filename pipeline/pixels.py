@@ -10,9 +10,12 @@ other parts are float16.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
+
+from .seeding import stable_seed
 
 
 def compact(x: torch.Tensor) -> torch.Tensor:
@@ -47,3 +50,22 @@ def join_batches(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 def stack_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
     """One batch tensor from compact views (see :func:`join_batches`)."""
     return join_batches([v[None] for v in views])
+
+
+# 1 row in this many (chosen by a seeded hash, so every rank and block gets some) carries a digest of its
+# replayed pixels in the cache: phase 2 and verify-cache recompute it, so another decoder or CPU path
+# that changes a single pixel is caught, not only another image file.
+PIXEL_CHECK_EVERY = 16
+
+
+def checked_row(seed: int, view: int, shard: str, position: int) -> bool:
+    """Whether (view, shard, position) is one of the rows whose replayed pixels the cache records."""
+    return stable_seed("pixel-check", seed, view, shard, position) % PIXEL_CHECK_EVERY == 0
+
+
+def pixel_digest(pixels: torch.Tensor) -> int:
+    """A 32-bit digest of a view's compact pixels (dtype and shape included); never 0 (the cache's "none")."""
+    h = hashlib.blake2b(digest_size=4, person=b"stillroom-pixels")
+    h.update(f"{pixels.dtype}{tuple(pixels.shape)}".encode())
+    h.update(pixels.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") or 1

@@ -44,36 +44,52 @@ def _view(s: DecodedSample, view: int, pixels: torch.Tensor, mix_label: int, lam
     return View(s.key, s.shard_index, s.position, view, compact(pixels), s.label, mix_label, lam, s.digest)
 
 
+def _pair_views(
+    a: DecodedSample, b: DecodedSample | None, view: int, recipe: Recipe, seed: int, shard: str
+) -> tuple[View, View | None]:
+    """``view`` of ``a`` and of its partner ``b`` (in the pair's own order), mixed, or ``a`` alone."""
+    xa = augment(a.image, recipe, seed, view, a.key).erased(recipe)
+    if b is None:
+        return _view(a, view, xa, a.label, 1.0), None
+    xb = augment(b.image, recipe, seed, view, b.key).erased(recipe)
+    mixed = mix_pair(xa, xb, recipe, seed, view, shard, (a.position, b.position))
+    if mixed is None:
+        return _view(a, view, xa, a.label, 1.0), _view(b, view, xb, b.label, 1.0)
+    ma, mb, lam = mixed
+    return _view(a, view, ma, b.label, lam), _view(b, view, mb, a.label, lam)
+
+
 def mixed_views(
     samples: Sequence[DecodedSample], view: int, recipe: Recipe, seed: int, shard: str, count: int
 ) -> Iterator[View]:
-    """The finished ``view`` of each of ``samples`` (a whole shard, or the repeated-augmentation group an
-    epoch trains), mixed with its partner among them (:func:`pipeline.mixing.partners`).
-
-    Each sample is augmented once; views come out pair by pair, not in position order.
-    """
+    """The finished ``view`` of each of ``samples`` (a whole shard, or the part an epoch trains), mixed with
+    its partner among them (:func:`pipeline.mixing.partners`). Views come out pair by pair."""
     by_position = {s.position: s for s in samples}
     pairs = (
-        partners(seed, view, shard, count, recipe.repeats, by_position)
+        partners(seed, view // recipe.repeats, shard, count, recipe.repeats, by_position)
         if recipe.mixes
         else [(p, None) for p in by_position]
     )
     for pa, pb in pairs:
-        a = by_position[pa]
-        xa = augment(a.image, recipe, seed, view, a.key).erased(recipe)
-        if pb is None:
-            yield _view(a, view, xa, a.label, 1.0)
-            continue
-        b = by_position[pb]
-        xb = augment(b.image, recipe, seed, view, b.key).erased(recipe)
-        mixed = mix_pair(xa, xb, recipe, seed, view, shard, (pa, pb))
-        if mixed is None:
-            yield _view(a, view, xa, a.label, 1.0)
-            yield _view(b, view, xb, b.label, 1.0)
-        else:
-            ma, mb, lam = mixed
-            yield _view(a, view, ma, b.label, lam)
-            yield _view(b, view, mb, a.label, lam)
+        va, vb = _pair_views(by_position[pa], None if pb is None else by_position[pb], view, recipe, seed, shard)
+        yield va
+        if vb is not None:
+            yield vb
+
+
+def pair_copies(
+    a: DecodedSample, b: DecodedSample | None, views: Sequence[int], recipe: Recipe, seed: int, shard: str
+) -> tuple[list[View], list[View]]:
+    """Phase 2: the copies of a pair (``a`` before ``b``, as :func:`pipeline.mixing.group_sequence` orders
+    them), one per view of the epoch, or of ``a`` alone when ``b`` is None."""
+    copies_a: list[View] = []
+    copies_b: list[View] = []
+    for v in views:
+        va, vb = _pair_views(a, b if recipe.mixes else None, v, recipe, seed, shard)
+        copies_a.append(va)
+        if vb is not None:
+            copies_b.append(vb)
+    return copies_a, copies_b
 
 
 def replay_shard(

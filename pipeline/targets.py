@@ -1,48 +1,145 @@
 """Teacher targets: what the cache stores for a batch of teacher logits, and the soft targets rebuilt
-from it (both phases and the live mode use these, so cached and live targets go through one path)."""
+from it. Phase 1, the live mode and ``verify-cache`` all reduce logits here, so cached and live targets
+go through one path, to the bit.
+
+Per row, the cache keeps the classes of the ``K`` largest logits (``indices``, descending) and their
+log-probabilities at the first cached temperature ``t0`` (``values = logits / t0 - lse_t0``, float16):
+stored relative to the row's logsumexp, the float16 rounding lands on log-probabilities near 0 where
+probabilities are large, instead of on logits of 10 to 30 (a 1% error floor on a confident teacher's
+top probability). With a mass target ``m``, only the fewest classes whose probability at the largest
+cached temperature reaches ``m`` are kept (at least ``k_min``, at most ``K``); unused columns hold value 0
+and index -1. ``logsumexp(logits / tau)`` over all classes is kept for every cached temperature, so
+``p_tau = exp(t0 * (value + lse_t0) / tau - lse_tau)`` is exact for the kept classes, and the mass they
+miss (the tail) is known exactly.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
+from .cache import CacheMeta
 from .errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """How a row of teacher logits is reduced: at most ``k`` logits (per-row K with ``mass``), ``T`` lse."""
+
+    k: int
+    temperatures: tuple[float, ...]
+    mass: float | None = None
+    k_min: int = 1
+
+
+def reduction_of(meta: CacheMeta) -> Reduction:
+    """How a cache reduced its teacher's logits (its K, mass target and temperatures)."""
+    return Reduction(meta.topk, tuple(meta.temperatures), meta.topk_mass, meta.topk_min)
+
+
 @torch.no_grad()
+def teacher_outputs(logits: torch.Tensor, how: Reduction, half: bool = True) -> dict[str, torch.Tensor]:
+    """What the cache stores for a batch of teacher logits (computed in float32).
+
+    Returns:
+        ``values`` ``[n, K]`` log-probabilities at the first temperature (float16 as stored unless
+        ``half=False``; 0 in unused columns), ``indices`` ``[n, K]`` int64 (-1 in unused columns) and
+        ``logsumexp`` ``[n, T]`` float32.
+    """
+    logits = logits.float()
+    if how.k > logits.shape[-1]:
+        raise ConfigError(f"--topk {how.k} is larger than the number of classes {logits.shape[-1]}")
+    top, indices = torch.topk(logits, how.k, dim=-1, largest=True, sorted=True)
+    lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in how.temperatures], dim=-1)
+    t0 = how.temperatures[0]
+    values = top / t0 - lse[:, :1]
+    if how.mass is not None:
+        tau = max(how.temperatures)
+        kept = torch.exp(top / tau - lse[:, how.temperatures.index(tau), None]).cumsum(dim=-1)
+        # the fewest columns whose mass reaches the target: 1 + the columns still below it
+        k_row = (1 + (kept < how.mass).sum(dim=-1)).clamp(how.k_min, how.k)
+        unused = torch.arange(how.k, device=logits.device)[None, :] >= k_row[:, None]
+        values = values.masked_fill(unused, 0.0)
+        indices = indices.masked_fill(unused, -1)
+    return {"values": values.half() if half else values, "indices": indices, "logsumexp": lse}
+
+
 def topk_targets(
     logits: torch.Tensor, k: int, temperatures: list[float], half: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the cache stores for a batch of teacher logits.
+    """``(values, indices, logsumexp)`` of a fixed top-``k`` reduction (see :func:`teacher_outputs`)."""
+    out = teacher_outputs(logits, Reduction(k, tuple(temperatures)), half=half)
+    return out["values"], out["indices"], out["logsumexp"]
 
-    Returns:
-        ``values`` (top-k logits, descending; float16 as stored unless ``half=False``), ``indices``
-        (int64) and ``logsumexp`` of ``logits / tau`` for each temperature (float32, ``[n, T]``),
-        all computed in float32.
+
+def kept_probs(
+    values: torch.Tensor, indices: torch.Tensor, lse0: torch.Tensor, lse: torch.Tensor, t0: float, tau: float
+) -> torch.Tensor:
+    """``[n, K]`` the exact teacher probabilities of the kept classes at ``tau`` (0 in unused columns).
+
+    Args:
+        values: ``[n, K]`` log-probabilities at ``t0`` (the cache's first temperature).
+        lse0, lse: ``[n]`` logsumexp of the logits divided by ``t0`` and by ``tau``.
     """
-    logits = logits.float()
-    if k > logits.shape[-1]:
-        raise ConfigError(f"--topk {k} is larger than the number of classes {logits.shape[-1]}")
-    values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
-    lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
-    return (values.half() if half else values), indices, lse
+    v = values.float()
+    logp = v if tau == t0 else (v + lse0.float()[:, None]) * (t0 / tau) - lse.float()[:, None]
+    top = torch.exp(logp)
+    return torch.where(indices >= 0, top, torch.zeros_like(top))
+
+
+def tail_mass(
+    values: torch.Tensor, indices: torch.Tensor, lse0: torch.Tensor, lse: torch.Tensor, t0: float, tau: float
+) -> torch.Tensor:
+    """``[n]`` the teacher's probability outside the kept classes at ``tau``, exact up to the float16
+    rounding of the values (clamped at 0 against that rounding)."""
+    return (1.0 - kept_probs(values, indices, lse0, lse, t0, tau).sum(dim=-1)).clamp_min(0.0)
 
 
 def soft_target_probs(
-    values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, tau: float, num_classes: int
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    lse0: torch.Tensor,
+    lse: torch.Tensor,
+    t0: float,
+    tau: float,
+    num_classes: int,
 ) -> torch.Tensor:
-    """Dense teacher distribution at ``tau`` from top-k logits and the full logsumexp.
+    """Dense teacher distribution at ``tau`` from the kept classes and the full logsumexp.
 
-    The top-k probabilities ``exp(values / tau - lse)`` are exact; the remaining mass is spread
-    uniformly over the other classes (TinyViT's choice).
-
-    Args:
-        values: ``[n, K]`` top-k teacher logits.
-        indices: ``[n, K]`` their class ids.
-        lse: ``[n]`` logsumexp of all teacher logits divided by ``tau``.
+    The kept probabilities are exact (:func:`kept_probs`); the tail is spread uniformly over the classes
+    not kept in that row (TinyViT's choice: nothing is known about how it is shared).
     """
-    top = torch.exp(values.float() / tau - lse.float()[:, None])
-    k = values.shape[1]
+    valid = indices >= 0
+    top = kept_probs(values, indices, lse0, lse, t0, tau)
     rest = (1.0 - top.sum(dim=1, keepdim=True)).clamp_min(0.0)
-    # With K == num_classes every entry is overwritten by the scatter, so the fill value is moot.
-    dense = (rest / max(num_classes - k, 1)).expand(-1, num_classes).clone()
-    return dense.scatter_(1, indices.long(), top)
+    others = (num_classes - valid.sum(dim=1, keepdim=True)).clamp_min(1)
+    index = indices.long().clamp_min(0)
+    # Each kept class appears once in its row and unused columns add exactly 0: the sums are exact.
+    dense = torch.zeros(values.shape[0], num_classes, device=values.device).scatter_add_(1, index, top)
+    covered = torch.zeros_like(dense).scatter_add_(1, index, valid.float()) > 0
+    return torch.where(covered, dense, (rest / others).expand(-1, num_classes))
+
+
+def pack_rows(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[tuple[str, torch.dtype, int]]]:
+    """Several per-row outputs as one ``[n, bytes]`` uint8 tensor (one device-to-host copy instead of
+    one per output), with the layout :func:`unpack_rows` needs. Indices travel as int32."""
+    parts, layout = [], []
+    for name, t in outputs.items():
+        t = t.to(torch.int32) if t.dtype == torch.int64 else t
+        t = t.contiguous().reshape(t.shape[0], -1)
+        parts.append(t.view(torch.uint8).reshape(t.shape[0], -1))
+        layout.append((name, t.dtype, t.shape[1]))
+    return torch.cat(parts, dim=1), layout
+
+
+def unpack_rows(raw: np.ndarray, layout: list[tuple[str, torch.dtype, int]]) -> dict[str, np.ndarray]:
+    """The outputs :func:`pack_rows` packed, as numpy arrays ``[n, width]`` (bytes reinterpreted, not converted)."""
+    out, at = {}, 0
+    for name, dtype, width in layout:
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        size = np_dtype.itemsize * width
+        out[name] = np.ascontiguousarray(raw[:, at : at + size]).view(np_dtype)
+        at += size
+    return out

@@ -2,8 +2,8 @@
 nothing about teachers, caches or heads (the shape of timm's ``task/`` modules).
 
 Teacher targets arrive in the batch (``t_values``, ``t_indices``, ``t_lse``) in cached mode, or
-are computed here by a live teacher on the very same pixels, through the same top-k reduction,
-so the two modes differ only by the cache's fp16 rounding of the top-k logits.
+are computed here by live teachers on the very same pixels, through the caches' own reduction (float16
+values included), so the two modes give the same targets.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
 from .models import autocast
-from .targets import soft_target_probs, topk_targets
+from .targets import Reduction, soft_target_probs, teacher_outputs
 
 Distillation = Literal["none", "hard", "soft"]
 
@@ -36,19 +36,26 @@ class TaskOutput:
 class DistillationTask(nn.Module):
     """Student forward + DeiT loss: ``(1 - alpha) * CE(cls head, mixed labels) + alpha * distill``.
 
+    With several teachers (caches made over the same views, or live teachers), the distillation target
+    is their weighted combination: for ``soft``, the weighted mean of their rebuilt distributions at
+    ``tau``; for ``hard``, the argmax of the weighted mean of their distributions at temperature 1. One
+    teacher's hard target is its argmax, ``indices[..., 0]``, exactly as DeiT's.
+
     Args:
         student: Model taking replayed pixels; returns ``(cls, dist)`` logits for a distilled model in
             training mode, or one tensor.
         num_classes: Number of classes.
-        distillation: ``hard`` (teacher argmax), ``soft`` (KL at ``tau``) or ``none``: the class head
-            learns the labels and the distillation head gets no loss, as in DeiT (a model without a
-            distillation head trains its only head on the labels).
+        distillation: ``hard``, ``soft`` (KL at ``tau``) or ``none``: the class head learns the labels
+            and the distillation head gets no loss, as in DeiT.
         alpha: Weight of the distillation term.
-        tau: Temperature of soft distillation; must be one of ``temperatures``.
-        temperatures: The temperatures whose logsumexp is in the batch (the cache's order).
+        tau: Temperature of soft distillation.
+        weights: Per teacher, summing to 1.
+        teachers: Live teachers (frozen, normalising their own input), or ``[]`` in cached mode: the
+            targets then arrive in the batch (``t_values``/``t_indices`` ``[n, M, K]``, ``t_lse``
+            ``[n, M, 2]`` at the teacher's first temperature and at the one the target needs).
+        reductions: How each live teacher's logits are reduced: the cache's own reduction, so live and
+            cached targets are the same numbers.
         smoothing: Label smoothing of the ground-truth term.
-        teacher: A live teacher (frozen, normalising its own input) or ``None`` in cached mode.
-        topk: K used when reducing live teacher logits (the cache's K, for a like-for-like check).
         amp: bf16 autocast of the student on CUDA (no effect on CPU).
     """
 
@@ -60,33 +67,53 @@ class DistillationTask(nn.Module):
         distillation: Distillation = "hard",
         alpha: float = 0.5,
         tau: float = 1.0,
-        temperatures: list[float] | None = None,
+        weights: list[float] | None = None,
+        teachers: list[nn.Module] | None = None,
+        reductions: list[Reduction] | None = None,
         smoothing: float = 0.1,
-        teacher: nn.Module | None = None,
-        topk: int = 10,
         amp: bool = True,
     ):
         super().__init__()
         self.student = student
-        self.teacher = teacher
+        self.teachers = nn.ModuleList(teachers or [])
         self.num_classes, self.distillation = num_classes, distillation
         self.alpha, self.tau = float(alpha), float(tau)
-        self.temperatures = [float(t) for t in (temperatures or [tau])]
-        self.smoothing, self.topk, self.amp = smoothing, topk, amp
+        self.weights = list(weights or [1.0])
+        self.reductions = list(reductions or [])
+        self.t0 = [how.temperatures[0] for how in self.reductions] or [1.0]  # the values' temperature
+        self.smoothing, self.amp = smoothing, amp
+
+    @property
+    def target_tau(self) -> float | None:
+        """The one temperature whose logsumexp the targets need (None: a single teacher's hard argmax)."""
+        if self.distillation == "soft":
+            return self.tau
+        return 1.0 if len(self.weights) > 1 else None
 
     def train(self, mode: bool = True) -> DistillationTask:
-        """Training mode for the student only: a live teacher stays frozen in eval mode."""
+        """Training mode for the student only: live teachers stay frozen in eval mode."""
         self.student.train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        self.teachers.eval()
         self.training = mode
         return self
 
     def prepare_distributed(self, device: torch.device) -> None:
-        """Wrap the student for data-parallel training (call once the process group exists)."""
+        """Wrap the student for data-parallel training (call once the process group exists).
+
+        A head that gets no loss (the distillation head with ``--distillation none``) has no gradient:
+        DDP must then look for unused parameters, or it stops at the next step.
+        """
+        unused = self.distillation == "none" and hasattr(self.student_net, "head_dist")
         self.student = DistributedDataParallel(
-            self.student, device_ids=[device.index] if device.type == "cuda" else None
+            self.student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused,
         )
+
+    @property
+    def student_net(self) -> nn.Module:
+        inner = self.student.module if isinstance(self.student, DistributedDataParallel) else self.student
+        return getattr(inner, "net", inner)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce (accumulation micro-steps); a no-op without DDP."""
@@ -95,13 +122,44 @@ class DistillationTask(nn.Module):
         return contextlib.nullcontext()
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(values, indices, lse)`` from the batch (cached) or from the live teacher."""
-        if self.teacher is None:
+        """``(values, indices, lse)`` ``[n, M, K]``, ``[n, M, K]``, ``[n, M, 2]``: from the batch (cached) or
+        the live teachers, reduced exactly as their caches reduce them (float16 values included). The two
+        logsumexp columns are at each teacher's first cached temperature and at :attr:`target_tau`."""
+        if not len(self.teachers):
             return batch["t_values"], batch["t_indices"], batch["t_lse"]
-        with torch.inference_mode(), autocast(batch["pixels"].device):
-            logits = self.teacher(batch["pixels"])
-        values, indices, lse = topk_targets(logits, self.topk, self.temperatures, half=False)
-        return values.clone(), indices.clone(), lse.clone()
+        out = []
+        for teacher, how in zip(self.teachers, self.reductions, strict=True):
+            with torch.inference_mode(), autocast(batch["pixels"].device):
+                logits = teacher(batch["pixels"])
+            t = teacher_outputs(logits, how)
+            tau = self.target_tau
+            lse = t["logsumexp"][:, [0, how.temperatures.index(tau)]] if tau is not None else t["logsumexp"][:, :0]
+            out.append((t["values"].float().clone(), t["indices"].clone(), lse.clone()))
+        width = max(v.shape[1] for v, _, _ in out)
+        pad = [
+            (
+                torch.nn.functional.pad(v, (0, width - v.shape[1])),
+                torch.nn.functional.pad(i, (0, width - i.shape[1]), value=-1),
+                lse,
+            )
+            for v, i, lse in out
+        ]
+        return tuple(torch.stack(parts, dim=1) for parts in zip(*pad, strict=True))  # type: ignore[return-value]
+
+    def distill_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class ids (hard) or a dense distribution (soft) for the distillation head."""
+        values, indices, lse = self.teacher_targets(batch)
+        if self.distillation == "hard" and len(self.weights) == 1:
+            return indices[:, 0, 0]
+        tau = self.target_tau
+        probs = sum(
+            w
+            * soft_target_probs(
+                values[:, m], indices[:, m], lse[:, m, 0], lse[:, m, 1], self.t0[m], tau, self.num_classes
+            )
+            for m, w in enumerate(self.weights)
+        )
+        return probs.argmax(dim=1) if self.distillation == "hard" else probs
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> TaskOutput:
         target = losses.mixed_targets(
@@ -111,13 +169,11 @@ class DistillationTask(nn.Module):
         base = losses.soft_cross_entropy(cls_logits, target)
         if self.distillation == "none":
             return TaskOutput(base, base.detach(), torch.zeros_like(base).detach())
-        values, indices, lse = self.teacher_targets(batch)
+        teacher = self.distill_target(batch)
         if self.distillation == "hard":
-            distill = losses.hard_distillation(dist_logits, indices[:, 0])
+            distill = losses.hard_distillation(dist_logits, teacher)
         else:
-            t = self.temperatures.index(self.tau)
-            probs = soft_target_probs(values, indices, lse[:, t], self.tau, self.num_classes)
-            distill = losses.soft_distillation(dist_logits, probs, self.tau)
+            distill = losses.soft_distillation(dist_logits, teacher, self.tau)
         return TaskOutput(losses.combine(base, distill, self.alpha), base.detach(), distill.detach())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:

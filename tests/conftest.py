@@ -42,11 +42,11 @@ def tiny_cache_config(shards: str, checkpoint: str, out: Path, **kw) -> CacheCon
     return CacheConfig(**{**TINY_CACHE, "shards": shards, "out": str(out), "teacher_checkpoint": checkpoint, **kw})
 
 
-def student_config(shards: str, cache: str | None, out: Path, **kw) -> TrainConfig:
+def student_config(shards: str, cache: str | list[str] | None, out: Path, **kw) -> TrainConfig:
     """A tiny DeiT student on 32 px views, two epochs of batch 8, deterministic; ``kw`` overrides any field."""
     base = TrainConfig(
         shards=[shards],
-        cache=cache,
+        cache=[cache] if isinstance(cache, str) else list(cache or []),
         out=str(out),
         model="deit_tiny_distilled_patch16_224",
         model_kwargs=dict(TINY_STUDENT),

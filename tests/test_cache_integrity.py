@@ -238,11 +238,12 @@ def test_deleted_array_metadata_is_restored_by_cache_teacher(tmp_path, pristine,
 
 
 # -- the format: checksums a reader can recompute -------------------------------------------------------
-def documented_checksum(block: int, shard: int, count: int, arrays: dict[str, np.ndarray]) -> int:
+def documented_checksum(fingerprint: str, block: int, shard: int, count: int, arrays: dict[str, np.ndarray]) -> int:
     """The unit checksum exactly as docs/cache-format.md spells it (no stillroom code)."""
     h = hashlib.blake2b(digest_size=8, person=b"stillroom-unit")
+    h.update(fingerprint.encode("ascii"))
     h.update(struct.pack("<qqq", block, shard, count))
-    for name in ("values", "indices", "logsumexp", "labels", "digests"):
+    for name in ("values", "indices", "logsumexp", "pixel_digests", "labels", "digests"):
         h.update(np.ascontiguousarray(arrays[name]).astype(arrays[name].dtype.newbyteorder("<")).tobytes())
     for key in arrays["keys"].tolist():
         data = key.encode("utf-8")
@@ -253,21 +254,24 @@ def documented_checksum(block: int, shard: int, count: int, arrays: dict[str, np
 def test_markers_hold_count_and_a_checksum_a_plain_zarr_reader_can_recompute(pristine):
     g = zarr.open_group(str(pristine), mode="r")
     meta = g.attrs["stillroom"]
-    assert meta["format_version"] == 2
-    cap = meta["capacity"]
+    assert meta["format_version"] == 3
+    cap, fingerprint = meta["capacity"], meta["fingerprint"]
     done = np.asarray(g["done"][...])
-    assert done.dtype == np.int64 and done.shape == (2, 3, 2)
+    assert done.dtype == np.int64 and done.shape == (2, 3, 3)
     for b in range(2):
         for s in range(3):
             rows = slice(s * cap, (s + 1) * cap)
-            arrays = {name: np.asarray(g[name][b : b + 1, rows]) for name in ("values", "indices", "logsumexp")}
+            per_view = ("values", "indices", "logsumexp", "pixel_digests")
+            arrays = {name: np.asarray(g[name][b : b + 1, rows]) for name in per_view}
             arrays.update({name: np.asarray(g[name][rows]) for name in ("labels", "keys", "digests")})
             count, checksum = done[b, s, 0], int(done[b, s, 1:2].view(np.uint64)[0])
-            assert count == 40
-            assert checksum == documented_checksum(b, s, int(count), arrays)
-    for name in ARRAYS:  # zstd's frame checksum on every array
+            writer = int(done[b, s, 2:3].view(np.uint64)[0])
+            assert count == 40 and writer == int(fingerprint[:16], 16)
+            assert checksum == documented_checksum(fingerprint, b, s, int(count), arrays)
+    for name in ARRAYS:  # a corrupt chunk fails to decode: zstd's frame checksum, or a CRC32C after blosc
         codecs = json.loads((pristine / name / "zarr.json").read_text())["codecs"]
-        assert {"name": "zstd", "configuration": {"level": 0, "checksum": True}} in codecs, name
+        zstd = any(c["name"] == "zstd" and c["configuration"]["checksum"] for c in codecs)
+        assert zstd or codecs[-1]["name"] == "crc32c", (name, codecs)
 
 
 def test_digests_are_stored_read_and_covered_by_the_checksum(tmp_path, pristine):

@@ -17,7 +17,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
 from pipeline import losses
-from pipeline.targets import soft_target_probs, topk_targets
+from pipeline.targets import Reduction, soft_target_probs, topk_targets
 from pipeline.task import DistillationTask
 
 C = 10
@@ -39,17 +39,27 @@ def logits(n: int, seed: int, scale: float = 3.0) -> torch.Tensor:
     return torch.randn(n, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float() * scale
 
 
-def cached_targets(t: torch.Tensor, k: int, temps: list[float], half: bool = False) -> dict[str, torch.Tensor]:
-    """What a batch carries in cached mode (``half=True``: the cache's fp16 values)."""
+def cached_targets(
+    t: torch.Tensor, k: int, temps: list[float], tau: float, half: bool = False
+) -> dict[str, torch.Tensor]:
+    """What a batch carries in cached mode for one teacher (``half=True``: the cache's fp16 values): values
+    and indices ``[n, 1, K]``, the logsumexp at the first cached temperature and at ``tau`` ``[n, 1, 2]``."""
     values, indices, lse = topk_targets(t, k, temps, half=half)
-    return {"t_values": values.float(), "t_indices": indices, "t_lse": lse}
+    columns = lse[:, [0, temps.index(tau)]]
+    return {"t_values": values.float()[:, None], "t_indices": indices[:, None], "t_lse": columns[:, None]}
+
+
+def rebuilt(t: torch.Tensor, k: int, temps: list[float], tau: float, half: bool = False) -> tuple[torch.Tensor, dict]:
+    """The dense teacher distribution at ``tau`` rebuilt from what the cache keeps."""
+    c = cached_targets(t, k, temps, tau, half)
+    v, i, lse = c["t_values"][:, 0], c["t_indices"][:, 0], c["t_lse"][:, 0]
+    return soft_target_probs(v, i, lse[:, 0], lse[:, 1], temps[0], tau, C), {"t_indices": i}
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_soft_target_probs_full_k_is_the_softmax(tau: float) -> None:
     t = logits(8, 0)
-    c = cached_targets(t, C, [tau])
-    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    probs, _ = rebuilt(t, C, [1.0, 3.0], tau)
     torch.testing.assert_close(probs, F.softmax(t / tau, dim=1), rtol=0, atol=1e-6)
 
 
@@ -57,8 +67,7 @@ def test_soft_target_probs_full_k_is_the_softmax(tau: float) -> None:
 def test_soft_target_probs_top_k_exact_rest_uniform(k: int) -> None:
     tau = 3.0
     t = logits(16, 1)
-    c = cached_targets(t, k, [1.0, tau])
-    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 1], tau, C)
+    probs, c = rebuilt(t, k, [1.0, tau], tau)
     exact = F.softmax(t / tau, dim=1)
     top = probs.gather(1, c["t_indices"])
     torch.testing.assert_close(top, exact.gather(1, c["t_indices"]), rtol=0, atol=1e-6)
@@ -74,8 +83,7 @@ def test_soft_target_probs_top_k_exact_rest_uniform(k: int) -> None:
 @pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
 def test_soft_distillation_matches_deit(tau: float) -> None:
     s, t = logits(8, 2), logits(8, 3)
-    c = cached_targets(t, C, [tau])
-    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    probs, _ = rebuilt(t, C, [1.0, tau], tau)
     ours = losses.soft_distillation(s, probs, tau)
     torch.testing.assert_close(ours, deit_soft(s, t, tau), rtol=1e-5, atol=1e-6)
 
@@ -84,8 +92,7 @@ def test_soft_distillation_fp16_cache_is_close_to_deit() -> None:
     """With K < C and fp16 values (what the cache stores) the loss stays near the exact one."""
     tau = 3.0
     s, t = logits(32, 4), logits(32, 5, scale=5.0)
-    c = cached_targets(t, 5, [tau], half=True)
-    probs = soft_target_probs(c["t_values"], c["t_indices"], c["t_lse"][:, 0], tau, C)
+    probs, _ = rebuilt(t, 5, [1.0, tau], tau, half=True)
     assert torch.isfinite(probs).all() and (probs >= 0).all()
     ours = losses.soft_distillation(s, probs, tau)
     torch.testing.assert_close(ours, deit_soft(s, t, tau), rtol=0.05, atol=1e-3)
@@ -117,7 +124,7 @@ def test_task_loss_matches_deit_distillation_loss(distillation: str, tau: float,
         "label": label,
         "mix_label": partner,
         "lam": torch.full((n,), lam),
-        **cached_targets(t, C, [1.0, 3.0]),  # the task must pick tau's logsumexp column
+        **cached_targets(t, C, [1.0, 3.0], tau),
     }
     task = DistillationTask(
         student=torch.nn.Identity(),
@@ -125,7 +132,7 @@ def test_task_loss_matches_deit_distillation_loss(distillation: str, tau: float,
         distillation=distillation,  # type: ignore[arg-type]
         alpha=alpha,
         tau=tau,
-        temperatures=[1.0, 3.0],
+        reductions=[Reduction(C, (1.0, 3.0))],
         smoothing=0.1,
     )
     out = task.loss((cls_out, dist_out), batch)

@@ -29,10 +29,10 @@ import webdataset as wds
 from conftest import write_digits_shards
 from photos import jpeg
 from PIL import Image
-from torch.utils.data import DataLoader
 
+from pipeline import deal as dl
 from pipeline.augment import augment_view
-from pipeline.data import StreamSpec, ViewStream, epoch_batches
+from pipeline.data import StreamSpec, epoch_batches
 from pipeline.decode import decode_image, iter_decoded
 from pipeline.mixing import partners
 from pipeline.pixels import model_input
@@ -203,26 +203,26 @@ def test_replay_is_identical_in_fresh_processes(digits_shards, photo_files):
         assert not diff, f"{len(diff)} views differ across processes, e.g. {diff[:3]}"
 
 
-def _spec(pattern: str, recipe: Recipe, view: int) -> StreamSpec:
-    """Every shard of ``pattern`` at one view, with no cache (the trainer's data path alone)."""
+def _spec(pattern: str, recipe: Recipe, view: int, workers: int) -> StreamSpec:
+    """Every shard of ``pattern`` at one view on one rank, with no cache (the trainer's data path alone)."""
     shards = load_shard_list(pattern)
+    plan = epoch_plan(view, 1, 1 << 30)
     return StreamSpec(
         shards=shards,
-        shard_ids=list(range(len(shards))),
-        cache_shards=None,
-        cache_url=None,
-        plan=epoch_plan(view, 1, 1 << 30),
+        lanes=dl.split_lanes(dl.deal(shards, plan, SEED, 1).segments(0), max(workers, 1)),
+        starts=[],
+        plan=plan,
         recipe=recipe,
         seed=SEED,
         num_classes=10,
+        pairing=recipe.repeats,
     )
 
 
 def _stream_views(pattern: str, recipe: Recipe, view: int, workers: int) -> dict[str, tuple]:
-    spec = _spec(pattern, recipe, view)
-    loader = DataLoader(ViewStream(spec, chunk=16), batch_size=None, num_workers=workers)
     out = {}
-    for batch in loader:
+    for batch in epoch_batches(_spec(pattern, recipe, view, workers), 8, 24, seed=workers):
+        assert batch["pixels"].shape == (8, 3, 32, 32)
         pixels = model_input(batch["pixels"])
         for i, key in enumerate(batch["keys"]):
             assert key not in out
@@ -232,7 +232,7 @@ def _stream_views(pattern: str, recipe: Recipe, view: int, workers: int) -> dict
 
 @pytest.mark.parametrize("view", [0, 3])
 def test_dataloader_workers_do_not_change_views(digits_shards, view):
-    """0 or 2 DataLoader workers (and shuffled batching) yield the same mixed views per key."""
+    """0 or 2 loader workers (lanes), shuffled into exact-size batches, give the views phase 1 replays."""
     recipe = make_recipe("deit", img_size=32)
     serial = _stream_views(digits_shards, recipe, view, workers=0)
     parallel = _stream_views(digits_shards, recipe, view, workers=2)
@@ -240,18 +240,10 @@ def test_dataloader_workers_do_not_change_views(digits_shards, view):
     for key, (px, label, mix_label, lam) in serial.items():
         px2, label2, mix_label2, lam2 = parallel[key]
         assert torch.equal(px, px2) and (label, mix_label, lam) == (label2, mix_label2, lam2), key
-    # The same views reach the trainer through shuffled, exact-size batches, whatever the worker count.
-    spec = _spec(digits_shards, recipe, view)
-    for workers in (0, 2):
-        seen = set()
-        for batch in epoch_batches(spec, batch_size=8, workers=workers, shuffle_buffer=24, seed=workers):
-            assert batch["pixels"].shape == (8, 3, 32, 32)
-            pixels = model_input(batch["pixels"])
-            for i, key in enumerate(batch["keys"]):
-                assert torch.equal(pixels[i], serial[key][0]), (workers, key)
-                assert float(batch["lam"][i]) == serial[key][3]
-                seen.add(key)
-        assert seen == set(serial)
+    replayed = shard_views(digits_shards, recipe, [view])
+    for (key, _), v in replayed.items():
+        lam32 = float(torch.tensor(v.lam, dtype=torch.float32))  # batches carry lambda as float32
+        assert torch.equal(model_input(v.pixels), serial[key][0]) and lam32 == serial[key][3], key
 
 
 def test_resharding_keeps_per_sample_views(tmp_path, digits_shards):
@@ -402,7 +394,7 @@ def check_pairs(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: st
     for view in views:
         members = {v.position: v for v in first if v.view_id == view}
         group = groups(SEED, view // recipe.repeats, shard.name, shard.count, recipe.repeats)
-        pairs = partners(SEED, view, shard.name, shard.count, recipe.repeats, members)
+        pairs = partners(SEED, view // recipe.repeats, shard.name, shard.count, recipe.repeats, members)
         assert sorted(p for pair in pairs for p in pair if p is not None) == sorted(members), "each sample once"
         for a_pos, b_pos in pairs:
             a = members[a_pos]

@@ -24,6 +24,7 @@ from conftest import (
     write_digits_shards,
 )
 
+from pipeline import deal as dl
 from pipeline.augment import eval_view
 from pipeline.cache import open_cache
 from pipeline.cache_teacher import run as cache_teacher
@@ -36,7 +37,7 @@ from pipeline.pixels import model_input
 from pipeline.recipe import eval_recipe, make_recipe
 from pipeline.samplers import epoch_plan
 from pipeline.shards import load_shard_list
-from pipeline.targets import soft_target_probs
+from pipeline.targets import Reduction, soft_target_probs
 from pipeline.task import DistillationTask
 from pipeline.train import train
 
@@ -84,17 +85,21 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
     c = open_cache(cache)
     recipe = make_recipe(c.meta.recipe)
     shards = load_shard_list(digits_shards)
+    plan = epoch_plan(1, 1, 2)
     spec = StreamSpec(
         shards=shards,
-        shard_ids=[0, 1, 2],
-        cache_shards=[0, 1, 2],
-        cache_url=cache,
-        plan=epoch_plan(1, 1, 2),
+        lanes=[dl.deal(shards, plan, 0, 1).segments(0)],
+        starts=[],
+        plan=plan,
         recipe=recipe,
         seed=0,
         num_classes=10,
+        caches=[cache],
+        presence=cache,
+        cache_shards=[0, 1, 2],
+        lse_columns=[[0, 1]],  # logsumexp at tau 1 and 3
     )
-    batch = next(epoch_batches(spec, 16, 0, 64, seed=3))
+    batch = next(iter(epoch_batches(spec, 16, 64, seed=3)))
     assert {"t_values", "t_indices", "t_lse"} <= batch.keys()
     assert (batch["lam"] < 1).any(), "the batch should hold mixed views"
 
@@ -109,27 +114,28 @@ def test_cached_and_live_teacher_give_the_same_loss(cache: str, digits_shards: s
     mean, std = (torch.tensor(teacher_net.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     with torch.no_grad():
         live_logits = teacher_net((model_input(batch["pixels"]) - mean) / std)
-    assert torch.equal(batch["t_indices"][:, 0], live_logits.argmax(dim=1))
-    torch.testing.assert_close(batch["t_values"], live_logits.gather(1, batch["t_indices"]), rtol=2e-3, atol=2e-3)
+    values, indices, lse = batch["t_values"][:, 0], batch["t_indices"][:, 0], batch["t_lse"][:, 0]
+    assert torch.equal(indices[:, 0], live_logits.argmax(dim=1))
+    # the cache keeps log-probabilities at its first temperature (1), in float16
+    logp = F.log_softmax(live_logits, dim=1).gather(1, indices)
+    torch.testing.assert_close(values, logp, rtol=2e-3, atol=2e-3)
 
-    for tau in (1.0, 3.0):
-        t = [1.0, 3.0].index(tau)
-        probs = soft_target_probs(batch["t_values"], batch["t_indices"], batch["t_lse"][:, t], tau, 10)
+    for col, tau in enumerate((1.0, 3.0)):
+        probs = soft_target_probs(values, indices, lse[:, 0], lse[:, col], 1.0, tau, 10)
         exact = F.softmax(live_logits / tau, dim=1)
-        torch.testing.assert_close(
-            probs.gather(1, batch["t_indices"]), exact.gather(1, batch["t_indices"]), rtol=2e-3, atol=1e-4
-        )
+        torch.testing.assert_close(probs.gather(1, indices), exact.gather(1, indices), rtol=2e-3, atol=1e-4)
         torch.testing.assert_close(probs.sum(dim=1), torch.ones(16), rtol=0, atol=1e-5)
 
     for distillation, tau in (("hard", 1.0), ("soft", 1.0), ("soft", 3.0)):
-        kw = {"distillation": distillation, "alpha": 0.5, "tau": tau, "temperatures": [1.0, 3.0], "topk": 5}
-        cached = DistillationTask(student=student, num_classes=10, teacher=None, **kw)(batch)
-        live = DistillationTask(student=student, num_classes=10, teacher=teacher, **kw)(batch)
+        kw = {"distillation": distillation, "alpha": 0.5, "tau": tau, "reductions": [Reduction(5, (1.0, 3.0))]}
+        at_tau = {**batch, "t_lse": batch["t_lse"][:, :, [0, [1.0, 3.0].index(tau)]]}
+        cached = DistillationTask(student=student, num_classes=10, **kw)(at_tau)
+        live = DistillationTask(student=student, num_classes=10, teachers=[teacher], **kw)(batch)
         assert float(cached.base_loss) == float(live.base_loss)
         if distillation == "hard":
             assert float(cached.distill_loss) == float(live.distill_loss)
             assert torch.equal(cached.loss, live.loss)
-        else:  # the cache keeps top-k logits in fp16
+        else:  # the same reduction, float16 included: equal up to the teacher's forward on another batch
             assert float(cached.distill_loss) == pytest.approx(float(live.distill_loss), rel=2e-3, abs=1e-5)
             torch.testing.assert_close(cached.loss, live.loss, rtol=2e-3, atol=1e-5)
 
@@ -255,7 +261,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference_run: TrainConfig, tmp_
     # Every checkpoint this project writes loads with weights_only=True (no pickled objects).
     for name in ("last.pth", "best.pth"):
         state = torch.load(tmp_path / "run" / name, weights_only=True)
-        assert {"model", "optimizer", "rng", "config", "model_meta", "epoch", "global_step"} <= state.keys()
+        assert {"model", "optimizer", "identity", "config", "model_meta", "epoch", "global_step"} <= state.keys()
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,14 +334,14 @@ def test_same_named_shards_with_other_samples_are_refused(cache: str, tmp_path: 
     """Shards named like the cached ones but holding other images fail the per-row key check at the
     first batch, before any optimizer step."""
     other = write_digits_shards(tmp_path / "other", 120, 40, offset=500)
-    with pytest.raises(CacheError, match=r"train-00000\d\.tar.* position \d+: cache row holds key"):
+    with pytest.raises(CacheError, match=r"train-00000\d\.tar.* position \d+: cache .* row holds key"):
         train(student_cfg(other, cache, tmp_path / "run"))
     assert not (tmp_path / "run" / "last.pth").exists()
     assert [m["event"] for m in read_metrics(tmp_path / "run")] == ["start"]
 
 
 def test_uncached_tau_is_refused(cache: str, digits_shards: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--tau 2\.0 is not a cached temperature \(cache has \[1\.0, 3\.0\]\)"):
+    with pytest.raises(ConfigError, match=r"--tau 2\.0 is not a cached temperature of cache .* \(\[1\.0, 3\.0\]\)"):
         train(student_cfg(digits_shards, cache, tmp_path / "run", distillation="soft", tau=2.0))
     _assert_nothing_trained(tmp_path / "run")
 

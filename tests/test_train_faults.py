@@ -220,7 +220,7 @@ def test_sigint_or_sigterm_at_any_moment_leaves_a_loadable_checkpoint(
         assert p.returncode == 128 + signum, (i, p.returncode, err[-2000:])
         assert "interrupted: stopped by signal" in err and "--resume" in err, err[-2000:]
         state = torch.load(out / "last.pth", weights_only=True)
-        assert state["epoch"] < 50 and {"model", "optimizer", "rng"} <= state.keys()
+        assert state["epoch"] < 50 and {"model", "optimizer", "identity"} <= state.keys()
 
 
 def test_same_keys_other_pixels_are_caught(cache: str, digits_shards: str, tiny_teacher: str, tmp_path: Path) -> None:

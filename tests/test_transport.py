@@ -23,8 +23,9 @@ import torch
 import zarr
 from conftest import ROOT, cache_cli_args, child_env, stillroom_cmd
 
+from pipeline import deal as dl
 from pipeline.cache_teacher import UnitStream, prepare
-from pipeline.data import ShuffleBuffer, StreamSpec, epoch_batches
+from pipeline.data import StreamSpec, WindowBatches, epoch_batches
 from pipeline.models import load_teacher
 from pipeline.options import CacheConfig
 from pipeline.pixels import model_input, stack_views
@@ -68,9 +69,11 @@ def test_both_phases_feed_the_teacher_the_same_numbers(digits_shards: str, tiny_
     assert {p.dtype for p in phase1.values()} == {torch.float32} and len(phase1) == 240
     teacher, _ = load_teacher("regnetx_002", 10, tiny_teacher, torch.device("cpu"))
     for view in (0, 1):
-        spec = StreamSpec(shards, [0, 1, 2], None, None, epoch_plan(view, 1, 2), recipe, 0, 10)
+        plan = epoch_plan(view, 1, 2)
+        lanes = [dl.deal(shards, plan, 0, 1).segments(0)]
+        spec = StreamSpec(shards, lanes, [], plan, recipe, 0, 10)
         seen = 0
-        for batch in epoch_batches(spec, 24, 0, 48, seed=view):
+        for batch in epoch_batches(spec, 24, 48, seed=view):
             for key, x in zip(batch["keys"], model_input(batch["pixels"]), strict=True):
                 assert torch.equal(x, phase1[key, view]), (key, view)
                 seen += 1
@@ -84,32 +87,40 @@ def test_both_phases_feed_the_teacher_the_same_numbers(digits_shards: str, tiny_
 
 def _chunk(n: int, first: int) -> dict:
     return {
+        "lane": 0,
+        "first": first,
+        "stop": first + n,
+        "skipped": [],
+        "copy": torch.arange(first, first + n),
         "pixels": torch.zeros(n, 3, 32, 32, dtype=torch.float16),
         "label": torch.zeros(n, dtype=torch.long),
         "mix_label": torch.zeros(n, dtype=torch.long),
         "lam": torch.ones(n),
         "views": torch.zeros(n, dtype=torch.long),
-        "item": torch.arange(n) // 3,  # three copies per sample
         "keys": [f"k{first + i}" for i in range(n)],
     }
 
 
-def _seconds_per_batch(buffer_views: int, batch: int = 64, batches: int = 30) -> float:
-    buf = ShuffleBuffer(0)
-    for c in range(0, buffer_views + batch * batches, 30):
-        buf.add(_chunk(30, c))
+def _seconds_per_batch(window: int, batch: int = 64, batches: int = 30) -> float:
+    """Drawing a batch from a window of ``window`` views held in 32-view chunks (no data read)."""
+    total = window + batch * (batches + 2)
+    recipe = make_recipe("deit", img_size=32)
+    spec = StreamSpec([], [[dl.Segment(0, 0, total)]], [0], epoch_plan(0, 1, 1), recipe, 0, 10)
+    chunks = (_chunk(min(dl.CHUNK, total - a), a) for a in range(0, total, dl.CHUNK))
+    draws = iter(WindowBatches(chunks, spec, window, batch, seed=0, first_step=0))
+    next(draws)  # the first window is gathered
     best = float("inf")
     for _ in range(batches):
         t0 = time.perf_counter()
-        buf.batch(batch)
+        next(draws)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def test_rebatching_cost_does_not_grow_with_the_buffer() -> None:
-    small, large = _seconds_per_batch(300), _seconds_per_batch(30_000)
-    # The old re-batcher concatenated the whole pool for every batch: 100 times the views here.
-    assert large < 3 * small + 1e-3, f"{small * 1e3:.2f} ms with 300 views held, {large * 1e3:.2f} ms with 30,000"
+def test_rebatching_cost_does_not_grow_with_the_window() -> None:
+    small, large = _seconds_per_batch(320), _seconds_per_batch(32_000)
+    # A batch copies only its own views, whatever the window holds (100 times more views here).
+    assert large < 3 * small + 1e-3, f"{small * 1e3:.2f} ms with 320 views held, {large * 1e3:.2f} ms with 32,000"
 
 
 def test_progress_is_plain_lines_off_a_terminal(digits_shards: str, tiny_teacher: str, tmp_path: Path) -> None:

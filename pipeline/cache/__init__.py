@@ -10,7 +10,7 @@ from .access import Cache, UnitDamaged
 from .create import create_or_open, open_cache
 from .damage import damaged_units, missing_objects
 from .match import check_run
-from .meta import FORMAT_VERSION, CacheMeta, ShardEntry, check_versions, diff_fields, library_versions
+from .meta import FORMAT_VERSION, CacheMeta, ShardEntry, check_versions, diff_fields, library_versions, replay_mismatch
 from .units import ARRAYS, PER_SHARD, PER_VIEW, UnitData, unit_checksum, unit_objects
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "library_versions",
     "missing_objects",
     "open_cache",
+    "replay_mismatch",
     "unit_checksum",
     "unit_objects",
 ]

@@ -20,7 +20,7 @@ from .. import storage
 from ..errors import CacheError, StorageError
 from . import store as st
 from .meta import CacheMeta
-from .units import PER_SHARD, PER_VIEW, UnitData, marker_chunk, unit_checksum, unit_objects
+from .units import PER_SHARD, PER_VIEW, UnitData, fingerprint_bits, marker_chunk, unit_checksum, unit_objects
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Cache:
     group: zarr.Group
     meta: CacheMeta
     url: str
+    restored: bool = False  # the group's metadata was rewritten over existing units (create_or_open)
     _arrays: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -103,11 +104,6 @@ class Cache:
                         log.warning("%s (treated as not done)", e)
             return out
 
-    def marker(self, block: int, shard: int) -> tuple[int, int]:
-        """(sample count, checksum) of one unit; count -1 when it is not done."""
-        count, bits = (int(x) for x in self._read("done", (block, shard, slice(None)), block, shard))
-        return count, int(np.int64(bits).view(np.uint64))
-
     def done_counts(self) -> np.ndarray:
         """``[blocks, shards]`` sample counts of finished units; -1 where not done (reads every marker)."""
         return self.markers()[..., 0]
@@ -153,7 +149,9 @@ class Cache:
         self.array("labels")[rows] = unit.labels
         self.array("keys")[rows] = np.asarray([str(k) for k in unit.keys.tolist()])
         self.array("digests")[rows] = unit.digests
-        self.array("done")[block, shard, :] = marker_chunk(count, unit_checksum(block, shard, count, unit))
+        fingerprint = self.meta.fingerprint
+        checksum = unit_checksum(fingerprint, block, shard, count, unit)
+        self.array("done")[block, shard, :] = marker_chunk(count, checksum, fingerprint)
 
     def invalidate(self, block: int, shard: int) -> None:
         """Mark a damaged unit not done (its marker equals the fill value, so zarr deletes the object)."""
@@ -177,12 +175,20 @@ class Cache:
             CacheError: the unit is not done. StorageError: the store cannot be read.
         """
         arrays = self._read_unit(block, shard)
-        count, bits = (int(x) for x in arrays.pop("done"))
-        if count < 0:
+        count, bits, writer = (int(np.int64(x).view(np.uint64)) for x in arrays.pop("done"))
+        if count >= 1 << 63:  # -1: the fill value
             what = self.meta.describe_unit(block, shard)
             raise CacheError(f"cache {self.url!r}: {what} is not done; run cache-teacher to compute it")
+        if writer != fingerprint_bits(self.meta.fingerprint):
+            raise UnitDamaged.of(
+                self,
+                block,
+                shard,
+                f"it was written by another cache (fingerprint {writer:016x}..., this one "
+                f"{self.meta.fingerprint[:16]}...: another teacher, seed, recipe or shard list)",
+            )
         unit = UnitData(**arrays)
-        if unit_checksum(block, shard, count, unit) != int(np.int64(bits).view(np.uint64)):
+        if unit_checksum(self.meta.fingerprint, block, shard, count, unit) != bits:
             gone = self.absent_objects(block, shard)
             why = f"{', '.join(gone)} missing" if gone else "its data do not match the checksum in its marker"
             raise UnitDamaged.of(self, block, shard, why)

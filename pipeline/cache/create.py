@@ -20,7 +20,7 @@ from ..errors import CacheError
 from . import store as st
 from .access import Cache, no_metadata
 from .meta import ATTR, FORMAT_VERSION, CacheMeta, check_versions, diff_fields
-from .units import ARRAYS
+from .units import ARRAYS, MARKER, SPECS
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +29,29 @@ _LAYOUT_FIELDS = ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "fil
 
 
 def _create_arrays(group: zarr.Group, meta: CacheMeta) -> None:
-    v, b, cap, rows = meta.views, meta.view_block, meta.capacity, meta.rows
-    k, t = meta.topk, len(meta.temperatures)
-    kw = {"config": st.ARRAY_CONFIG, "compressors": st.COMPRESSOR}
-    group.create_array("values", shape=(v, rows, k), chunks=(b, cap, k), dtype="float16", fill_value=0, **kw)
-    group.create_array("indices", shape=(v, rows, k), chunks=(b, cap, k), dtype=meta.index_dtype, fill_value=-1, **kw)
-    group.create_array("logsumexp", shape=(v, rows, t), chunks=(b, cap, t), dtype="float32", fill_value=0, **kw)
-    group.create_array("labels", shape=(rows,), chunks=(cap,), dtype="int32", fill_value=-1, **kw)
-    group.create_array("keys", shape=(rows,), chunks=(cap,), dtype=str, fill_value="", **kw)
-    group.create_array("digests", shape=(rows,), chunks=(cap,), dtype="uint64", fill_value=0, **kw)
+    b, cap, rows = meta.view_block, meta.capacity, meta.rows
+    for spec in SPECS:
+        width = spec.width(meta)
+        shape, chunks = ((meta.views, rows, width), (b, cap, width)) if spec.per_view else ((rows,), (cap,))
+        dtype = str if spec.dtype(meta) == "str" else spec.dtype(meta)
+        group.create_array(
+            spec.name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=spec.fill,
+            config=st.ARRAY_CONFIG,
+            compressors=st.COMPRESSORS[spec.name],
+        )
     # A marker never equals the fill value (its count is >= 0), and writing the fill value deletes it.
-    done_shape = (meta.num_blocks, len(meta.shards), 2)
+    done_shape = (meta.num_blocks, len(meta.shards), MARKER)
     group.create_array(
-        "done", shape=done_shape, chunks=(1, 1, 2), dtype="int64", fill_value=-1, compressors=st.COMPRESSOR
+        "done",
+        shape=done_shape,
+        chunks=(1, 1, MARKER),
+        dtype="int64",
+        fill_value=-1,
+        compressors=st.COMPRESSORS["done"],
     )
 
 
@@ -199,9 +209,20 @@ def create_or_open(url: str, meta: CacheMeta, force_new: bool = False) -> Cache:
         raise CacheError(f"{url!r} exists but is not a stillroom cache; choose another --out")
     if kind == "cache" and attrs is not None:
         _refuse_other_settings(url, attrs, meta)
+    # Units there, but no attributes: the group's zarr.json was lost (or a creator killed after some
+    # unit was written). The attributes written now are this job's, not a record of those units'.
+    restored = kind == "partial" and bool(st.list_keys(store, "done/c/"))
     _complete(store, url, kind, meta)
     cache = open_cache(url, mode="r+")
     if cache.meta.fingerprint != meta.fingerprint:  # another job with other settings finished it first
         _refuse_other_settings(url, cache.meta.to_attrs(), meta)
+    if restored:
+        log.warning(
+            "cache %s had finished units but no group metadata: rewrote it from this job's settings; every "
+            "finished unit is checked against them (a unit written for another teacher, seed or shard list "
+            "does not match and is redone)",
+            url,
+        )
+    cache.restored = restored
     check_versions(cache.meta)
     return cache

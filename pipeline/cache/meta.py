@@ -20,24 +20,16 @@ from ..shards import ShardInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ATTR = "stillroom"
 
-# Fields that identify what a cache holds; a different value means a different cache.
-FINGERPRINT_FIELDS = (
-    "format_version",
-    "num_classes",
-    "topk",
-    "temperatures",
-    "views",
-    "view_block",
-    "seed",
-    "capacity",
-    "shards",
-    "recipe",
-    "teacher",
-    "index_dtype",
-)
+# Two identities, kept apart. The views: which pixels each row's targets belong to (shards and
+# counts, recipe, seed, views, row geometry). Caches with equal views identity hold targets for the
+# same pixels, row for row, whatever their teacher: what several-teacher training needs.
+VIEW_FIELDS = ("format_version", "num_classes", "views", "view_block", "seed", "capacity", "shards", "recipe")
+# The teacher: which targets (model and weights, and how its logits are reduced).
+TEACHER_FIELDS = ("teacher", "topk", "topk_mass", "topk_min", "temperatures", "index_dtype")
+FINGERPRINT_FIELDS = (*VIEW_FIELDS, *TEACHER_FIELDS)
 
 
 def index_dtype(num_classes: int) -> str:
@@ -89,6 +81,8 @@ class CacheMeta:
     format_version: int = FORMAT_VERSION
     teacher_batch_size: int | None = None
     classes: tuple[str, ...] | None = None  # class names of the labels (from pack), when known; not identity
+    topk_mass: float | None = None  # per-row K: keep the fewest logits reaching this mass (None: always topk)
+    topk_min: int = 1  # per-row K never below this
 
     @classmethod
     def build(cls, *, shards: Sequence[ShardInfo], num_classes: int, **fields: Any) -> CacheMeta:
@@ -120,6 +114,8 @@ class CacheMeta:
             attrs["teacher_batch_size"] = self.teacher_batch_size
         if self.classes is not None:
             attrs["classes"] = list(self.classes)
+        attrs["views_fingerprint"] = self.views_fingerprint
+        attrs["teacher_fingerprint"] = self.teacher_fingerprint
         attrs["fingerprint"] = self.fingerprint
         return attrs
 
@@ -127,14 +123,29 @@ class CacheMeta:
         """The fields that define what the cache holds, as JSON values."""
         out = {name: getattr(self, name) for name in FINGERPRINT_FIELDS}
         out["temperatures"] = list(self.temperatures)
+        # Shard URLs may change when data moves; names and counts identify the samples.
         out["shards"] = [{"name": s.name, "count": s.count} for s in self.shards]
         return out
 
+    def views_identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.identity().items() if k in VIEW_FIELDS}
+
+    def teacher_identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.identity().items() if k in TEACHER_FIELDS}
+
+    @property
+    def views_fingerprint(self) -> str:
+        """SHA-256 of the views identity: equal for caches of the same pixels, row for row."""
+        return _digest(self.views_identity())
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        return _digest(self.teacher_identity())
+
     @property
     def fingerprint(self) -> str:
-        # Shard URLs may change when data moves; names and counts identify the samples.
-        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        """SHA-256 of both identities: what every unit's checksum binds (``docs/cache-format.md``)."""
+        return _digest({"views": self.views_fingerprint, "teacher": self.teacher_fingerprint})
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -157,6 +168,10 @@ class CacheMeta:
     def describe_unit(self, block: int, shard: int) -> str:
         views = self.block_views(block)
         return f"views {views.start}-{views.stop - 1} of shard {self.shards[shard].name!r}"
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def diff_fields(expected: dict[str, Any], actual: dict[str, Any], prefix: str = "") -> list[str]:
@@ -193,3 +208,19 @@ def check_versions(meta: CacheMeta) -> list[str]:
             "; ".join(diffs),
         )
     return diffs
+
+
+def replay_mismatch(meta: CacheMeta, where: str, ours: int, theirs: int) -> str:
+    """The one-line refusal when this environment replays other pixels than phase 1 did."""
+    now = library_versions()
+    diffs = [f"{k} {v} (cache) vs {now.get(k)} (here)" for k, v in meta.versions.items() if now.get(k) != v]
+    why = (
+        f"library versions differ: {'; '.join(diffs)}"
+        if diffs
+        else "the library versions are equal, so another build (libjpeg, Pillow, torch) or CPU path decodes "
+        "or resamples differently"
+    )
+    return (
+        f"{where}: this environment replays other pixels than the cache's teacher saw (pixel digest "
+        f"{ours:08x}, cache {theirs:08x}); {why}. Train where the cache was made, or cache again here"
+    )
