@@ -71,13 +71,23 @@ def _cache_teacher(cfg: CacheConfig) -> None:
         f"{s.get('units_damaged', 0)} damaged units redone, "
         f"{s['images']} image decodes, {s['views']} views, {skipped} bad samples skipped, "
         f"{s['bytes_written']} bytes written, {s['wall_s']:.1f}s"
+        + (
+            f"; {s['units_invalidated']} older units of changed shards marked not done: run again to redo them"
+            if s.get("units_invalidated")
+            else ""
+        )
     )
 
 
 def _cache_status(cfg: StatusConfig) -> None:
     from pipeline.cache_status import status
 
-    _print_json(status(cfg.cache))
+    if len(cfg.cache) == 1:
+        _print_json(status(cfg.cache[0]))
+        return
+    from pipeline.cache_compare import compare
+
+    _print_json({"caches": [status(url) for url in cfg.cache], "teachers": compare(cfg.cache)})
 
 
 def _verify_cache(cfg: VerifyConfig) -> None:
@@ -174,7 +184,7 @@ COMMANDS: list[tuple[str, type, Callable[[Any], None], str]] = [
         _cache_teacher,
         "Phase 1: run the teacher over replayed views and store top-k logits (resumable).",
     ),
-    ("cache-status", StatusConfig, _cache_status, "Units done/missing, bytes per (sample, view), teacher agreement."),
+    ("cache-status", StatusConfig, _cache_status, "Units done, bytes per (sample, view), tail mass; compare teachers."),
     ("verify-cache", VerifyConfig, _verify_cache, "Check a cache's keys and re-run the teacher on random views."),
     (
         "train-student",

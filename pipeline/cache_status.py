@@ -27,7 +27,7 @@ class TailMass:
         t0 = self.meta.temperatures[0]
         for i, tau in enumerate(self.meta.temperatures):
             logp = values if i == 0 else (values + lse[..., :1]) * (t0 / tau) - lse[..., i : i + 1]
-            tail = np.clip(1.0 - np.where(kept, np.exp(logp), 0.0).sum(axis=-1), 0.0, 1.0).ravel()
+            tail = np.clip(1.0 - np.where(kept, np.exp(np.minimum(logp, 0.0)), 0.0).sum(axis=-1), 0.0, 1.0).ravel()
             self.sums[tau] += float(tail.sum())
             self.counts[tau] += np.bincount(
                 np.minimum((tail * TAIL_BINS).astype(int), TAIL_BINS - 1), minlength=TAIL_BINS

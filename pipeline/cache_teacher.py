@@ -11,6 +11,7 @@ cut short by a crash has no marker, and a damaged one loses its marker: both are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import storage
-from .cache import Cache, CacheMeta, UnitData, create_or_open, damaged_units
+from .cache import Cache, CacheMeta, UnitData, create_or_open, damaged_units, diff_fields, open_cache
 from .config import checked
 from .decode import iter_decoded
 from .errors import ConfigError
@@ -114,6 +115,7 @@ class CacheJob:
     summary: dict[str, Any] = field(default_factory=dict)
     # Bad samples per shard and reason: every view block re-reads its shard and meets the same ones.
     skipped: dict[int, Counter] = field(default_factory=dict)
+    checked_shards: set[int] = field(default_factory=set)  # shards whose older units were compared with now
 
 
 def build_teacher(cfg: CacheConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -154,9 +156,28 @@ def _capacity(cfg: CacheConfig, shards: list[ShardInfo]) -> int:
     return capacity
 
 
+def like(cfg: CacheConfig) -> tuple[CacheConfig, CacheMeta | None]:
+    """``--like CACHE``: this cache's views are that cache's (shards unless given, recipe, seed, views, view
+    blocks, capacity, classes); only the teacher and its reduction are this run's."""
+    if not cfg.like:
+        return cfg, None
+    meta = open_cache(cfg.like).meta
+    views = {"views": meta.views, "view_block": meta.view_block, "seed": meta.seed, "capacity": meta.capacity}
+    shards = cfg.shards or [s.url for s in meta.shards]
+    taken = {"recipe": meta.recipe, "img_size": None, "repeats": None, "num_classes": meta.num_classes, **views}
+    return dataclasses.replace(cfg, shards=shards, **taken), meta
+
+
+def _same_views(meta: CacheMeta, other: CacheMeta | None) -> None:
+    if other is not None and meta.views_fingerprint != other.views_fingerprint:
+        diffs = diff_fields(other.views_identity(), meta.views_identity())
+        raise ConfigError(f"--like: these views are not those of the cache given: {'; '.join(diffs)}")
+
+
 def prepare(cfg: CacheConfig) -> CacheJob:
     """Resolve shards, teacher and recipe; create or reopen the cache (refusing a mismatch)."""
     job_slot(cfg.job_index, cfg.job_count)  # a bad --job-index is refused before anything is created
+    cfg, other = like(cfg)
     shards = load_shard_list(cfg.shards, label_key=cfg.label_key)
     # An unreachable cache store must fail here, in one line, not in cache creation's wait for other jobs.
     storage.exists(cfg.out)
@@ -185,6 +206,7 @@ def prepare(cfg: CacheConfig) -> CacheJob:
         teacher_batch_size=cfg.batch_size,
         classes=tuple(names) if (names := class_names(cfg.shards)) else None,
     )
+    _same_views(meta, other)
     cache = create_or_open(cfg.out, meta, force_new=cfg.force_new)
     first_bs = cache.meta.teacher_batch_size
     if first_bs is not None and first_bs != cfg.batch_size:
@@ -362,7 +384,12 @@ def _store_targets(job: CacheJob, t: _Targets | None, buffers: dict[tuple[int, i
     buf, item = buffers[t.unit], t.item
     vi = (item["view"] - job.cache.meta.block_views(t.unit[0]).start).numpy()
     pos = item["position"].numpy()
-    for name, rows in unpack_rows(t.host.numpy(), t.layout).items():
+    outputs = unpack_rows(t.host.numpy(), t.layout)
+    if not np.isfinite(outputs["logsumexp"]).all():
+        bad = item["keys"][int(np.flatnonzero(~np.isfinite(outputs["logsumexp"]).all(axis=1))[0])]
+        what = job.cache.meta.describe_unit(*t.unit)
+        raise ConfigError(f"the teacher's output is not finite (NaN or inf) on {what}, key {bad!r}: check its weights")
+    for name, rows in outputs.items():
         target = getattr(buf, name)
         target[vi, pos] = rows.astype(target.dtype, copy=False)
     buf.pixel_digests[vi, pos, 0] = item["pixel_digest"].numpy().astype(np.uint32)
@@ -375,10 +402,43 @@ def _queue_unit(job: CacheJob, unit: tuple[int, int], buf: UnitData, end: dict[s
     """Count the unit's bad samples once per shard, and queue the unit for writing."""
     block, s = unit
     _count_skipped(job, s, end["skipped"])
+    _check_shard_unchanged(job, s, buf)
     writer.submit(block, s, buf, int(end["count"]))
     job.summary["units_done"] += 1
     job.summary["images"] += int(end["count"])
     job.summary["bytes_written"] += buf.nbytes
+
+
+def _check_shard_unchanged(job: CacheJob, s: int, buf: UnitData) -> None:
+    """Once per shard: if finished units of it were written from other samples (the shard was rebuilt
+    under the same name and count since), they are not this cache's data any more: remove their markers so
+    the next run redoes them, and say so. (Their per-shard arrays are about to be overwritten by this unit.)"""
+    if s in job.checked_shards:
+        return
+    job.checked_shards.add(s)
+    done = job.cache.done_mask()[:, s]
+    if not done.any():
+        return
+    keys, digests = job.cache.keys(s), job.cache.digests(s)
+    differ = np.flatnonzero((keys != buf.keys) | (digests != buf.digests))
+    if not len(differ):
+        return
+    stale = [int(b) for b in np.flatnonzero(done)]
+    for b in stale:
+        job.cache.invalidate(b, s)
+    job.summary["units_invalidated"] = job.summary.get("units_invalidated", 0) + len(stale)
+    name, row = job.shards[s].name, int(differ[0])
+    log.warning(
+        "shard %r changed since %d finished unit(s) of it were written (%d rows differ, e.g. position %d: key %r, "
+        "was %r): those units are not this cache's data any more and were marked not done; run cache-teacher "
+        "again to redo them",
+        name,
+        len(stale),
+        len(differ),
+        row,
+        str(buf.keys[row]),
+        str(keys[row]),
+    )
 
 
 def _count_skipped(job: CacheJob, shard: int, reasons: dict[str, int]) -> None:

@@ -74,6 +74,12 @@ class CacheConfig:
     shards: list[str] = option(factory=list, help=SHARDS_HELP)
     label_key: str | None = option(None, help=LABEL_KEY_HELP)
     out: str = option("", help="cache location: a local path or fsspec URL of a zarr v3 group")
+    like: str | None = option(
+        None,
+        help="another cache whose views this one caches for another teacher: its shards (unless --shards), "
+        "recipe, seed, views, view blocks, capacity and classes are taken, so both hold targets for the same "
+        "pixels, row for row (train-student can then combine them)",
+    )
     teacher: str = option("regnety_160", help="timm model name of the teacher")
     teacher_checkpoint: str | None = option(None, help=".pth/.safetensors weights (timm or plain state dict)")
     teacher_pretrained: bool = option(False, help="load timm's pretrained weights (needs a model hub)")
@@ -123,7 +129,7 @@ class CacheConfig:
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
 
     def check(self) -> None:
-        _required(shards=self.shards, out=self.out)
+        _required(out=self.out, **({} if self.like else {"shards": self.shards}))
         _positive(
             views=self.views,
             view_block=self.view_block,
@@ -308,7 +314,12 @@ class TrainConfig:
 class StatusConfig:
     """Options of ``stillroom cache-status``."""
 
-    cache: str = option("", positional=True, help="cache location")
+    cache: list[str] = option(
+        factory=list,
+        positional=True,
+        help="cache location; several caches made over the same views (cache-teacher --like) are also compared: "
+        "their teachers' top-1 agreement and the KL between their soft targets",
+    )
 
     def check(self) -> None:
         _required(cache=self.cache)

@@ -113,6 +113,8 @@ def soft_target_probs(
     """
     valid = indices >= 0
     top = kept_probs(values, indices, lse0, lse, t0, tau)
+    # float16 rounding can make the kept mass exceed 1 by a few 1e-4: scale it back, so a target sums to 1
+    top = top / top.sum(dim=1, keepdim=True).clamp_min(1.0)
     rest = (1.0 - top.sum(dim=1, keepdim=True)).clamp_min(0.0)
     others = (num_classes - valid.sum(dim=1, keepdim=True)).clamp_min(1)
     index = indices.long().clamp_min(0)

@@ -90,3 +90,30 @@ def test_two_identities_kept_apart(made: dict[str, Path], digits_shards, tmp_pat
     a, b = open_cache(str(made["cache"])).meta, open_cache(str(other)).meta
     assert a.views_fingerprint == b.views_fingerprint and a.teacher_fingerprint != b.teacher_fingerprint
     assert a.fingerprint != b.fingerprint
+
+
+def test_a_shard_rebuilt_between_runs_invalidates_its_older_units(digits_shards, tiny_teacher, tmp_path):
+    """A killed run left view 0 of every shard done; one shard is then rebuilt with other samples under
+    the same name and count. The re-run computes view 1 from the new samples, says the shard changed and
+    marks view 0 of it not done (no unit of other samples is kept); the next run makes the cache whole."""
+    from conftest import write_digits_shards
+
+    shards = write_digits_shards(tmp_path / "s", 120, 40)
+    out = tmp_path / "c.zarr"
+    cache_teacher(tiny_cache_config(shards, tiny_teacher, out, view_range="0:1", **SETTINGS))
+    rebuilt = Path(write_digits_shards(tmp_path / "other", 40, 40, offset=500)).parent / "train-000000.tar"
+    shutil.copyfile(rebuilt, tmp_path / "s" / "train-000000.tar")  # the same name and count, other digits
+    summary = cache_teacher(tiny_cache_config(shards, tiny_teacher, out, view_range="1:2", **SETTINGS))
+    assert summary["units_invalidated"] == 1 and summary["units_done"] == 3
+    assert not open_cache(str(out)).done_mask()[0, 0]
+    again = cache_teacher(tiny_cache_config(shards, tiny_teacher, out, **SETTINGS))
+    assert again["units_done"] == 1 and open_cache(str(out)).done_mask().all()
+
+
+def test_a_teacher_whose_output_is_not_finite_is_refused(digits_shards, tiny_teacher, tmp_path):
+    weights = torch.load(tiny_teacher, weights_only=True)
+    head = next(k for k in weights if k.endswith("fc.weight"))
+    weights[head][0, 0] = float("nan")
+    torch.save(weights, tmp_path / "nan.pth")
+    with pytest.raises(ConfigError, match=r"the teacher's output is not finite .* on views 0-0 of shard"):
+        cache_teacher(tiny_cache_config(digits_shards, str(tmp_path / "nan.pth"), tmp_path / "c.zarr", **SETTINGS))
