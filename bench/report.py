@@ -214,6 +214,114 @@ def accuracy(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def codecs(doc: dict[str, Any]) -> list[str]:
+    r = doc["results"]
+    rows = []
+    for c in r["compare_today"]:
+        for name in ("today", "recommended"):
+            x = c[name]
+            size = [x["bytes"]["values"], x["bytes"]["indices"], x["bytes"]["logsumexp"], x["bytes_per_row"]]
+            time_ms = [x["dec_ms"], x["dec_ms_per_128_rows"], x["codec_dec_ms"], x["enc_ms"]]
+            rows.append([c["K"], c["B"], name, *size, *time_ms])
+    code = "; ".join(f"{k}: {v}" for k, v in r["recommended_code"].items())
+    return [
+        "Bytes per (sample, view) of the three per-view arrays, on disk through zarr v3 (units of 1,000 rows x "
+        "B views, T = 2); synthetic ImageNet-like teacher logits (see the script; mean top-1 probability "
+        f"{fmt_num(doc.get('teacher_model', {}).get('top1_prob_tau1'))} at tau 1). "
+        "`today` is format 2's zstd (level 3, checksum) on every array; `recommended` is what format 3 writes "
+        f"(`pipeline/cache/store.py`): {code}. A flipped bit fails to decode with either.",
+        "",
+        md_table(
+            [
+                *("K", "B", "codec", "values B", "indices B", "logsumexp B", "total B", "decode ms/unit"),
+                *("ms/128 rows", "codec-only decode ms", "encode ms/unit"),
+            ],
+            rows,
+        ),
+        "",
+        "The 25 B target at K=10 is not reached by any lossless chain on these synthetic logits (10 random "
+        "class ids out of 1,000 need about 12.5 B): 26.7 B against 32.1 B, decoding as fast. Whether real "
+        "teachers' ids compress further is to be measured on a real cache. Per-shard arrays (keys, labels, "
+        f"digests) add {_per_shard(r)} B per (sample, view), amortised over the views.",
+    ]
+
+
+def _per_shard(r: dict[str, Any]) -> str:
+    per = r["per_shard_bytes_per_sample_view"].get("shuffled", {})
+    return ", ".join(f"{fmt_num(v)} at {k}" for k, v in per.items()) if isinstance(per, dict) else fmt_num(per)
+
+
+SOFT_DESIGNS = (
+    "K=10",
+    "K=10 logp16",
+    "K=20",
+    "K=100",
+    "K=100 logp16",
+    "mass 0.9/64/5 logp16",
+    "K=10+tail 2b[16,48,160] logp16",
+)
+
+
+def soft_targets(doc: dict[str, Any]) -> list[str]:
+    out = [
+        "Error of soft targets rebuilt from the cache against the teacher's full distribution (DeiT's soft "
+        "distillation on full logits), per design: tail mass (probability the kept classes miss), KL(full || "
+        "rebuilt), the relative error of the distillation term and the cosine of its gradient for an "
+        "untrained-like student (N(0, 1) logits), at tau 1 and 3; bytes per (sample, view) on disk. `logp16`: "
+        "values stored as float16 log-probabilities (what format 3 stores); `mass m/Kmax/kmin`: per-row K; "
+        "`+tail`: a 2-bit rank band per class (measured, not implemented). 1000-class teachers are synthetic "
+        "models, not networks; `digits` is a RegNetY trained here (10 classes).",
+        "",
+    ]
+    for t in doc["results"]["teachers"]:
+        info = t["info"]
+        rows = []
+        for row in t["rows"]:
+            if row["design"] not in SOFT_DESIGNS and not (
+                info["teacher"] == "digits" and row["design"] in ("K=2", "K=5")
+            ):
+                continue
+            cells = [row["design"], row["k_mean"], row["bytes_disk"]]
+            for tau in ("1.0", "3.0"):
+                x = row["taus"][tau]
+                cells += [x["tail_mean"], x["kl_mean"], x["N(0,1)"]["loss_rel_err"], x["N(0,1)"]["grad_cos_batch"]]
+            rows.append(cells)
+        out += [
+            f"**{info['teacher']}** ({info['num_classes']} classes; top-1 probability "
+            f"{fmt_num(info['top1_prob_tau1'])} at tau 1, entropy {fmt_num(info['entropy_tau1'])} / "
+            f"{fmt_num(info['entropy_tau3'])} nats at tau 1 / 3)",
+            "",
+            md_table(
+                [
+                    *("design", "kept", "B/view", "tail τ1", "KL τ1", "loss err τ1", "grad cos τ1"),
+                    *("tail τ3", "KL τ3", "loss err τ3", "grad cos τ3"),
+                ],
+                rows,
+            ),
+            "",
+        ]
+    return out
+
+
+def resume(doc: dict[str, Any]) -> list[str]:
+    c = doc.get("conditions", {})
+    rows = [
+        [r["position"], r["step"], r["seconds"], r["ratio"], r.get("replaying_every_step_s"), r.get("replaying_ratio")]
+        for r in doc["results"]
+    ]
+    return [
+        f"Time until a resumed epoch delivers its first new batch, against a fresh epoch's first batch: "
+        f"{c.get('images')} ImageNet-shaped JPEGs, {c.get('copies_per_epoch')} copies an epoch (R = 3), "
+        f"{c.get('steps')} steps of {c.get('batch_size')}, windows of {c.get('window')} copies, "
+        f"{c.get('img_size')} px, one process, the data path alone. `replaying every step` is the old resume "
+        "(draw and drop the trained steps), measured the same way.",
+        "",
+        md_table(
+            ["resumed at", "step", "seconds to first batch", "vs fresh", "replaying every step s", "vs fresh"], rows
+        ),
+    ]
+
+
 def _flat(rows: list[dict[str, Any]], get: Any) -> str:
     first, last = get(rows[0]), get(rows[-1])
     return f"{fmt_num(first)} -> {fmt_num(last)} ({fmt_num(last / first)}x)"
@@ -310,6 +418,9 @@ SECTIONS = [
     ("storage_fidelity", "Cache storage and soft-target fidelity", storage_fidelity, "bench/storage_fidelity.py"),
     ("accuracy", "Student accuracy by distillation mode", accuracy, "bench/accuracy.py"),
     ("scale", "Scale: cost per sample as the data grows 16x", scale, "bench/scale.py"),
+    ("codecs", "Cache codecs: bytes per (sample, view) and read time", codecs, "bench/codecs.py"),
+    ("soft_targets", "Soft targets from the cache: storage against error", soft_targets, "bench/soft_targets.py"),
+    ("resume", "Mid-epoch resume: start-up time wherever the run stopped", resume, "bench/resume_speed.py"),
 ]
 
 

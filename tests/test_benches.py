@@ -41,16 +41,26 @@ def _run(args: list[str], timeout: int = 600) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+# Benchmarks that make their own data.
+SYNTHETIC = {
+    "resume": [
+        "bench/resume_speed.py",
+        *("--count", "96", "--per-shard", "48", "--batch-size", "8", "--window", "16", "--img-size", "32"),
+    ],
+}
+
+
 def test_benchmarks_run_and_the_report_reads_them(photos: Path, tmp_path: Path) -> None:
     results = tmp_path / "results"
-    for name, args in RUNS.items():
-        _run([*args, "--images", str(photos), "--out", str(results / f"{name}.json")])
+    runs = {name: [*args, "--images", str(photos)] for name, args in RUNS.items()} | SYNTHETIC
+    for name, args in runs.items():
+        _run([*args, "--out", str(results / f"{name}.json")])
         doc = json.loads((results / f"{name}.json").read_text())
         assert doc["benchmark"] and doc["machine"]["torch"] and doc["results"], name
     out = tmp_path / "benchmarks.md"
     _run(["bench/report.py", "--results", str(results), "--out", str(out)])
     text = out.read_text()
     assert "could not read" not in text
-    for title in ("Phase 1 speed", "Phase 2 speed", "Cache storage"):
+    for title in ("Phase 1 speed", "Phase 2 speed", "Cache storage", "Mid-epoch resume"):
         section = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
         assert "Not run yet" not in section and "| ---" in section, title

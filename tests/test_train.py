@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -36,6 +38,7 @@ from pipeline.options import TrainConfig
 from pipeline.pixels import model_input
 from pipeline.recipe import eval_recipe, make_recipe
 from pipeline.samplers import epoch_plan
+from pipeline.seeding import stable_seed
 from pipeline.shards import load_shard_list
 from pipeline.targets import Reduction, soft_target_probs
 from pipeline.task import DistillationTask
@@ -395,3 +398,18 @@ def test_evaluate_reports_top1_top5_of_each_head(reference_run: TrainConfig, dig
         top5 = out.topk(5, dim=1).indices
         assert report[f"top1_{head}"] == round(100.0 * float((top5[:, 0] == y).sum()) / 60, 3)
         assert report[f"top5_{head}"] == round(100.0 * float((top5 == y[:, None]).any(1).sum()) / 60, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compile_trains_the_student(digits_shards: str, cache: str, tmp_path: Path) -> None:
+    """--compile (torch.compile of the student, as timm's --torchcompile) trains, and its checkpoint holds the
+    plain module's weights (no ``_orig_mod.`` prefix), so evaluate and a resume read it as any other."""
+    cfg = student_config(digits_shards, cache, tmp_path / "run", epochs=1, max_steps_per_epoch=2)
+    result = train(dataclasses.replace(cfg, compile=True, deterministic=False))
+    assert result["steps"] == 2 and math.isfinite(result["train_loss"])
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+    torch.manual_seed(stable_seed("init", 0))  # the trainer's initial weights
+    initial = create(STUDENT, 10, **TINY_STUDENT, drop_path_rate=cfg.drop_path).state_dict()
+    assert any(not torch.equal(state["model"][k], initial[k]) for k in initial), "two steps moved the weights"
