@@ -31,6 +31,7 @@ from pipeline.options import (
     TrainConfig,
     VerifyConfig,
 )
+from pipeline.plugins import load_plugins
 from pipeline.storage import storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -157,6 +158,7 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
         _setup_logging(every_rank=action is _cache_teacher)  # phase-1 ranks are independent jobs
         sigterm_interrupts()
         try:
+            load_plugins()
             action(config())
         except StillroomError as e:
             typer.secho(f"error: {_message(e)}", fg="red", err=True)

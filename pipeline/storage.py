@@ -25,9 +25,29 @@ import fsspec
 
 from .errors import StillroomError, StorageError
 
+# Modules whose exceptions are storage faults (an endpoint that refuses or does not answer, missing
+# credentials): turned into one StorageError line naming the URL. register_backend extends it.
+FAULT_MODULES: set[str] = {"aiohttp"}
+
+
+def register_backend(
+    protocols: tuple[str, ...], filesystem: str | type, fault_modules: tuple[str, ...] = (), install: str = ""
+) -> None:
+    """Make ``protocols`` (e.g. ``("s3", "s3a")``) use ``filesystem`` (an fsspec class, or its dotted path:
+    imported only when such a URL is first used), for shards and caches alike (zarr goes through fsspec),
+    and treat exceptions from ``fault_modules`` as storage faults (one error line naming the URL).
+
+    A backend's timeouts and retries belong to its filesystem class: see :mod:`pipeline.s3` for the pattern
+    (stated timeouts, a bounded number of tries, a warning per failed try).
+    """
+    errtxt = f"{protocols[0]}:// URLs need {install or 'an fsspec filesystem for them'}"
+    for protocol in protocols:
+        fsspec.register_implementation(protocol, filesystem, clobber=True, errtxt=errtxt)
+    FAULT_MODULES.update(fault_modules)
+
 
 def _register_s3() -> None:
-    """Make every S3 filesystem (ours, zarr's) stillroom's s3fs, with its timeouts and retries.
+    """Every S3 filesystem (ours, zarr's) is stillroom's s3fs, with its timeouts and retries.
 
     By name, so that s3fs is imported only when an ``s3://`` URL is used; by class if something
     already imported s3fs (fsspec would keep the plain class it has registered).
@@ -37,9 +57,8 @@ def _register_s3() -> None:
         from .s3 import S3FileSystem
 
         cls = S3FileSystem
-    for protocol in ("s3", "s3a"):
-        errtxt = "s3:// URLs need s3fs: pip install 'stillroom[s3]' (or pip install s3fs)"
-        fsspec.register_implementation(protocol, cls, clobber=True, errtxt=errtxt)
+    faults = ("botocore", "aiobotocore", "s3fs")
+    register_backend(("s3", "s3a"), cls, faults, install="s3fs: pip install 'stillroom[s3]' (or pip install s3fs)")
 
 
 _register_s3()
@@ -124,7 +143,7 @@ def fault(e: BaseException) -> BaseException | None:
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         module = type(cur).__module__.split(".")[0]
-        if module in ("botocore", "aiobotocore", "aiohttp", "s3fs") or (
+        if module in FAULT_MODULES or (
             isinstance(cur, (ConnectionError, TimeoutError)) and not isinstance(cur, BrokenPipeError)
         ):
             return cur
