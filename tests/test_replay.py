@@ -484,3 +484,18 @@ def test_skipped_sample_leaves_its_partner_alone_and_nothing_else_changes(tmp_pa
     assert changed == [orphan], f"only the skipped sample's partner may change, not {changed}"
     assert gapped[orphan].lam == 1.0 and clean[orphan].lam < 1.0
     assert all(v.position == clean[k].position for k, v in gapped.items())
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-n2", "rand-m9-mstd0.5-inc1", "rand-mstd101", "rand-m7-n3-p0.3-mmax9"])
+def test_rand_augment_strings_mean_what_they_mean_in_timm(spec: str) -> None:
+    """An omitted section takes timm's default (magnitude 10, no noise, the non-increasing ops), not DeiT's."""
+    from timm.data.auto_augment import rand_augment_choices, rand_augment_transform
+
+    from pipeline.recipe import RandAugmentSpec
+
+    ours, theirs = RandAugmentSpec.parse(spec), rand_augment_transform(spec, {})
+    op = theirs.ops[0]
+    assert ours.num_layers == theirs.num_layers and ours.magnitude == op.magnitude
+    assert ours.magnitude_std == op.magnitude_std and ours.prob == op.prob
+    assert ours.magnitude_max == (op.magnitude_max if op.magnitude_max is not None else 10.0)
+    assert [o.name for o in theirs.ops] == list(rand_augment_choices("", increasing=ours.increasing))
