@@ -309,3 +309,26 @@ def test_corrupt_marker_is_a_damaged_unit_and_is_redone(tmp_path, pristine, digi
     code, text = cache_teacher(cache, digits_shards, tiny_teacher)
     assert code == 0 and "1 units done, 5 skipped" in text, text
     assert files(cache) == files(pristine)
+
+
+def test_the_documented_reader_reads_a_cache_without_stillroom(pristine):
+    """docs/cache-format.md's code (verify a unit, recompute the fingerprints, rebuild soft targets) runs on a
+    real cache and gives stillroom's own soft targets."""
+    import re
+
+    import torch
+
+    from pipeline.targets import soft_target_probs
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cache-format.md").read_text()
+    verify_unit, read_it = re.findall(r"```python\n(.*?)```", doc, re.S)
+    code = read_it.replace('"cache.zarr"', repr(str(pristine)))
+    ns: dict = {}
+    exec(verify_unit + "\n" + code.replace("v = 3", "v = 1"), ns)
+    unit, i, ok = ns["unit"], ns["i"], ns["ok"]
+    values, indices = (
+        torch.from_numpy(unit[k][i][ok].astype(dt)) for k, dt in (("values", np.float32), ("indices", np.int64))
+    )
+    lse = torch.from_numpy(unit["logsumexp"][i][ok])
+    ours = soft_target_probs(values, indices, lse[:, 0], lse[:, 1], 1.0, 3.0, ns["C"]).numpy()
+    assert np.abs(ours - ns["probs"]).max() < 1e-6
