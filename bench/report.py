@@ -322,6 +322,32 @@ def resume(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def gpu_check(doc: dict[str, Any]) -> list[str]:
+    r, sizes = doc["results"], doc.get("sizes", {})
+    checks = [
+        [name, "pass" if c["ok"] else "FAIL", "; ".join(c.get("problems", []))] for name, c in r["checks"].items()
+    ]
+    ratio = r["ratios"]
+    speeds = [
+        ["cache-teacher (img x views/s)", r["phase1"]["cache_img_views_per_s"], ratio["phase1_vs_bare_forward"]],
+        ["bare teacher forward (img/s)", r["phase1"]["bare_forward_img_per_s"], 1.0],
+        ["student, cached teacher (img/s)", r["phase2"]["cached"]["img_per_s"], ratio["cached_vs_none"]],
+        ["student, no teacher (img/s)", r["phase2"]["none"]["img_per_s"], 1.0],
+        ["student, live teacher (img/s)", r["phase2"]["live"]["img_per_s"], None],
+    ]
+    return [
+        f"Device: {doc.get('device')}; teacher {sizes.get('teacher')} (random weights), student "
+        f"{sizes.get('student')}, {doc.get('settings', {}).get('img_size')} px, batch "
+        f"{doc.get('settings', {}).get('batch_size')}.",
+        "",
+        md_table(["check", "result", "detail"], checks),
+        "",
+        md_table(["measurement", "rate", "ratio (to bare forward / to no teacher)"], speeds),
+        "",
+        f"Cached vs live teacher: {fmt_num(ratio['cached_vs_live'])}x.",
+    ]
+
+
 def _flat(rows: list[dict[str, Any]], get: Any) -> str:
     first, last = get(rows[0]), get(rows[-1])
     return f"{fmt_num(first)} -> {fmt_num(last)} ({fmt_num(last / first)}x)"
@@ -421,6 +447,7 @@ SECTIONS = [
     ("codecs", "Cache codecs: bytes per (sample, view) and read time", codecs, "bench/codecs.py"),
     ("soft_targets", "Soft targets from the cache: storage against error", soft_targets, "bench/soft_targets.py"),
     ("resume", "Mid-epoch resume: start-up time wherever the run stopped", resume, "bench/resume_speed.py"),
+    ("gpu_check", "GPU check: the CUDA paths and the headline ratios", gpu_check, "bench/gpu_check.sh"),
 ]
 
 
