@@ -1,4 +1,5 @@
-"""Student accuracy on digits by mode: repeated augmentation R = 1 vs R = 3, cached vs live, no teacher.
+"""Student accuracy on digits by mode: repeated augmentation R = 1 vs R = 3, cached vs live, no teacher, one
+teacher vs two (the demo's RegNetY and a RegNetX trained the same way, cached over the same views).
 
 Uses the demo's settings (``configs/demo.yaml``: pack, teacher, cache and student sections) for
 ``--epochs`` student epochs. One teacher (trained here, or ``--teacher-checkpoint``) and one cache
@@ -9,7 +10,7 @@ reuses a view. R = 1 runs train every sample every epoch on the same cache.
 Seeds: the cache fixes the views, so seed ``s`` is ``train-student --run-seed s``: the student's
 initial weights, drop-path noise and batch order.
 
-    .venv/bin/python bench/accuracy.py [--seeds 3] [--epochs 30] [--modes none "cached hard" "cached hard R3"]
+    .venv/bin/python bench/accuracy.py [--seeds 3] [--epochs 30] [--modes none "cached hard" "cached hard 2 teachers"]
 """
 
 from __future__ import annotations
@@ -35,18 +36,20 @@ from pipeline.options import CacheConfig, TrainConfig  # noqa: E402
 from pipeline.pack import pack  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
-MODES = ("none", "cached hard", "cached hard R3", "cached soft", "live hard")
+MODES = ("none", "cached hard", "cached hard R3", "cached soft", "live hard", "cached hard 2 teachers")
+SECOND_TEACHER = "regnetx_002"  # a second small CNN, trained as the demo trains its RegNetY
 
 
-def mode_options(mode: str, cache: str, preset: dict[str, Any], teacher: str, tau: float) -> dict[str, Any]:
-    """The train-student options that make ``mode``."""
+def mode_options(mode: str, caches: list[str], preset: dict[str, Any], teacher: str, tau: float) -> dict[str, Any]:
+    """The train-student options that make ``mode`` (``caches``: the demo teacher's, then the second's)."""
     if mode == "none":  # no teacher, the same views and seed as the cache's
         return {"distillation": "none", "recipe": preset["cache"]["recipe"], "seed": preset["cache"].get("seed", 0)}
+    cache = caches if "2 teachers" in mode else caches[:1]
     options: dict[str, Any] = {"cache": cache, "distillation": mode.split()[1], "repeats": 3 if "R3" in mode else 1}
     if mode == "cached soft":
         options["tau"] = tau
     if mode == "live hard":
-        options.update(teacher_mode="live", teacher=preset["cache"]["teacher"], teacher_checkpoint=teacher)
+        options.update(teacher_mode="live", teacher=[preset["cache"]["teacher"]], teacher_checkpoint=[teacher])
     return options
 
 
@@ -70,17 +73,20 @@ class Bench:
         mapping = {**self.common, **section, **extra, "out": str(self.tmp / name)}
         return TrainConfig(**from_mapping(TrainConfig, mapping, name))
 
-    def teacher(self) -> tuple[str, float | None]:
-        if self.args.teacher_checkpoint:
+    def teacher(self, model: str | None = None) -> tuple[str, float | None]:
+        """The demo's teacher (or ``model`` trained the same way); ``--teacher-checkpoint`` replaces the first."""
+        if self.args.teacher_checkpoint and model is None:
             return self.args.teacher_checkpoint, None
-        section = dict(self.preset["teacher"])
+        section = dict(self.preset["teacher"], **({"model": model} if model else {}))
         if self.args.teacher_epochs:
             section["epochs"] = self.args.teacher_epochs
-        result = train(self.config(section, "teacher"))
-        return str(self.tmp / "teacher" / "last.pth"), result.get("top1_avg")
+        name = f"teacher-{model}" if model else "teacher"
+        result = train(self.config(section, name))
+        return str(self.tmp / name / "last.pth"), result.get("top1_avg")
 
-    def cache(self, teacher: str) -> str:
-        url = str(self.tmp / "cache.zarr")
+    def cache(self, teacher: str, like: str | None = None, model: str | None = None) -> str:
+        """The demo teacher's cache, or (``like``) another teacher's over the very same views."""
+        url = str(self.tmp / (f"cache-{model}.zarr" if like else "cache.zarr"))
         views = -(-self.args.epochs // 3) * 3
         mapping = {
             **self.preset["cache"],
@@ -93,6 +99,8 @@ class Bench:
             "view_block": 3,
             "repeats": 3,
         }
+        if like:
+            mapping = {**mapping, "like": like, "teacher": model}
         run_cache(CacheConfig(**from_mapping(CacheConfig, mapping, "cache")))
         return url
 
@@ -118,11 +126,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stillroom-acc-") as d:
         bench = Bench(Path(d), args)
         (teacher, teacher_top1), t_teacher = _timed(bench.teacher)
-        cache, t_cache = _timed(bench.cache, teacher)
+        caches, t_cache = _timed(lambda: [bench.cache(teacher)])
+        second_top1 = None
+        if any("2 teachers" in m for m in args.modes):
+            second, second_top1 = bench.teacher(SECOND_TEACHER)
+            caches.append(bench.cache(second, like=caches[0], model=SECOND_TEACHER))
         student = {**bench.preset["student"], "epochs": args.epochs}
         for seed in range(args.seeds):
             for mode in args.modes:
-                extra = mode_options(mode, cache, bench.preset, teacher, args.tau)
+                extra = mode_options(mode, caches, bench.preset, teacher, args.tau)
                 cfg = bench.config(student, f"s{seed}-{mode.replace(' ', '-')}", run_seed=seed, **extra)
                 res, secs = _timed(train, cfg)
                 results[mode]["top1"].append(float(res["top1_avg"]))
@@ -140,6 +152,8 @@ def main() -> None:
         seeds=args.seeds,
         tau=args.tau,
         teacher_top1=teacher_top1,
+        second_teacher=SECOND_TEACHER if second_top1 is not None else None,
+        second_teacher_top1=second_top1,
         teacher_s=round(t_teacher, 1),
         cache_s=round(t_cache, 1),
         note=args.note,

@@ -196,7 +196,14 @@ def accuracy(doc: dict[str, Any]) -> list[str]:
     ]
     return [
         f"Digits, {doc.get('epochs')} student epochs, {doc.get('seeds')} seed(s), soft tau {doc.get('tau')}, "
-        f"teacher val top-1 {fmt_num(doc.get('teacher_top1'))}. Seed s varies the student's initial weights, "
+        f"teacher val top-1 {fmt_num(doc.get('teacher_top1'))}"
+        + (
+            f"; second teacher ({doc['second_teacher']}, trained the same way, cached over the same views with "
+            f"`--like`) {fmt_num(doc.get('second_teacher_top1'))}"
+            if doc.get("second_teacher")
+            else ""
+        )
+        + ". Seed s varies the student's initial weights, "
         "drop-path noise and batch order; the views (and so the cache) are the same for every seed.",
         "",
         md_table(["mode", "val top-1 % (mean ± std)", "per seed", "median", "mean vs no distillation"], rows),
