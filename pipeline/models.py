@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .pixels import model_input
+from .pretrained import TeacherWeights, create_kwargs
 from .recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe
 
 log = logging.getLogger(__name__)
@@ -76,35 +77,44 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str,
 def load_teacher(
     name: str,
     num_classes: int,
-    checkpoint: str | None,
+    weights: str | TeacherWeights,
     device: torch.device,
     kwargs: dict[str, Any] | None = None,
-    pretrained: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen teacher as both phases run it (cache-teacher, and train-student's live mode).
+    """The frozen teacher as both phases run it (cache-teacher, train-student's live mode, verify-cache).
 
-    The checkpoint is read once: its weights, and the model name and kwargs our own checkpoints
-    carry (``kwargs`` override those). The model is wrapped with its own normalisation, in eval
-    mode without gradients, and channels_last on CUDA.
+    ``weights`` is a checkpoint path or :class:`~pipeline.pretrained.TeacherWeights` (a checkpoint, or
+    timm's pretrained weights by name). A checkpoint is read once: its weights, and the model name and
+    kwargs our own checkpoints carry (``kwargs`` override those). Pretrained weights are loaded by timm
+    itself from the very file whose digest is recorded. The model is wrapped with its own normalisation,
+    in eval mode without gradients, and channels_last on CUDA.
 
     Returns:
-        The model and ``{"kwargs", "mean", "std"}`` it was built with (part of a cache's identity).
+        The model and ``{"checkpoint_sha256", ["pretrained"], "kwargs", "mean", "std"}`` it was built with
+        (part of a cache's identity).
     """
+    weights = weights if isinstance(weights, TeacherWeights) else TeacherWeights(weights)
     kwargs = dict(kwargs or {})
-    sd = None
-    if checkpoint:
-        sd, meta = read_state_dict(checkpoint)
+    if weights.pretrained:
+        if weights.num_classes and weights.num_classes != num_classes:
+            raise ConfigError(
+                f"{weights.describe()} classify {weights.num_classes} classes, but the data has {num_classes}: "
+                f"pass --num-classes {weights.num_classes} if the labels are theirs, or use a teacher trained "
+                f"for these {num_classes} classes (--teacher-checkpoint)"
+            )
+        model = create(name, num_classes, pretrained=True, **create_kwargs(weights, kwargs))
+    else:
+        sd, meta = read_state_dict(weights.path)
         if meta.get("name") and meta["name"] != name:
-            raise CheckpointError(f"--teacher {name!r} but {checkpoint!r} holds a {meta['name']!r}")
+            raise CheckpointError(f"--teacher {name!r} but {weights.path!r} holds a {meta['name']!r}")
         kwargs = {**meta.get("kwargs", {}), **kwargs}
-    model = create(name, num_classes, pretrained=pretrained, **kwargs)
-    if sd is not None:
-        _load_strict(model, sd, checkpoint, name)  # type: ignore[arg-type]
+        model = create(name, num_classes, **kwargs)
+        _load_strict(model, sd, weights.path, name)
     mean, std = model_stats(model)
     wrapped = Normalized(model, mean, std).eval().requires_grad_(False).to(device)
     if device.type == "cuda":
         wrapped = wrapped.to(memory_format=torch.channels_last)
-    return wrapped, {"kwargs": kwargs, "mean": list(mean), "std": list(std)}
+    return wrapped, {**weights.identity(), "kwargs": kwargs, "mean": list(mean), "std": list(std)}
 
 
 def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
