@@ -214,8 +214,8 @@ def build_student(
     if hasattr(model, "set_distilled_training"):
         # Both heads' logits in training; with --distillation none the distillation head gets no loss (DeiT).
         model.set_distilled_training(True)
-    elif distilling:
-        log.warning("%s has no distillation head: the distillation loss trains its only head", name)
+    elif distilling:  # any timm classifier: docs/students-and-teachers.md
+        log.info("%s has one head: it learns (1 - alpha) x the labels' loss + alpha x the teacher's", name)
     mean, std = model_stats(model)
     meta = {
         "name": name,
