@@ -21,7 +21,8 @@ PROGRESS_HELP = "progress display: auto (a bar on a terminal, plain log lines ot
 ON_ERROR_HELP = "raise: stop at a bad sample, naming shard and key; skip: count and log it, then go on"
 SHARDS_HELP = (
     "shard URLs: a path, brace pattern (train-{000000..000146}.tar), glob, fsspec URL (s3://...), "
-    "pipe: command naming its .tar, or a shard index (.json: wids, or the sidecar pack writes); "
+    "pipe: command naming its .tar, or a shard index (.json: wids, or the sidecar pack writes; or one split "
+    "of timm's webdataset layout, DIR/_info.json#train); "
     "plain or gzipped tars of samples (jpg/png/webp/tif/bmp/gif + .cls, or .json with --label-key); "
     "repeat the flag (or give a YAML list) for several"
 )
