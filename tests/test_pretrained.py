@@ -14,6 +14,7 @@ class count that is not the weights' is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -29,10 +30,13 @@ from safetensors.torch import save_file
 from pipeline.cache import open_cache
 from pipeline.cache_teacher import run
 from pipeline.cache_verify import verify
+from pipeline.config import checked
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import load_teacher
-from pipeline.options import VerifyConfig
+from pipeline.options import TrainConfig, VerifyConfig
 from pipeline.pretrained import teacher_weights
+from pipeline.recipe import make_recipe
+from pipeline.run_data import RunData, live_teachers
 from pipeline.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,3 +203,17 @@ def test_live_teacher_loads_the_pretrained_weights_the_cache_says(
     with pytest.MonkeyPatch.context() as m, pytest.raises(CheckpointError, match="is not the teacher of cache"):
         offline(m, changed)
         train(student_config(digits_shards, str(pretrained_cache), tmp_path / "other", teacher_mode="live", **kw))
+
+
+def test_live_teacher_by_name_without_a_cache(hub: Path, weights_sd: dict[str, torch.Tensor]) -> None:
+    """``--teacher-mode live --teacher NAME --teacher-pretrained``: no cache, no checkpoint."""
+    cfg = checked(TrainConfig(shards=["x.tar"], teacher_mode="live", teacher=[NAME], teacher_pretrained=True))
+    data = RunData([], [], make_recipe("deit", 32), 0, CLASSES, [], [], [1.0], 1, None)
+    with pytest.MonkeyPatch.context() as m:
+        offline(m, hub)
+        (teacher,) = live_teachers(cfg, data, torch.device("cpu"))
+    assert all(torch.equal(teacher.net.state_dict()[k], v) for k, v in weights_sd.items())
+    with pytest.raises(ConfigError, match="give one source of teacher weights"):
+        checked(dataclasses.replace(cfg, teacher_checkpoint=["t.pth"]))
+    with pytest.raises(ConfigError, match="needs --teacher NAME and --teacher-checkpoint or --teacher-pretrained"):
+        checked(dataclasses.replace(cfg, teacher_pretrained=False))
