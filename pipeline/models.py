@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,10 +61,19 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
 def create(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with a clear error for an unknown name."""
+    """``timm.create_model`` with one clear line for an unknown name or an argument the model does not take
+    (e.g. ``--drop-path`` for a model without stochastic depth, such as a VGG)."""
     if not timm.is_model(name):
         raise ConfigError(f"model {name!r} is not a timm model")
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if not unknown:
+            raise
+        arg = unknown.group(1)
+        why = "it has no stochastic depth: pass --drop-path 0" if arg == "drop_path_rate" else "check the *-kwargs"
+        raise ConfigError(f"timm model {name!r} takes no argument {arg!r}: {why}") from e
 
 
 def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str, name: str) -> None:

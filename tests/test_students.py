@@ -128,3 +128,13 @@ def test_evaluate_reports_the_one_head(cache: str, digits_shards: str, digits_va
     y = torch.tensor(labels)
     assert report["top1"] == round(100.0 * float((top5[:, 0] == y).sum()) / 60, 3)
     assert report["top5"] == round(100.0 * float((top5 == y[:, None]).any(1).sum()) / 60, 3)
+
+
+def test_a_model_without_stochastic_depth_is_refused_in_one_line() -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.models import create
+
+    with pytest.raises(ConfigError, match=r"'vgg11' takes no argument 'drop_path_rate': .* --drop-path 0"):
+        create("vgg11", 10, drop_path_rate=0.1)
+    with pytest.raises(ConfigError, match=r"'resnet10t' takes no argument 'widths'"):
+        create(RESNET, 10, widths=[1, 2])
