@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .models import autocast, checkpoint_num_classes, load_teacher, resolve_device
 from .options import CacheConfig
 from .partition import job_slot, my_share
+from .pretrained import teacher_weights
 from .progress import progress_bar
 from .recipe import Recipe, make_recipe
 from .samples import SkipStats
@@ -57,16 +58,21 @@ class CacheJob:
 
 
 def build_teacher(cfg: CacheConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Frozen teacher in eval mode wrapped with its normalisation, and its identity for the cache."""
+    """Frozen teacher in eval mode wrapped with its normalisation, and its identity for the cache.
+
+    The identity holds the SHA-256 of the file the weights were read from: the checkpoint, or the file
+    timm's pretrained weights were found in (:mod:`pipeline.pretrained`), so that phase 2 and
+    ``verify-cache`` can prove they run the very same teacher.
+    """
     if not cfg.teacher_checkpoint and not cfg.teacher_pretrained:
-        raise ConfigError("cache-teacher needs --teacher-checkpoint FILE (or --teacher-pretrained with a model hub)")
-    model, built = load_teacher(
-        cfg.teacher, num_classes, cfg.teacher_checkpoint, device, cfg.teacher_kwargs, cfg.teacher_pretrained
-    )
+        raise ConfigError("cache-teacher needs --teacher-checkpoint FILE or --teacher-pretrained (timm's weights)")
+    weights = teacher_weights(cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_pretrained, cfg.teacher_kwargs)
+    model, built = load_teacher(cfg.teacher, num_classes, weights, device, cfg.teacher_kwargs)
+    if weights.pretrained:
+        log.info("teacher %s: %s, from %s, sha256 %s", cfg.teacher, weights.pretrained, weights.where, weights.sha256)
     if device.type == "cuda" and cfg.compile:
         model = torch.compile(model)
-    digest = storage.sha256_file(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else "pretrained"
-    return model, {"name": cfg.teacher, "checkpoint_sha256": digest, **built}
+    return model, {"name": cfg.teacher, **built}
 
 
 def _num_classes(cfg: CacheConfig, shards: list[ShardInfo]) -> int:

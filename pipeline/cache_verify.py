@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import storage
 from .cache import Cache, CacheMeta, UnitData, damaged_units, open_cache, replay_mismatch
 from .config import checked
 from .decode import iter_decoded
-from .errors import CacheError
+from .errors import CacheError, ConfigError
 from .models import autocast, load_teacher, resolve_device
 from .options import VerifyConfig
 from .pixels import checked_row, pixel_digest, stack_views
+from .pretrained import TeacherWeights, teacher_weights
 from .recipe import make_recipe
 from .replay import replay_shard
 from .samples import iter_raw
@@ -118,24 +118,39 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
     cfg = checked(cfg)
     cache = open_cache(cfg.cache)  # every array's metadata is checked against the attributes here
     meta = cache.meta
+    weights = _teacher_weights(cfg, meta)
     problems, damaged, verified = _integrity(cache)
-    if storage.sha256_file(cfg.teacher_checkpoint) != meta.teacher["checkpoint_sha256"]:
-        problems.append(f"teacher checkpoint {cfg.teacher_checkpoint!r} is not the one this cache was built with")
+    if weights.sha256 != meta.teacher["checkpoint_sha256"]:
+        problems.append(f"{weights.describe()} is not the teacher this cache was built with (SHA-256 differs)")
     shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards}, label_key=cfg.label_key)
     problems += _check_keys(cache, shards, {s for _, s in damaged})
-    agreement = _live_check(cfg, cache, shards, damaged)
+    agreement = _live_check(cfg, cache, shards, damaged, weights)
     report = _report(cfg, meta.topk, agreement, problems, min_top1)
     return {**report, "units_verified": verified - len(damaged), "units_damaged": len(damaged)}
 
 
-def _live_check(cfg: VerifyConfig, cache: Cache, shards: list[ShardInfo], damaged: set) -> _Agreement:
+def _teacher_weights(cfg: VerifyConfig, meta: CacheMeta) -> TeacherWeights:
+    """``--teacher-checkpoint``, or for a cache made with timm's pretrained weights, those found again by name."""
+    if cfg.teacher_checkpoint:
+        return TeacherWeights(cfg.teacher_checkpoint)
+    if not meta.teacher.get("pretrained"):
+        raise ConfigError(
+            f"--teacher-checkpoint is required: cache {cfg.cache!r} was made from a teacher checkpoint "
+            f"(sha256 {str(meta.teacher['checkpoint_sha256'])[:16]}...), not timm's pretrained weights"
+        )
+    return teacher_weights(meta.teacher["name"], None, True, meta.teacher.get("kwargs"))
+
+
+def _live_check(
+    cfg: VerifyConfig, cache: Cache, shards: list[ShardInfo], damaged: set, weights: TeacherWeights
+) -> _Agreement:
     """Replay random (sample, view) pairs of intact units and compare the live teacher with the cache: the
     kept classes and their values, the KL between the teacher's full distribution and the one rebuilt
     from the cache at every cached temperature, and the digests of every checked row's replayed pixels."""
     meta = cache.meta
     device = resolve_device(cfg.device)
     t = meta.teacher
-    teacher, _ = load_teacher(t["name"], meta.num_classes, cfg.teacher_checkpoint, device, t.get("kwargs"))
+    teacher, _ = load_teacher(t["name"], meta.num_classes, weights, device, t.get("kwargs"))
     recipe, how = make_recipe(meta.recipe), reduction_of(meta)
     by_name = {s.name: s for s in shards}
     agreement = _Agreement()

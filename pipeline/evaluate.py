@@ -1,6 +1,6 @@
 """Evaluation: top-1/top-5 of the class head, the distillation head and their average (as DeiT
-reports all three), on validation shards through the deterministic evaluation recipe: each rank reads
-its share of whole shards, in order, and the counts are summed."""
+reports all three), or of a one-head model's only head, on validation shards through the deterministic
+evaluation recipe: each rank reads its share of whole shards, in order, and the counts are summed."""
 
 from __future__ import annotations
 
@@ -54,8 +54,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Top-1/top-5 (percent) per head over all ranks' shares of ``shards``.
 
-    ``on_error`` is the run's bad-sample policy: a skipped validation sample is counted and logged,
-    and left out of the accuracy's denominator.
+    ``heads`` is 2 for a distilled model (``top1_cls``, ``top1_dist`` and their average ``top1_avg``, as
+    DeiT reports) and 1 for any other (its only head's, under ``top1_avg``: the key train-student picks
+    ``best.pth`` by, whatever the model). ``on_error`` is the run's bad-sample policy: a skipped
+    validation sample is counted and logged, and left out of the accuracy's denominator.
     """
     was_training = model.training
     model.eval()
@@ -77,9 +79,10 @@ def evaluate(
     all_sum(counts, d)
     model.train(was_training)
     n = max(float(counts[0]), 1.0)
-    out: dict[str, Any] = {"samples": int(counts[0])}
+    distilled = hasattr(model.net if isinstance(model, Normalized) else model, "head_dist")
+    out: dict[str, Any] = {"samples": int(counts[0]), "heads": 2 if distilled else 1}
     for i, name in enumerate(names):
-        if name == "avg" or hasattr(model.net if isinstance(model, Normalized) else model, "head_dist"):
+        if name == "avg" or distilled:
             out[f"top1_{name}"] = round(100.0 * float(counts[1 + 2 * i]) / n, 3)
             out[f"top5_{name}"] = round(100.0 * float(counts[2 + 2 * i]) / n, 3)
     return out
@@ -114,7 +117,9 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
         float(meta.get("crop_pct", 0.875)),
         cfg.on_error,  # type: ignore[arg-type]
     )
-    return {"checkpoint": cfg.checkpoint, "epoch": state.get("epoch"), **result}
+    if result["heads"] == 1:  # one head (a ResNet, a RegNet...): its top-1/top-5, not an "average" of one
+        result = {"samples": result["samples"], "heads": 1, "top1": result["top1_avg"], "top5": result["top5_avg"]}
+    return {"checkpoint": cfg.checkpoint, "epoch": state.get("epoch"), "model": meta["name"], **result}
 
 
 class EvalStream(IterableDataset):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .pixels import model_input
+from .pretrained import TeacherWeights, create_kwargs
 from .recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,19 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
 def create(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with a clear error for an unknown name."""
+    """``timm.create_model`` with one clear line for an unknown name or an argument the model does not take
+    (e.g. ``--drop-path`` for a model without stochastic depth, such as a VGG)."""
     if not timm.is_model(name):
         raise ConfigError(f"model {name!r} is not a timm model")
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if not unknown:
+            raise
+        arg = unknown.group(1)
+        why = "it has no stochastic depth: pass --drop-path 0" if arg == "drop_path_rate" else "check the *-kwargs"
+        raise ConfigError(f"timm model {name!r} takes no argument {arg!r}: {why}") from e
 
 
 def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
@@ -76,35 +87,44 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str,
 def load_teacher(
     name: str,
     num_classes: int,
-    checkpoint: str | None,
+    weights: str | TeacherWeights,
     device: torch.device,
     kwargs: dict[str, Any] | None = None,
-    pretrained: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen teacher as both phases run it (cache-teacher, and train-student's live mode).
+    """The frozen teacher as both phases run it (cache-teacher, train-student's live mode, verify-cache).
 
-    The checkpoint is read once: its weights, and the model name and kwargs our own checkpoints
-    carry (``kwargs`` override those). The model is wrapped with its own normalisation, in eval
-    mode without gradients, and channels_last on CUDA.
+    ``weights`` is a checkpoint path or :class:`~pipeline.pretrained.TeacherWeights` (a checkpoint, or
+    timm's pretrained weights by name). A checkpoint is read once: its weights, and the model name and
+    kwargs our own checkpoints carry (``kwargs`` override those). Pretrained weights are loaded by timm
+    itself from the very file whose digest is recorded. The model is wrapped with its own normalisation,
+    in eval mode without gradients, and channels_last on CUDA.
 
     Returns:
-        The model and ``{"kwargs", "mean", "std"}`` it was built with (part of a cache's identity).
+        The model and ``{"checkpoint_sha256", ["pretrained"], "kwargs", "mean", "std"}`` it was built with
+        (part of a cache's identity).
     """
+    weights = weights if isinstance(weights, TeacherWeights) else TeacherWeights(weights)
     kwargs = dict(kwargs or {})
-    sd = None
-    if checkpoint:
-        sd, meta = read_state_dict(checkpoint)
+    if weights.pretrained:
+        if weights.num_classes and weights.num_classes != num_classes:
+            raise ConfigError(
+                f"{weights.describe()} classify {weights.num_classes} classes, but the data has {num_classes}: "
+                f"pass --num-classes {weights.num_classes} if the labels are theirs, or use a teacher trained "
+                f"for these {num_classes} classes (--teacher-checkpoint)"
+            )
+        model = create(name, num_classes, pretrained=True, **create_kwargs(weights, kwargs))
+    else:
+        sd, meta = read_state_dict(weights.path)
         if meta.get("name") and meta["name"] != name:
-            raise CheckpointError(f"--teacher {name!r} but {checkpoint!r} holds a {meta['name']!r}")
+            raise CheckpointError(f"--teacher {name!r} but {weights.path!r} holds a {meta['name']!r}")
         kwargs = {**meta.get("kwargs", {}), **kwargs}
-    model = create(name, num_classes, pretrained=pretrained, **kwargs)
-    if sd is not None:
-        _load_strict(model, sd, checkpoint, name)  # type: ignore[arg-type]
+        model = create(name, num_classes, **kwargs)
+        _load_strict(model, sd, weights.path, name)
     mean, std = model_stats(model)
     wrapped = Normalized(model, mean, std).eval().requires_grad_(False).to(device)
     if device.type == "cuda":
         wrapped = wrapped.to(memory_format=torch.channels_last)
-    return wrapped, {"kwargs": kwargs, "mean": list(mean), "std": list(std)}
+    return wrapped, {**weights.identity(), "kwargs": kwargs, "mean": list(mean), "std": list(std)}
 
 
 def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -204,8 +224,8 @@ def build_student(
     if hasattr(model, "set_distilled_training"):
         # Both heads' logits in training; with --distillation none the distillation head gets no loss (DeiT).
         model.set_distilled_training(True)
-    elif distilling:
-        log.warning("%s has no distillation head: the distillation loss trains its only head", name)
+    elif distilling:  # any timm classifier: docs/students-and-teachers.md
+        log.info("%s has one head: it learns (1 - alpha) x the labels' loss + alpha x the teacher's", name)
     mean, std = model_stats(model)
     meta = {
         "name": name,

@@ -21,11 +21,17 @@ PROGRESS_HELP = "progress display: auto (a bar on a terminal, plain log lines ot
 ON_ERROR_HELP = "raise: stop at a bad sample, naming shard and key; skip: count and log it, then go on"
 SHARDS_HELP = (
     "shard URLs: a path, brace pattern (train-{000000..000146}.tar), glob, fsspec URL (s3://...), "
-    "pipe: command naming its .tar, or a shard index (.json: wids, or the sidecar pack writes); "
+    "pipe: command naming its .tar, or a shard index (.json: wids, or the sidecar pack writes; or one split "
+    "of timm's webdataset layout, DIR/_info.json#train); "
     "plain or gzipped tars of samples (jpg/png/webp/tif/bmp/gif + .cls, or .json with --label-key); "
     "repeat the flag (or give a YAML list) for several"
 )
 LABEL_KEY_HELP = "read each sample's label from its .json under this key instead of its .cls"
+TEACHER_PRETRAINED_HELP = (
+    "load timm's pretrained weights of the teacher name (name.tag, e.g. regnety_160.deit_in1k) as timm does: "
+    "from the Hugging Face hub's local cache, else a download (HF_HUB_OFFLINE, HF_HUB_CACHE respected); "
+    "the SHA-256 of the file read is recorded like a checkpoint's"
+)
 
 
 def _positive(**values: float | None) -> None:
@@ -82,7 +88,7 @@ class CacheConfig:
     )
     teacher: str = option("regnety_160", help="timm model name of the teacher")
     teacher_checkpoint: str | None = option(None, help=".pth/.safetensors weights (timm or plain state dict)")
-    teacher_pretrained: bool = option(False, help="load timm's pretrained weights (needs a model hub)")
+    teacher_pretrained: bool = option(False, help=TEACHER_PRETRAINED_HELP)
     teacher_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments, as YAML")
     num_classes: int | None = option(
         None, help="number of classes (default: from the pack sidecar, else the teacher checkpoint's classifier)"
@@ -142,6 +148,8 @@ class CacheConfig:
             repeats=self.repeats,
         )
         _not_negative(workers=self.workers, job_index=self.job_index)
+        if self.teacher_checkpoint and self.teacher_pretrained:
+            raise ConfigError("--teacher-checkpoint and --teacher-pretrained: give one source of teacher weights")
         if not self.temperatures or any(not float(t) > 0 for t in self.temperatures):
             raise ConfigError(f"--temperatures must be one or more positive numbers, got {self.temperatures}")
         if self.topk_mass is not None and not 0.0 < self.topk_mass <= 1.0:
@@ -199,6 +207,9 @@ class TrainConfig:
     )
     teacher_checkpoint: list[str] = option(
         factory=list, help="weights of each live teacher, in the order of --cache (or of --teacher); repeat for several"
+    )
+    teacher_pretrained: bool = option(
+        False, help=f"live mode without a cache: {TEACHER_PRETRAINED_HELP} (a cache says which weights it holds)"
     )
     teacher_kwargs: dict[str, Any] = option(factory=dict, help="extra timm.create_model arguments of the teacher")
     topk: int = option(10, help="K of the live teacher's targets when there is no cache")
@@ -299,9 +310,13 @@ class TrainConfig:
             raise ConfigError("--resume and --force-new contradict each other: continue the run, or replace it")
         if self.cached and not self.cache:
             raise ConfigError("--distillation hard/soft with --teacher-mode cached needs --cache")
-        if self.live and not self.teacher_checkpoint:
-            raise ConfigError("--teacher-mode live needs --teacher-checkpoint (and --teacher without a cache)")
-        teachers = len(self.cache) if self.cache else len(self.teacher_checkpoint)
+        if self.live and not (self.teacher_checkpoint or self.cache or self.teacher_pretrained):
+            raise ConfigError(
+                "--teacher-mode live needs --teacher NAME and --teacher-checkpoint or --teacher-pretrained"
+            )
+        if self.live and not self.cache and self.teacher_checkpoint and self.teacher_pretrained:
+            raise ConfigError("--teacher-checkpoint and --teacher-pretrained: give one source of teacher weights")
+        teachers = len(self.cache) or (len(self.teacher) if self.teacher_pretrained else len(self.teacher_checkpoint))
         if self.teacher_weights and len(self.teacher_weights) != teachers:
             raise ConfigError(f"--teacher-weights gives {len(self.teacher_weights)} weights for {teachers} teacher(s)")
         if any(w < 0 for w in self.teacher_weights) or (self.teacher_weights and not sum(self.teacher_weights) > 0):
@@ -332,14 +347,18 @@ class VerifyConfig:
     cache: str = option("", positional=True, help="cache location")
     shards: list[str] = option(factory=list, help="the shards the cache was built from")
     label_key: str | None = option(None, help=LABEL_KEY_HELP)
-    teacher_checkpoint: str = option("", help="the teacher weights the cache was built with")
+    teacher_checkpoint: str = option(
+        "",
+        help="the teacher weights the cache was built with (not needed for a cache made with --teacher-pretrained: "
+        "timm's weights are found again by name and their SHA-256 compared)",
+    )
     samples: int = option(64, help="random (sample, view) pairs to replay and run the teacher on")
     seed: int = option(0, help="seed of the random choice of pairs")
     device: str = option("cpu", choices=DEVICES, help="where the teacher runs")
     atol: float = option(0.05, help="largest allowed |cached - live| top-k logit")
 
     def check(self) -> None:
-        _required(cache=self.cache, shards=self.shards, teacher_checkpoint=self.teacher_checkpoint)
+        _required(cache=self.cache, shards=self.shards)
         _positive(samples=self.samples)
         _not_negative(atol=self.atol)
 

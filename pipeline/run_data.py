@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import storage
 from .cache import Cache, check_run, diff_fields, open_cache
 from .cache_status import TailMass
 from .errors import CheckpointError, ConfigError
 from .models import Normalized, build_student, load_teacher
 from .options import TrainConfig
+from .pretrained import TeacherWeights, teacher_weights
 from .recipe import Recipe, make_recipe
 from .samplers import EpochPlan, epoch_plan
 from .shards import ShardInfo, check_same_classes, class_names, load_shard_list, num_classes_from_sidecar
@@ -181,22 +181,54 @@ def student_for(cfg: TrainConfig, data: RunData) -> tuple[Normalized, dict[str, 
 
 
 def live_teachers(cfg: TrainConfig, data: RunData, device: torch.device) -> list[nn.Module]:
-    """The teachers run in the loop by ``--teacher-mode live``: each cache's (its checkpoint must be the one
-    the cache recorded), or ``--teacher`` names without a cache."""
-    names = [c.meta.teacher["name"] for c in data.caches] or list(cfg.teacher)
+    """The teachers run in the loop by ``--teacher-mode live``: each cache's, proven to be the one the cache
+    recorded (the SHA-256 of its weights' file), or the ``--teacher`` names without a cache."""
+    if data.caches:
+        named = [(c.meta.teacher["name"], w, c.meta.teacher.get("kwargs")) for c, w in _cache_weights(cfg, data)]
+    else:
+        named = [(n, w, cfg.teacher_kwargs) for n, w in _named_weights(cfg)]
+    return [load_teacher(name, data.num_classes, w, device, kwargs)[0] for name, w, kwargs in named]
+
+
+def _named_weights(cfg: TrainConfig) -> list[tuple[str, TeacherWeights]]:
+    """Without a cache: each ``--teacher`` with its ``--teacher-checkpoint``, or timm's pretrained weights."""
+    names = list(cfg.teacher)
     if not names:
         raise ConfigError("--teacher-mode live needs --teacher NAME (there is no cache to take it from)")
+    if cfg.teacher_pretrained and not cfg.teacher_checkpoint:
+        return [(n, teacher_weights(n, None, True, cfg.teacher_kwargs)) for n in names]
     if len(cfg.teacher_checkpoint) != len(names):
         raise ConfigError(
             f"--teacher-mode live: {len(names)} teacher(s) but {len(cfg.teacher_checkpoint)} checkpoint(s)"
         )
-    teachers = []
-    for i, (name, path) in enumerate(zip(names, cfg.teacher_checkpoint, strict=True)):
-        if data.caches and storage.sha256_file(path) != data.caches[i].meta.teacher["checkpoint_sha256"]:
-            raise CheckpointError(f"--teacher-checkpoint {path!r} is not the teacher of cache {data.caches[i].url!r}")
-        kwargs = data.caches[i].meta.teacher.get("kwargs") if data.caches else cfg.teacher_kwargs
-        teachers.append(load_teacher(name, data.num_classes, path, device, kwargs)[0])
-    return teachers
+    return [(n, TeacherWeights(path)) for n, path in zip(names, cfg.teacher_checkpoint, strict=True)]
+
+
+def _cache_weights(cfg: TrainConfig, data: RunData) -> list[tuple[Cache, TeacherWeights]]:
+    """Each cache's teacher weights: one ``--teacher-checkpoint`` per cache, or per cache whose teacher was
+    not timm's pretrained weights (those are found again by name); each file's SHA-256 must be the recorded one."""
+    recorded = [c.meta.teacher for c in data.caches]
+    given = list(cfg.teacher_checkpoint)
+    by_name = [i for i, t in enumerate(recorded) if t.get("pretrained")]
+    if len(given) not in (len(recorded), len(recorded) - len(by_name)):
+        raise ConfigError(
+            f"--teacher-mode live: {len(recorded)} cache(s), {len(by_name)} of them made with timm's pretrained "
+            f"weights: give --teacher-checkpoint for {len(recorded) - len(by_name)} (the others), or for all "
+            f"{len(recorded)}; got {len(given)}"
+        )
+    out = []
+    for i, (cache, teacher) in enumerate(zip(data.caches, recorded, strict=True)):
+        if len(given) == len(recorded) or i not in by_name:
+            weights = TeacherWeights(given.pop(0))
+        else:
+            weights = teacher_weights(teacher["name"], None, True, teacher.get("kwargs"))
+        if weights.sha256 != teacher["checkpoint_sha256"]:
+            raise CheckpointError(
+                f"{weights.describe()} is not the teacher of cache {cache.url!r} (sha256 {weights.sha256[:16]}..., "
+                f"the cache's {str(teacher['checkpoint_sha256'])[:16]}...)"
+            )
+        out.append((cache, weights))
+    return out
 
 
 def run_identity(cfg: TrainConfig, data: RunData) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 A shard's identity is its file's base name (mixing seeds and cache rows use it, so data may move).
 Counts come from, in order: the counts given (a cache's record), a shard index (wids JSON, which
-``stillroom pack`` also writes as its sidecar), the pack sidecar next to the shard, or a scan of the
-tar headers (:func:`pipeline.tars.count_samples`). Nothing here decodes an image or imports torch.
+``stillroom pack`` also writes as its sidecar, or the split info file of timm's webdataset layout,
+``_info.json#train``), the pack sidecar or timm's ``_info.json`` next to the shard, or a scan of the tar
+headers (:func:`pipeline.tars.count_samples`). Nothing here decodes an image or imports torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import braceexpand
+import yaml
 
 from . import storage
 from .errors import DataError, StorageError
@@ -56,8 +58,22 @@ def shard_name(url: str) -> str:
     return storage.basename(url)
 
 
+_INDEX_SUFFIXES = (".json", ".yaml", ".yml")
+# timm's webdataset layout (timm/imagenet-1k-wds...): the split info file beside the shards, as ReaderWds
+# looks for it (``_info.json``, then ``info.json``; YAML is read the same way).
+_SPLIT_INFO_NAMES = ("_info.json", "info.json")
+
+
+def _split_fragment(url: str) -> tuple[str, str | None]:
+    """``.../_info.json#train`` -> (``.../_info.json``, ``train``): the split a split info spec names."""
+    head, sep, split = url.rpartition("#")
+    if sep and head.lower().endswith(_INDEX_SUFFIXES) and "/" not in split:
+        return head, split
+    return url, None
+
+
 def _is_index(url: str) -> bool:
-    return not storage.is_pipe(url) and storage.basename(url).lower().endswith(".json")
+    return not storage.is_pipe(url) and storage.basename(_split_fragment(url)[0]).lower().endswith(_INDEX_SUFFIXES)
 
 
 def _expand(spec: str | Sequence[str]) -> list[tuple[str, int | None]]:
@@ -94,12 +110,16 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 
 
 def _load_json(url: str) -> Any:
+    """An index or sidecar document: JSON, or YAML for a ``.yaml``/``.yml`` split info file."""
     if storage.is_local(url) and not storage.exists(url):
         raise DataError(f"shard index {url!r} does not exist")
+    as_yaml = url.lower().endswith((".yaml", ".yml"))
     try:
-        return json.loads(storage.read_bytes(url))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"shard index {url!r} is not valid JSON ({e})") from None
+        data = storage.read_bytes(url)
+        return yaml.safe_load(data) if as_yaml else json.loads(data)
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
+        kind = "YAML" if as_yaml else "JSON"
+        raise DataError(f"shard index {url!r} is not valid {kind} ({str(e).splitlines()[0]})") from None
     except FileNotFoundError:
         raise DataError(f"shard index {url!r} does not exist") from None
 
@@ -124,14 +144,49 @@ def _wids_entries(doc: dict, base: str, where: str) -> list[tuple[str, int | Non
     return entries
 
 
-def read_index(url: str) -> list[tuple[str, int | None]]:
-    """The shards listed by a shard index: a wids JSON (``wids_version``) or a pack sidecar.
+def _split_entries(doc: dict, split: str | None, base: str, where: str) -> list[tuple[str, int | None]]:
+    """The shards of one split of timm's split info (``splits.<name>``: ``filenames``, ``shard_lengths``)."""
+    splits = doc["splits"]
+    if split is None and len(splits) != 1:
+        raise DataError(
+            f"shard index {where!r} describes the splits {sorted(splits)}: name one, e.g. {where}#{sorted(splits)[0]}"
+        )
+    split = split if split is not None else next(iter(splits))
+    info = splits.get(split)
+    if not isinstance(info, dict):
+        raise DataError(f"shard index {where!r} has no split {split!r} (its splits: {sorted(splits)})")
+    names, lengths = info.get("filenames"), info.get("shard_lengths")
+    if not isinstance(names, list) or not isinstance(lengths, list) or len(names) != len(lengths):
+        raise DataError(f"shard index {where!r} split {split!r}: needs 'filenames' and as many 'shard_lengths'")
+    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad or not all(isinstance(n, str) for n in names):
+        raise DataError(f"shard index {where!r} split {split!r}: a file name or count is not one ({bad[:1]})")
+    total = info.get("num_samples")
+    if total is not None and total != sum(lengths):
+        raise DataError(
+            f"shard index {where!r} split {split!r}: num_samples {total} but its shard_lengths sum to {sum(lengths)}"
+        )
+    return [(storage.join(base, n), c) for n, c in zip(names, lengths, strict=True)]
 
-    Relative shard URLs are relative to the index's folder (or to its ``base``), as in wids.
+
+def _is_split_info(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("splits"), dict)
+
+
+def read_index(url: str) -> list[tuple[str, int | None]]:
+    """The shards listed by a shard index: a wids JSON (``wids_version``), a pack sidecar, or one split of
+    the split info file of timm's webdataset layout (``_info.json#train``: JSON or YAML).
+
+    Relative shard URLs are relative to the index's folder (or to its ``base``), as in wids and timm.
     """
-    doc = _load_json(url)
-    base = storage.dirname(url)
-    if isinstance(doc, dict) and "wids_version" in doc:
+    path, split = _split_fragment(url)
+    doc = _load_json(path)
+    base = storage.dirname(path)
+    if _is_split_info(doc):
+        entries = _split_entries(doc, split, base, path)
+    elif split is not None:
+        raise DataError(f"{url!r}: '#{split}' names a split, but {path!r} is not a split info file (no 'splits')")
+    elif isinstance(doc, dict) and "wids_version" in doc:
         if doc["wids_version"] != 1:
             raise DataError(f"shard index {url!r}: wids_version {doc['wids_version']!r} is not 1")
         entries = _wids_entries(doc, base, url)
@@ -140,7 +195,7 @@ def read_index(url: str) -> list[tuple[str, int | None]]:
     else:
         raise DataError(
             f"{url!r} is not a shard index (expected a wids index with 'wids_version' and 'shardlist', "
-            "or a stillroom pack sidecar)"
+            "a stillroom pack sidecar, or a split info file with 'splits')"
         )
     if not entries:
         raise DataError(f"shard index {url!r} lists no shards")
@@ -167,22 +222,23 @@ def read_sidecar(url: str) -> dict:
 
 
 def sidecar_counts(doc: dict) -> dict[str, int]:
-    """Sample counts by shard name from a sidecar or wids index (old sidecars have only ``shards``)."""
+    """Sample counts by shard name from a sidecar, a wids index (old sidecars have only ``shards``) or a split
+    info file (every split's)."""
     counts = {storage.basename(s["url"]): int(s["nsamples"]) for s in doc.get("shardlist", []) if "url" in s}
     counts.update({s["name"]: int(s["count"]) for s in doc.get("shards", []) if "name" in s})
+    for info in (doc.get("splits") or {}).values() if _is_split_info(doc) else []:
+        pairs = zip(info.get("filenames") or [], info.get("shard_lengths") or [], strict=False)
+        counts.update({storage.basename(n): int(c) for n, c in pairs})
     return counts
 
 
 class _Sidecars:
-    """Sidecars found next to shards, each looked up and read once per shard list."""
+    """Sidecars (and timm split info files) found next to shards, each looked up and read once per shard list."""
 
     def __init__(self) -> None:
         self.docs: dict[str, dict | None] = {}
 
-    def find(self, url: str) -> dict | None:
-        side = _sidecar_url(url)
-        if not side or storage.is_pipe(side):
-            return None
+    def _read(self, side: str) -> dict | None:
         if side not in self.docs:
             try:
                 self.docs[side] = read_sidecar(side) if storage.exists(side) else None
@@ -192,9 +248,37 @@ class _Sidecars:
                 self.docs[side] = None
         return self.docs[side]
 
+    def find(self, url: str) -> dict | None:
+        """The pack sidecar of the shard ``url``, if there is one."""
+        side = _sidecar_url(url)
+        return None if not side or storage.is_pipe(side) else self._read(side)
+
+    def split_info(self, url: str) -> dict | None:
+        """timm's split info file in the shard's folder (``_info.json``, else ``info.json``), if any.
+
+        Unlike a pack sidecar, such a file was not named by anything: one that is not split info (or not
+        JSON at all) is passed over, not an error.
+        """
+        target = storage.pipe_target(url) if storage.is_pipe(url) else url
+        folder = storage.dirname(target) if target else ""
+        for name in _SPLIT_INFO_NAMES if folder and not storage.is_pipe(folder) else ():
+            path = storage.join(folder, name)
+            try:
+                doc = self._read(path)
+            except DataError:
+                doc = self.docs[path] = None
+            if _is_split_info(doc):
+                return doc
+        return None
+
     def count(self, url: str) -> int | None:
+        name = shard_name(url)
         doc = self.find(url)
-        return sidecar_counts(doc).get(shard_name(url)) if doc else None
+        n = sidecar_counts(doc).get(name) if doc else None
+        if n is None:
+            info = self.split_info(url)
+            n = sidecar_counts(info).get(name) if info else None
+        return n
 
 
 def num_classes_from_sidecar(url: str) -> int | None:
@@ -210,7 +294,9 @@ def class_names(spec: str | Sequence[str]) -> list[str] | None:
     specs = [s.strip() for s in ([spec] if isinstance(spec, str) else spec) if s.strip()]
     if not specs:
         return None
-    doc = _load_json(specs[0]) if _is_index(specs[0]) else _Sidecars().find(expand_urls(specs[0])[0])
+    doc = (
+        _load_json(_split_fragment(specs[0])[0]) if _is_index(specs[0]) else _Sidecars().find(expand_urls(specs[0])[0])
+    )
     names = doc.get("classes") if isinstance(doc, dict) else None
     return [str(c) for c in names] if names else None
 

@@ -9,6 +9,8 @@ values included), so the two modes give the same targets.
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import losses
 from .models import autocast
 from .targets import Reduction, soft_target_probs, teacher_outputs
+
+log = logging.getLogger(__name__)
 
 Distillation = Literal["none", "hard", "soft"]
 
@@ -82,6 +86,7 @@ class DistillationTask(nn.Module):
         self.reductions = list(reductions or [])
         self.t0 = [how.temperatures[0] for how in self.reductions] or [1.0]  # the values' temperature
         self.smoothing, self.amp = smoothing, amp
+        self.single_batches = 0  # training batches of one sample normalised with BatchNorm's running statistics
 
     @property
     def target_tau(self) -> float | None:
@@ -177,6 +182,40 @@ class DistillationTask(nn.Module):
         return TaskOutput(losses.combine(base, distill, self.alpha), base.detach(), distill.detach())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        with autocast(batch["pixels"].device, self.amp):
-            outputs = self.student(batch["pixels"])
+        pixels = batch["pixels"]
+        with autocast(pixels.device, self.amp), self._one_sample_batch_norm(pixels.shape[0]):
+            outputs = self.student(pixels)
         return self.loss(outputs, batch)
+
+    @contextlib.contextmanager
+    def _one_sample_batch_norm(self, rows: int) -> Iterator[None]:
+        """A training batch of one sample (the last of a rank's epoch can be) has no batch statistics:
+        BatchNorm raises on it where a feature map is 1x1 (a ResNet's last stage at 32 px) and would
+        otherwise normalise it by itself and pull its running statistics toward one image. For that
+        forward, the student's BatchNorm layers use their running statistics (eval mode) and leave them
+        unchanged; the sample is still trained, the step is still taken on every rank (DDP and gradient
+        accumulation stay in step), and each such batch is counted and logged."""
+        norms = [] if rows != 1 or not self.training else [m for m in self.student_net.modules() if _is_bn(m)]
+        if not any(m.training for m in norms):
+            yield
+            return
+        self.single_batches += 1
+        log.warning(
+            "a training batch of 1 sample (the last of this rank's epoch): %s's %d BatchNorm layers normalised it "
+            "with their running statistics, as one sample has no batch statistics (%d such batch(es) so far)",
+            type(self.student_net).__name__,
+            len(norms),
+            self.single_batches,
+        )
+        modes = [m.training for m in norms]
+        for m in norms:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(norms, modes, strict=True):
+                m.train(mode)
+
+
+def _is_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)

@@ -226,6 +226,22 @@ def test_deit_presets_follow_the_deit_recipe() -> None:
         assert (cfg.distillation, cfg.alpha, cfg.tau) == ("hard", 0.5, 1.0)
 
 
+def test_resnet50_preset_distils_a_one_head_student_from_the_deit_cache() -> None:
+    """configs/resnet50_kd.yaml: a ResNet-50 (one head) trained from the RegNetY-16GF cache preset's views."""
+    from pipeline.models import create
+    from pipeline.options import CacheConfig, TrainConfig
+
+    cfg = load_preset(TrainConfig, CONFIGS / "resnet50_kd.yaml")
+    cache = load_preset(CacheConfig, CONFIGS / "cache_regnety160.yaml")
+    assert cfg.model == "resnet50" and cfg.recipe is None, "the views (recipe, seed) must come from the cache"
+    assert cfg.cache == [cache.out] and cfg.repeats == cache.repeats == 3
+    assert cfg.epochs <= cache.views, "one cached view per epoch, none repeated"
+    assert cfg.batch_size * 8 * cfg.accum_steps == 1024
+    assert cfg.distillation in ("hard", "soft") and cfg.tau in cache.temperatures
+    assert (cfg.weight_decay, cfg.drop_path, cfg.warmup_epochs) == (0.02, 0.05, 5)
+    assert not hasattr(create(cfg.model, 1000), "head_dist"), "a one-head student"
+
+
 def test_tiny_presets_fit_together() -> None:
     """The tiny train preset trains from a cache made by the tiny cache preset."""
     from pipeline.models import create
