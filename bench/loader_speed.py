@@ -33,7 +33,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,9 @@ from bench.common import RESULTS, add_images_argument, fmt_num, md_table, write_
 from bench.loader_profile import ipc_cost, profile_ours, profile_timm  # noqa: E402
 from pipeline.decode import DecodedSample, decode_image  # noqa: E402
 from pipeline.mixing import partners  # noqa: E402
+from pipeline.pixels import checked_row, pixel_digest, stack_views  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
-from pipeline.replay import pair_copies, replay_shard  # noqa: E402
+from pipeline.replay import View, pair_copies, replay_shard  # noqa: E402
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SEED = 0
@@ -85,76 +86,106 @@ def decode_all(photos: list[tuple[str, bytes]]) -> list[DecodedSample]:
     return [DecodedSample(key, 0, i, decode_image(data), i % 1000) for i, (key, data) in enumerate(photos)]
 
 
-def run_timm(photos: list[tuple[str, bytes]], transform: Callable) -> int:
+def timm_views(photos: list[tuple[str, bytes]], transform: Callable) -> Iterator[torch.Tensor]:
     for _, data in photos:
-        transform(Image.open(io.BytesIO(data)).convert("RGB"))
-    return len(photos)
+        yield transform(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def run_phase2(photos: list[tuple[str, bytes]], recipe: Recipe) -> int:
+def phase2_views(photos: list[tuple[str, bytes]], recipe: Recipe) -> Iterator[View]:
     """Every pair's ``R`` copies (views ``0..R-1``, RA block 0), each sample decoded once."""
     samples = decode_all(photos)
     views = list(range(recipe.repeats))
-    made = 0
     for a, b in partners(SEED, 0, SHARD, len(samples), recipe.repeats, range(len(samples))):
         copies_a, copies_b = pair_copies(samples[a], None if b is None else samples[b], views, recipe, SEED, SHARD)
-        made += len(copies_a) + len(copies_b)
-    return made
+        yield from copies_a + copies_b
 
 
-def run_phase1(photos: list[tuple[str, bytes]], recipe: Recipe, views: int) -> int:
+def phase1_views(photos: list[tuple[str, bytes]], recipe: Recipe, views: int) -> Iterator[View]:
     """A unit: the photos as one shard, decoded once, every view of a block of ``views``."""
-    return sum(1 for _ in replay_shard(decode_all(photos), list(range(views)), recipe, SEED, SHARD, len(photos)))
+    yield from replay_shard(decode_all(photos), list(range(views)), recipe, SEED, SHARD, len(photos))
 
 
-def timed(fn: Callable[[], int]) -> dict[str, float]:
-    """Views/s of ``fn`` per CPU second of this process (one thread: per core) and per wall second."""
+def batch_ours(views: list[View]) -> None:
+    """What a worker does with a chunk of views: one compact tensor, and the pixel digests of checked rows."""
+    stack_views([v.pixels for v in views])
+    for v in views:
+        if checked_row(SEED, v.view_id, SHARD, v.position):
+            pixel_digest(v.pixels)
+
+
+def batch_timm(views: list[torch.Tensor]) -> None:
+    torch.stack(views)  # DataLoader's default_collate
+
+
+def timed(views: Iterator[Any], batch: Callable[[list], None], chunk: int) -> dict[str, float]:
+    """Views per CPU second of this process (one thread: per core) and per wall second, of making the views
+    and (``batched_``) of making them and batching them ``chunk`` at a time."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    views = fn()
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"views": views, "cpu_s": cpu, "wall_s": wall, "views_per_cpu_s": views / cpu, "views_per_s": views / wall}
+    batch_cpu = batch_wall = 0.0
+    pending: list[Any] = []
+    n = 0
+    for x in views:
+        pending.append(x)
+        n += 1
+        if len(pending) == chunk:
+            c, w = time.process_time(), time.perf_counter()
+            batch(pending)
+            batch_cpu, batch_wall = batch_cpu + time.process_time() - c, batch_wall + time.perf_counter() - w
+            pending = []
+    c, w = time.process_time(), time.perf_counter()
+    if pending:
+        batch(pending)
+    cpu = time.process_time() - cpu0
+    wall = time.perf_counter() - wall0
+    batch_cpu, batch_wall = batch_cpu + time.process_time() - c, batch_wall + time.perf_counter() - w
+    return {
+        "views": n,
+        "cpu_s": cpu - batch_cpu,
+        "batch_cpu_s": batch_cpu,
+        "views_per_cpu_s": n / (cpu - batch_cpu),
+        "views_per_s": n / (wall - batch_wall),
+        "batched_views_per_cpu_s": n / cpu,
+        "batched_views_per_s": n / wall,
+    }
+
+
+RATES = ("views_per_cpu_s", "views_per_s", "batched_views_per_cpu_s", "batched_views_per_s")
 
 
 def measure_rounds(photos: list[tuple[str, bytes]], args: argparse.Namespace) -> list[dict[str, Any]]:
     recipe = Recipe(img_size=args.img_size, repeats=args.repeats)
     transform = timm_transform(args.img_size)
     runs = {
-        "timm": lambda: run_timm(photos, transform),
-        "phase2": lambda: run_phase2(photos, recipe),
-        "phase1": lambda: run_phase1(photos, recipe, args.views),
+        "timm": lambda: timed(timm_views(photos, transform), batch_timm, args.chunk),
+        "phase2": lambda: timed(phase2_views(photos, recipe), batch_ours, args.chunk),
+        "phase1": lambda: timed(phase1_views(photos, recipe, args.views), batch_ours, args.chunk),
     }
     rounds = []
     for r in range(args.rounds):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
-        got = {name: timed(runs[name]) for name in order}
+        got: dict[str, Any] = {name: runs[name]() for name in order}
         for name in ("phase2", "phase1"):
-            got[f"{name}_over_timm"] = got[name]["views_per_cpu_s"] / got["timm"]["views_per_cpu_s"]
-            got[f"{name}_over_timm_wall"] = got[name]["views_per_s"] / got["timm"]["views_per_s"]
+            got[f"{name}_over_timm"] = {rate: got[name][rate] / got["timm"][rate] for rate in RATES}
         rounds.append(got)
         print(
             f"round {r + 1}/{args.rounds}: "
             + ", ".join(f"{n} {got[n]['views_per_cpu_s']:.1f} views/CPU-s" for n in runs)
-            + f"; phase 2 / timm {got['phase2_over_timm']:.3f}, phase 1 / timm {got['phase1_over_timm']:.3f}",
+            + f"; phase 2 / timm {got['phase2_over_timm']['views_per_cpu_s']:.3f}, "
+            f"phase 1 / timm {got['phase1_over_timm']['views_per_cpu_s']:.3f}",
             flush=True,
         )
     return rounds
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and spread over rounds of each rate and ratio (the ratios are taken within a round)."""
+    """Median, min and max over rounds of each rate and ratio (ratios are taken within a round)."""
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
     out: dict[str, Any] = {}
-    for name in ("timm", "phase2", "phase1"):
-        cpu = [r[name]["views_per_cpu_s"] for r in rounds]
-        wall = [r[name]["views_per_s"] for r in rounds]
-        out[name] = {
-            "views_per_cpu_s": statistics.median(cpu),
-            "views_per_s": statistics.median(wall),
-            "min": min(cpu),
-            "max": max(cpu),
-        }
-    for key in ("phase2_over_timm", "phase1_over_timm", "phase2_over_timm_wall", "phase1_over_timm_wall"):
-        values = [r[key] for r in rounds]
-        out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    for name in ("timm", "phase2", "phase1", "phase2_over_timm", "phase1_over_timm"):
+        out[name] = {rate: spread([r[name][rate] for r in rounds]) for rate in RATES}
     return out
 
 
@@ -167,7 +198,7 @@ def main() -> None:
     p.add_argument("--views", type=int, default=10, help="phase 1 view block (views per decode)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--chunk", type=int, default=32, help="views per chunk (batching, digests, IPC)")
-    p.add_argument("--ipc-chunks", type=int, default=16, help="chunks sent through a DataLoader worker")
+    p.add_argument("--ipc-chunks", type=int, default=32, help="chunks sent through a DataLoader worker")
     p.add_argument("--out", default=str(RESULTS / "loader_speed.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -177,7 +208,7 @@ def main() -> None:
     rounds = measure_rounds(photos, args)
     recipe = Recipe(img_size=args.img_size, repeats=args.repeats)
     ours = profile_ours(photos, recipe, SEED, SHARD, args.chunk)
-    theirs = profile_timm(photos, timm_transform(args.img_size))
+    theirs = profile_timm(photos, timm_transform(args.img_size), args.chunk)
     ipc = ipc_cost(photos, recipe, SEED, SHARD, args.chunk, args.ipc_chunks)
     settings = {
         "photos": len(photos),
@@ -194,29 +225,63 @@ def main() -> None:
         "total_s": round(time.perf_counter() - t0, 1),
     }
     results = {"summary": summarise(rounds), "rounds": rounds, "profile": ours, "timm_profile": theirs, "ipc": ipc}
-    doc = write_result(args.out, "loader_speed", results, settings=settings)
+    note = (
+        "CPU seconds of one process with one torch thread (views/s per core); the machine is shared, so each "
+        "ratio is taken within a round and its range over the rounds is shown"
+    )
+    doc = write_result(args.out, "loader_speed", results, settings=settings, note=note)
     print("\n".join(report_lines(doc)))
     print(f"\nwrote {args.out}")
+
+
+def _rate_table(s: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """Rates (median over rounds) and ratios to timm (median, and their range over rounds)."""
+
+    def ratio(name: str, rate: str) -> str:
+        if name == "timm":
+            return "1"
+        x = s[f"{name}_over_timm"][rate]
+        return f"{fmt_num(x['median'], 3)} ({fmt_num(x['min'], 3)}-{fmt_num(x['max'], 3)})"
+
+    labels = {
+        "timm": "timm's DeiT transform (a decode per view)",
+        "phase2": f"ours, phase 2 (a decode per {cfg.get('repeats', '?')} copies)",
+        "phase1": f"ours, phase 1 (a decode per {cfg.get('phase1_views', '?')} views)",
+    }
+    rows = [
+        [
+            label,
+            s[name]["views_per_cpu_s"]["median"],
+            ratio(name, "views_per_cpu_s"),
+            s[name]["batched_views_per_cpu_s"]["median"],
+            ratio(name, "batched_views_per_cpu_s"),
+            s[name]["views_per_s"]["median"],
+            ratio(name, "views_per_s"),
+        ]
+        for name, label in labels.items()
+    ]
+    headers = [
+        "loader",
+        "views/CPU-s (per core)",
+        "ratio to timm",
+        f"with batching by {cfg.get('chunk', '?')}: views/CPU-s",
+        "ratio to timm",
+        "views/s (wall)",
+        "ratio to timm",
+    ]
+    return md_table(headers, rows)
 
 
 def report_lines(doc: dict[str, Any]) -> list[str]:
     """The markdown ``bench/report.py`` renders for this benchmark (also printed by the bench itself)."""
     r, cfg = doc["results"], doc.get("settings", {})
-    s = r["summary"]
-    rows = [["timm DeiT transform (decode per view)", s["timm"]["views_per_cpu_s"], s["timm"]["views_per_s"], 1.0, "-"]]
-    for name, label in (
-        ("phase2", f"ours, phase 2 (decode per {cfg.get('repeats', '?')} copies)"),
-        ("phase1", f"ours, phase 1 (decode per {cfg.get('phase1_views', '?')} views)"),
-    ):
-        ratio = s[f"{name}_over_timm"]
-        spread = f"{fmt_num(ratio['min'], 3)}-{fmt_num(ratio['max'], 3)}"
-        rows.append([label, s[name]["views_per_cpu_s"], s[name]["views_per_s"], ratio["median"], spread])
     out = [
         f"{cfg.get('photos', '?')} photos (--images, mean {fmt_num(cfg.get('mean_photo_bytes'))} bytes), "
         f"{cfg.get('img_size', '?')} px, one process, one torch thread; median of {cfg.get('rounds', '?')} "
-        "interleaved rounds (ratios within a round).",
+        "interleaved rounds, ratios taken within a round (range over the rounds in brackets). Batching: "
+        "timm's `torch.stack` (DataLoader's collation), ours `stack_views` and the pixel digests of checked rows.",
         "",
-        md_table(["loader", "views/CPU-s (per core)", "views/s (wall)", "ratio to timm", "ratio range"], rows),
+        _rate_table(r["summary"], cfg),
         "",
         "Per-op profile of ours (phase 2, every copy), per view:",
         "",
