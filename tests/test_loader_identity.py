@@ -8,6 +8,7 @@ compared here, on generated photos, with the plain version written as torchvisio
 * each RandAugment op of timm's lists (both), at many magnitudes, both signs, both resamplings;
 * a whole view (crop, flip, RandAugment or colour jitter, erasing box and noise) against the reference loop
   that interleaves timm's draws and ops, for RGB and grayscale sources;
+* mixup of two views (uint8 or erased float32), against its two plain expressions;
 * batches of compact views (uint8 and float16 side by side), in-process and inside a DataLoader worker,
   against ``torch.cat`` of :func:`pipeline.pixels.model_input` turned to float16; every uint8 value.
 """
@@ -37,7 +38,8 @@ from pipeline.augment import (
     view_generators,
 )
 from pipeline.decode import decode_image
-from pipeline.pixels import _UINT8_TO_HALF, model_input, stack_views
+from pipeline.mixing import _mixup
+from pipeline.pixels import _UINT8_TO_HALF, compact, model_input, stack_views
 from pipeline.recipe import RandAugmentSpec, Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,3 +181,17 @@ def test_a_workers_batches_are_in_shared_memory_and_unchanged():
     for seed, (batch, shared) in enumerate(got):
         assert shared, "made in shared memory, so sending it copies nothing"
         assert torch.equal(batch, reference_stack(_views(5, seed)))
+
+
+def test_mixup_equals_the_plain_expressions_and_leaves_its_inputs_alone():
+    g = torch.Generator().manual_seed(3)
+    u = [torch.randint(0, 256, (30, 26, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1) for _ in range(2)]
+    f = [x.float().div(255.0) + torch.rand(x.shape, generator=g) / 8 for x in u]  # erased views are float32
+    for a, b in [(u[0], u[1]), (u[0], f[1]), (f[0], u[1]), (f[0], f[1])]:
+        before = (a.clone(), b.clone())
+        fa, fb = (x.float() / 255.0 if x.dtype == torch.uint8 else x for x in (a, b))
+        for lam in (0.0, 1e-7, 0.3719, 0.5, 0.999, 1.0):
+            ma, mb = _mixup(a, b, lam)
+            assert torch.equal(ma, fa * lam + fb * (1 - lam)) and torch.equal(mb, fb * lam + fa * (1 - lam))
+            assert torch.equal(compact(ma), compact(fa * lam + fb * (1 - lam)))
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1])
