@@ -192,10 +192,14 @@ class Augmented:
         top, left, h, w = self.erase
         x = self.pixels.float().div_(255.0)
         noise = torch.randn((3, h, w), generator=self.noise)
-        mean = torch.tensor(recipe.mean).view(3, 1, 1)
-        std = torch.tensor(recipe.std).view(3, 1, 1)
-        x[:, top : top + h, left : left + w] = noise * std + mean
+        x[:, top : top + h, left : left + w] = noise.mul_(_per_channel(recipe.std)).add_(_per_channel(recipe.mean))
         return x
+
+
+@functools.cache
+def _per_channel(values: tuple[float, ...]) -> torch.Tensor:
+    """A recipe's mean or std as a (C, 1, 1) float32 tensor, made once per process (never written to)."""
+    return torch.tensor(values).view(-1, 1, 1)
 
 
 def eval_view(img: Image.Image, recipe: Recipe) -> torch.Tensor:
