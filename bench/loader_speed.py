@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import random
 import statistics
 import sys
 import time
@@ -67,10 +68,15 @@ def read_photos(folder: Path, limit: int) -> list[tuple[str, bytes]]:
 
 
 def timm_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """DeiT's training transform (facebookresearch/deit ``datasets.build_transform``), built by timm."""
-    from timm.data import create_transform
+    """DeiT's training transform (facebookresearch/deit ``datasets.build_transform``), built by timm.
 
-    return create_transform(
+    timm's Posterize keeps ``4 - int(m / 10 * 4)`` bits, 0 when the magnitude draws 10, which Pillow >= 11
+    refuses (older Pillow returned black, as stillroom's replay does): such a draw gets black here too.
+    """
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
+
+    transform = create_transform(
         img_size,
         is_training=True,
         color_jitter=0.3,
@@ -80,6 +86,19 @@ def timm_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
         re_mode="pixel",
         re_count=1,
     )
+    for stage in transform.transforms:
+        if isinstance(stage, RandAugment):
+            for op in stage.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize_to_black(op.aug_fn)
+    return transform
+
+
+def _posterize_to_black(posterize: Callable) -> Callable:
+    def op(img: Image.Image, bits: int, **kwargs: Any) -> Image.Image:
+        return Image.new(img.mode, img.size) if bits <= 0 else posterize(img, bits, **kwargs)
+
+    return op
 
 
 def decode_all(photos: list[tuple[str, bytes]]) -> list[DecodedSample]:
@@ -87,6 +106,8 @@ def decode_all(photos: list[tuple[str, bytes]]) -> list[DecodedSample]:
 
 
 def timm_views(photos: list[tuple[str, bytes]], transform: Callable) -> Iterator[torch.Tensor]:
+    random.seed(SEED)  # timm draws from the global generators: the same views in every round
+    torch.manual_seed(SEED)
     for _, data in photos:
         yield transform(Image.open(io.BytesIO(data)).convert("RGB"))
 
