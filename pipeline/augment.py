@@ -11,11 +11,13 @@ so a shard's views wait as uint8. The RandAugment ops, their level tables and op
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance
@@ -103,11 +105,21 @@ def _rand_augment_args(name: str, level: float, rng: random.Random) -> tuple:
     raise ConfigError(f"RandAugment op {name!r} is not supported by view replay")
 
 
-def rand_augment(img: Image.Image, spec: RandAugmentSpec, recipe: Recipe, rng: random.Random) -> Image.Image:
-    """timm's RandAugment (ops chosen with replacement, each applied with ``prob``)."""
-    names = rand_augment_choices("", increasing=spec.increasing)
-    fill = tuple(round(255 * m) for m in recipe.mean)
-    kwargs = {"fillcolor": fill, "resample": _PIL_INTERP[recipe.interpolation]}
+@functools.cache
+def _rand_augment_setup(auto_augment: str) -> tuple[RandAugmentSpec, tuple[str, ...]]:
+    """The parsed spec and timm's op list, once per process rather than once per view."""
+    spec = RandAugmentSpec.parse(auto_augment)
+    return spec, tuple(rand_augment_choices("", increasing=spec.increasing))
+
+
+def rand_augment_ops(spec: RandAugmentSpec, names: Sequence[str], rng: random.Random) -> list[tuple[str, tuple]]:
+    """The ops one view's RandAugment applies, with their arguments, in timm's order of draws.
+
+    No op draws from ``rng`` while it runs, so drawing every choice first and applying the ops after
+    (:func:`apply_op`) consumes ``rng`` exactly as timm's interleaved loop does; the profile in
+    ``bench/loader_speed.py`` times each op on its own through this split.
+    """
+    ops = []
     for _ in range(spec.num_layers):
         name = names[rng.randrange(len(names))]
         if spec.prob < 1.0 and rng.random() > spec.prob:
@@ -118,13 +130,21 @@ def rand_augment(img: Image.Image, spec: RandAugmentSpec, recipe: Recipe, rng: r
         elif spec.magnitude_std > 0:
             magnitude = rng.gauss(magnitude, spec.magnitude_std)
         magnitude = max(0.0, min(magnitude, spec.magnitude_max))
-        args = _rand_augment_args(name, magnitude, rng)
-        if name.startswith("Posterize") and args[0] <= 0:
-            # Keeping 0 bits is black; Pillow >= 11 refuses bits=0 where older Pillow returned black.
-            img = Image.new(img.mode, img.size)
-            continue
-        img = NAME_TO_OP[name](img, *args, **kwargs)
-    return img
+        ops.append((name, _rand_augment_args(name, magnitude, rng)))
+    return ops
+
+
+def apply_op(img: Image.Image, name: str, args: tuple, recipe: Recipe) -> Image.Image:
+    """One RandAugment op as timm applies it (fill: the recipe's mean colour; the recipe's resampling)."""
+    if name.startswith("Posterize") and args[0] <= 0:
+        # Keeping 0 bits is black; Pillow >= 11 refuses bits=0 where older Pillow returned black.
+        return Image.new(img.mode, img.size)
+    return NAME_TO_OP[name](img, *args, fillcolor=_fill(recipe.mean), resample=_PIL_INTERP[recipe.interpolation])
+
+
+@functools.cache
+def _fill(mean: tuple[float, ...]) -> tuple[int, ...]:
+    return tuple(round(255 * m) for m in mean)
 
 
 def _color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Image:
@@ -172,10 +192,14 @@ class Augmented:
         top, left, h, w = self.erase
         x = self.pixels.float().div_(255.0)
         noise = torch.randn((3, h, w), generator=self.noise)
-        mean = torch.tensor(recipe.mean).view(3, 1, 1)
-        std = torch.tensor(recipe.std).view(3, 1, 1)
-        x[:, top : top + h, left : left + w] = noise * std + mean
+        x[:, top : top + h, left : left + w] = noise.mul_(_per_channel(recipe.std)).add_(_per_channel(recipe.mean))
         return x
+
+
+@functools.cache
+def _per_channel(values: tuple[float, ...]) -> torch.Tensor:
+    """A recipe's mean or std as a (C, 1, 1) float32 tensor, made once per process (never written to)."""
+    return torch.tensor(values).view(-1, 1, 1)
 
 
 def eval_view(img: Image.Image, recipe: Recipe) -> torch.Tensor:
@@ -194,18 +218,33 @@ def augment(img: Image.Image, recipe: Recipe, seed: int, view: int, key: str) ->
     if not recipe.is_random:
         return Augmented(eval_view(img, recipe))
     rng, gen = view_generators(seed, view, key)
-    i, j, h, w = _random_resized_crop_box(rng, img.width, img.height, recipe.scale, recipe.ratio)
-    size = [recipe.img_size, recipe.img_size]
-    img = TF.resized_crop(img, i, j, h, w, size, interpolation=_INTERP[recipe.interpolation])
+    img = random_resized_crop(img, recipe, rng)
     if rng.random() < recipe.hflip:
-        img = TF.hflip(img)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if recipe.auto_augment:
-        img = rand_augment(img, RandAugmentSpec.parse(recipe.auto_augment), recipe, rng)
+        spec, names = _rand_augment_setup(recipe.auto_augment)
+        for name, args in rand_augment_ops(spec, names, rng):
+            img = apply_op(img, name, args, recipe)
     elif recipe.color_jitter > 0:
         img = _color_jitter(img, recipe.color_jitter, rng)
-    x = TF.pil_to_tensor(img)
+    x = to_tensor(img)
     box = _erase_box(tuple(x.shape), recipe, rng) if recipe.reprob > 0 else None
     return Augmented(x, box, gen if box else None)
+
+
+def random_resized_crop(img: Image.Image, recipe: Recipe, rng: random.Random) -> Image.Image:
+    """timm's RandomResizedCropAndInterpolation: the crop box drawn from ``rng``, then PIL's crop and resize.
+
+    The same two PIL calls torchvision's ``resized_crop`` makes, without its dispatch; not ``resize(box=...)``,
+    whose filter reaches pixels outside the box and so changes the edges of the view.
+    """
+    i, j, h, w = _random_resized_crop_box(rng, img.width, img.height, recipe.scale, recipe.ratio)
+    return img.crop((j, i, j + w, i + h)).resize((recipe.img_size, recipe.img_size), _PIL_INTERP[recipe.interpolation])
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 CHW pixels of an RGB image (HWC memory, as torchvision's ``pil_to_tensor`` gives them)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def augment_view(img: Image.Image, recipe: Recipe, seed: int, view: int, key: str) -> torch.Tensor:

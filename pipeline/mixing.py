@@ -86,9 +86,22 @@ def mix_pair(
         pb[:, y0:y1, x0:x1] = a[:, y0:y1, x0:x1]
         return pa, pb, lam
     lam = rng.betavariate(recipe.mixup, recipe.mixup)
-    fa, fb = _float(a), _float(b)
-    return fa * lam + fb * (1 - lam), fb * lam + fa * (1 - lam), lam
+    return (*_mixup(a, b, lam), lam)
+
+
+def _mixup(a: torch.Tensor, b: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fa * lam + fb * (1 - lam)`` and ``fb * lam + fa * (1 - lam)`` in float32, every product and sum rounded
+    as those expressions round them, in four images instead of eight: each member's ``(1 - lam)`` product is
+    the other's second term, and the ``lam`` products are made in place."""
+    fa, fb = _float_copy(a), _float_copy(b)
+    ta, tb = fa * (1 - lam), fb * (1 - lam)
+    return fa.mul_(lam).add_(tb), fb.mul_(lam).add_(ta)
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def _float_copy(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_float` in a tensor of its own, which the caller may change in place."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.clone()

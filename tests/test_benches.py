@@ -24,6 +24,10 @@ RUNS = {
         "bench/storage_fidelity.py",
         *("--teacher-epochs", "1", "--storage-k", "5", "--digits-shards", "1", "--views", "1", "--synthetic-n", "64"),
     ],
+    "loader_speed": [
+        "bench/loader_speed.py",
+        *("--img-size", "32", "--rounds", "1", "--views", "2", "--samples", "12", "--chunk", "8", "--ipc-chunks", "1"),
+    ],
 }
 
 
@@ -61,7 +65,7 @@ def test_benchmarks_run_and_the_report_reads_them(photos: Path, tmp_path: Path) 
     _run(["bench/report.py", "--results", str(results), "--out", str(out)])
     text = out.read_text()
     assert "could not read" not in text
-    for title in ("Phase 1 speed", "Phase 2 speed", "Cache storage", "Mid-epoch resume"):
+    for title in ("Phase 1 speed", "Phase 2 speed", "Cache storage", "Mid-epoch resume", "Loader speed"):
         section = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
         assert "Not run yet" not in section and "| ---" in section, title
 
