@@ -72,6 +72,10 @@ def _cache_teacher(cfg: CacheConfig) -> None:
         f"{s['images']} image decodes, {s['views']} views, {skipped} bad samples skipped, "
         f"{s['bytes_written']} bytes written, {s['wall_s']:.1f}s"
     )
+    if cfg.log_to:
+        from pipeline.sinks import log_cache_summary
+
+        typer.echo(f"cache-teacher: summary logged to {', '.join(cfg.log_to)} in {log_cache_summary(cfg, s)}")
 
 
 def _cache_status(cfg: StatusConfig) -> None:

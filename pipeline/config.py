@@ -155,11 +155,13 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> dict[str,
 
 
 def check_choices(cfg: Any) -> None:
+    """Refuse a value outside its option's declared choices; for a list, any item outside them."""
     for f in fields(type(cfg)):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
-        if choices and value is not None and value not in choices:
-            raise ConfigError(f"{flag_name(f.name)} {value!r}: expected one of {', '.join(choices)}")
+        for item in value if isinstance(value, list) else [value]:
+            if choices and item is not None and item not in choices:
+                raise ConfigError(f"{flag_name(f.name)} {item!r}: expected one of {', '.join(choices)}")
 
 
 def resolve(cls: type[T], config_path: str | None = None, overrides: Mapping[str, Any] | None = None) -> T:
@@ -186,12 +188,15 @@ def checked(cfg: T) -> T:
     """Check a config built in code (declared choices, then the class's own rules); returns it.
 
     A string given in code for a list of strings (``cache="c.zarr"``) is that list's one item, as on the
-    command line.
+    command line. A list of strings with declared choices is also split at commas (``tensorboard,wandb``):
+    its items are names, never shard specs whose commas belong to them.
     """
     hints = typing.get_type_hints(type(cfg))
     for f in fields(type(cfg)):
         if hints[f.name] == list[str] and isinstance(getattr(cfg, f.name), str):
             setattr(cfg, f.name, [getattr(cfg, f.name)])
+        if hints[f.name] == list[str] and f.metadata.get("choices"):
+            setattr(cfg, f.name, [x.strip() for v in getattr(cfg, f.name) for x in v.split(",") if x.strip()])
     check_choices(cfg)
     check = getattr(cfg, "check", None)
     if check is not None:

@@ -7,6 +7,7 @@ config is resolved (:func:`pipeline.config.resolve`) or checked in code (:func:`
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,12 @@ SHARDS_HELP = (
     "repeat the flag (or give a YAML list) for several"
 )
 LABEL_KEY_HELP = "read each sample's label from its .json under this key instead of its .cls"
+LOG_TO = ("tensorboard", "wandb")  # each is also the package it needs and the extra that installs it
+LOG_TO_HELP = (
+    "also log the scalars of metrics.jsonl (which stays the record) to TensorBoard and/or Weights & Biases, "
+    "e.g. tensorboard,wandb; W&B runs offline without an API key or with WANDB_MODE=offline; each needs its "
+    "extra: pip install 'stillroom[tensorboard]' (docs/monitoring.md)"
+)
 
 
 def _positive(**values: float | None) -> None:
@@ -39,6 +46,15 @@ def _not_negative(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+def _loggers_installed(log_to: list[str]) -> None:
+    """Refuse a logger whose package is missing before any work (a run must not fail at its first line
+    of metrics), naming the install that adds it. ``find_spec`` only looks: nothing is imported here."""
+    for name in log_to:
+        if importlib.util.find_spec(name) is None:
+            install = f"pip install 'stillroom[{name}]'"
+            raise ConfigError(f"--log-to {name} needs the {name} package, not installed: {install}")
 
 
 def _required(**values: Any) -> None:
@@ -121,9 +137,11 @@ class CacheConfig:
         "ones (about 10 ms a unit on local disk); --no-verify-done only checks that their objects exist (a listing)",
     )
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
+    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP)
 
     def check(self) -> None:
         _required(shards=self.shards, out=self.out)
+        _loggers_installed(self.log_to)
         _positive(
             views=self.views,
             view_block=self.view_block,
@@ -243,6 +261,7 @@ class TrainConfig:
     on_error: str = option("raise", choices=ON_ERROR, help=ON_ERROR_HELP)
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
     deterministic: bool = option(False, help="torch.use_deterministic_algorithms (tests, debugging)")
+    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP)
 
     @property
     def cached(self) -> bool:
@@ -255,6 +274,7 @@ class TrainConfig:
 
     def check(self) -> None:
         _required(shards=self.shards, out=self.out)
+        _loggers_installed(self.log_to)
         _positive(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -372,3 +392,4 @@ class PresetsConfig:
 
     name: str | None = option(None, help="print this preset (e.g. deit_small); without it, list them")
     copy_to: str | None = option(None, help="copy every preset into this folder (to edit them)")
+
