@@ -27,6 +27,7 @@ from pipeline.options import (
     EvalConfig,
     PackConfig,
     PresetsConfig,
+    ReportConfig,
     StatusConfig,
     TrainConfig,
     VerifyConfig,
@@ -112,6 +113,13 @@ def _evaluate(cfg: EvalConfig) -> None:
     _print_json(evaluate_checkpoint(cfg))
 
 
+def _report(cfg: ReportConfig) -> None:
+    from pipeline.report import report
+
+    for path in report(cfg):
+        typer.echo(f"wrote {path}")
+
+
 def _demo(cfg: DemoConfig) -> None:
     from pipeline.demo import run_demo
 
@@ -187,6 +195,12 @@ COMMANDS: list[tuple[str, type, Callable[[Any], None], str]] = [
         "Phase 2: train a DeiT student from cached teacher targets (runs under torchrun too).",
     ),
     ("evaluate", EvalConfig, _evaluate, "Top-1/top-5 of the class head, the distillation head and their average."),
+    (
+        "report",
+        ReportConfig,
+        _report,
+        "PNG pictures from disk: training curves of runs (overlaid) and a cache's progress, targets and bytes.",
+    ),
     ("demo", DemoConfig, _demo, "Both phases end to end on the digits shipped with scikit-learn; prints one table."),
     ("presets", PresetsConfig, _presets, "List, print or copy the preset configs installed with stillroom."),
 ]

@@ -32,6 +32,7 @@ def option(
     choices: Sequence[str] | None = None,
     factory: Callable[[], Any] | None = None,
     positional: bool = False,
+    metavar: str | None = None,
 ) -> Any:
     """A config field: the one declaration of an option.
 
@@ -41,8 +42,9 @@ def option(
         choices: The allowed values of a string option; anything else is refused by name.
         factory: Builds a mutable default.
         positional: A command-line argument rather than a ``--flag``.
+        metavar: What ``--help`` calls the value, where the type's name would mislead (``NAME``, not ``URL``).
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional}
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional, "metavar": metavar}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

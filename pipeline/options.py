@@ -29,9 +29,10 @@ SHARDS_HELP = (
 LABEL_KEY_HELP = "read each sample's label from its .json under this key instead of its .cls"
 LOG_TO = ("tensorboard", "wandb")  # each is also the package it needs and the extra that installs it
 LOG_TO_HELP = (
-    "also log the scalars of metrics.jsonl (which stays the record) to TensorBoard and/or Weights & Biases, "
-    "e.g. tensorboard,wandb; W&B runs offline without an API key or with WANDB_MODE=offline; each needs its "
-    "extra: pip install 'stillroom[tensorboard]' (docs/monitoring.md)"
+    "also log scalars to TensorBoard and/or Weights & Biases, e.g. tensorboard,wandb (train-student: every line "
+    "of metrics.jsonl, which stays the record; cache-teacher: its summary); W&B runs offline without an API key "
+    "or with WANDB_MODE=offline; each needs the package of its name, which the stillroom extra of that name "
+    "installs (docs/monitoring.md)"
 )
 
 
@@ -137,7 +138,7 @@ class CacheConfig:
         "ones (about 10 ms a unit on local disk); --no-verify-done only checks that their objects exist (a listing)",
     )
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
-    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP)
+    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP, metavar="NAME[,NAME]")
 
     def check(self) -> None:
         _required(shards=self.shards, out=self.out)
@@ -261,7 +262,7 @@ class TrainConfig:
     on_error: str = option("raise", choices=ON_ERROR, help=ON_ERROR_HELP)
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
     deterministic: bool = option(False, help="torch.use_deterministic_algorithms (tests, debugging)")
-    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP)
+    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP, metavar="NAME[,NAME]")
 
     @property
     def cached(self) -> bool:
@@ -393,3 +394,29 @@ class PresetsConfig:
     name: str | None = option(None, help="print this preset (e.g. deit_small); without it, list them")
     copy_to: str | None = option(None, help="copy every preset into this folder (to edit them)")
 
+
+@dataclass
+class ReportConfig:
+    """Options of ``stillroom report``."""
+
+    run: list[str] = option(
+        factory=list,
+        metavar="FOLDER",
+        help="a train-student output folder (its metrics.jsonl); repeat the flag to overlay runs",
+    )
+    label: list[str] = option(
+        factory=list, metavar="TEXT", help="the legend's name of each --run, in order; without it, each folder's name"
+    )
+    cache: str | None = option(None, help="a cache made by cache-teacher (a local path or fsspec URL)")
+    out: str = option("pictures", help="folder the PNG pictures are written to")
+    units: int = option(
+        64, help="finished cache units read for the histograms, evenly spread over the cache; 0: every one"
+    )
+
+    def check(self) -> None:
+        if not self.run and not self.cache:
+            raise ConfigError("--run or --cache is required: a training run's folder or a cache to draw")
+        if self.label and len(self.label) != len(self.run):
+            raise ConfigError(f"--label gives {len(self.label)} names for {len(self.run)} --run folder(s)")
+        _required(out=self.out)
+        _not_negative(units=self.units)
