@@ -162,7 +162,8 @@ class Sinks:
             try:
                 sink.write(line, scalars, step)
             except Exception as e:
-                log.warning("--log-to: %s failed (%s); it gets no more metrics (metrics.jsonl has them all)", sink, e)
+                what = type(sink).__name__
+                log.warning("--log-to: %s failed (%s); it gets no more metrics (metrics.jsonl has them all)", what, e)
                 self.sinks.remove(sink)
                 _close_quietly(sink)
 
@@ -176,7 +177,7 @@ def _close_quietly(sink: Sink) -> None:
     try:
         sink.close()
     except Exception as e:  # closing is best effort: the record is metrics.jsonl
-        log.warning("--log-to: closing %s failed: %s", sink, e)
+        log.warning("--log-to: closing %s failed: %s", type(sink).__name__, e)
 
 
 def open_sinks(

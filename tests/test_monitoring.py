@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.cache_teacher import run as cache_teacher
+from pipeline.checkpoint import prepare_out
 from pipeline.config import checked
 from pipeline.options import TrainConfig
-from pipeline.sinks import StepClock, scalars_of, wandb_mode
+from pipeline.sinks import Sinks, StepClock, scalars_of, wandb_mode
 from pipeline.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,3 +186,41 @@ def test_a_missing_extra_is_one_error_line_naming_the_install(
     expected = "error: --log-to wandb needs the wandb package, not installed: pip install 'stillroom[wandb]'"
     assert result.output.strip() == expected
     assert not out.exists(), "refused before any work"
+
+
+class _Broken:
+    def write(self, line: dict, scalars: dict, step: int) -> None:
+        raise OSError("disk full")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Kept:
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def write(self, line: dict, scalars: dict, step: int) -> None:
+        self.lines.append(line)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_logger_is_dropped_and_the_others_go_on(caplog: pytest.LogCaptureFixture) -> None:
+    broken, kept = _Broken(), _Kept()
+    sinks = Sinks([broken, kept])
+    for step in (1, 2):
+        sinks.write({"event": "train", "epoch": 0, "step": step, "loss": 1.0})
+    assert len(kept.lines) == 2 and sinks.sinks == [kept] and broken.closed
+    assert sum("disk full" in r.getMessage() for r in caplog.records) == 1, "one warning, not one per line"
+
+
+def test_force_new_moves_the_loggers_files_aside(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
+    (out / "metrics.jsonl").write_text("{}\n")
+    prepare_out(TrainConfig(shards=["a.tar"], out=str(out), force_new=True))
+    (aside,) = out.glob("replaced-*")
+    assert (aside / "tensorboard" / "events.out.tfevents.1").exists() and not (out / "tensorboard").exists()
