@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 DPI = 80  # 720 x 520 pixels for the 9 x 6.5 inch figures: sharp on a screen, tens of KB on disk
 # Runs are told apart by colour (matplotlib's default cycle, first colours), terms and heads by line style.
@@ -24,9 +26,16 @@ def new_figure(width: float, height: float, rows: int = 1, cols: int = 1) -> tup
 
 
 def save(fig: Figure, path: str) -> str:
-    """Write ``fig`` as a PNG at ``path`` (its folder made if needed) and return the path."""
+    """Write ``fig`` as a PNG at ``path`` (its folder made if needed) and return the path.
+
+    The picture is reduced to a 256-colour palette: line art loses nothing visible and the file shrinks
+    about threefold, small enough to commit next to a README or attach to a report.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    canvas = fig.canvas
+    canvas.draw()
+    rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")  # type: ignore[attr-defined]
+    rgb.quantize(colors=256, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
     return path
 
 

@@ -36,6 +36,11 @@ class RunCurves:
     train: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     epoch: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
+    @property
+    def distilled(self) -> bool:
+        """Trained with a teacher: its distillation term is not 0 throughout (``--distillation none``)."""
+        return "distill_loss" in self.train and bool(np.any(self.train["distill_loss"][1]))
+
 
 def load_run(folder: str, label: str) -> RunCurves:
     """Read ``folder/metrics.jsonl`` into series against epochs.
@@ -95,7 +100,7 @@ def _colored(runs: list[RunCurves]) -> Iterator[tuple[str, RunCurves]]:
 def _draw_loss(ax: Any, runs: list[RunCurves]) -> None:
     for color, run in _colored(runs):
         for key, style in LOSS_TERMS.items():
-            if key in run.train and np.any(run.train[key][1]):  # a run without a teacher has no distill term
+            if key in run.train and (key != "distill_loss" or run.distilled):
                 x, y = run.train[key]
                 ax.plot(x, _smoothed(y), style, color=color, linewidth=1.2)
     ax.set(title="training loss and its terms", xlabel="epoch", ylabel="loss")
@@ -118,7 +123,7 @@ def _draw_top1(ax: Any, runs: list[RunCurves]) -> None:
         return
     for color, run in _colored(runs):
         for key, style in HEADS.items():
-            if key in run.epoch:
+            if key in run.epoch and (key != "top1_dist" or run.distilled):  # no teacher: an untrained head
                 ax.plot(*run.epoch[key], style, color=color, marker="o", markersize=3, linewidth=1.2)
     ax.set(title="validation top-1 %", xlabel="epoch", ylabel="top-1 %")
     styles = [Line2D([], [], color="0.3", linestyle=s, label=k.split("_")[1] + " head") for k, s in HEADS.items()]

@@ -73,6 +73,8 @@ class StepClock:
 
 
 class Sink(Protocol):
+    """A logger: given each metrics line, its scalars and its global step; closed once at the end."""
+
     def write(self, line: dict[str, Any], scalars: dict[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
