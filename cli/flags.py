@@ -61,7 +61,7 @@ def _parameter(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
         default = typer.Argument(..., help=_help(f), show_default=False)
     else:
         names = [f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"] if cli_type is bool else [flag_name(f.name)]
-        metavar = _METAVARS.get(cli_type) if cli_type is not bool else None
+        metavar = f.metadata.get("metavar") or (_METAVARS.get(cli_type) if cli_type is not bool else None)
         default = typer.Option(None, *names, help=_help(f), show_default=False, metavar=metavar)
     annotation = cli_type if f.metadata.get("positional") else cli_type | None
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)

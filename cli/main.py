@@ -27,6 +27,7 @@ from pipeline.options import (
     EvalConfig,
     PackConfig,
     PresetsConfig,
+    ReportConfig,
     StatusConfig,
     TrainConfig,
     VerifyConfig,
@@ -78,6 +79,10 @@ def _cache_teacher(cfg: CacheConfig) -> None:
             else ""
         )
     )
+    if cfg.log_to:
+        from pipeline.sinks import log_cache_summary
+
+        typer.echo(f"cache-teacher: summary logged to {', '.join(cfg.log_to)} in {log_cache_summary(cfg, s)}")
 
 
 def _cache_status(cfg: StatusConfig) -> None:
@@ -117,6 +122,13 @@ def _evaluate(cfg: EvalConfig) -> None:
     from pipeline.evaluate import evaluate_checkpoint
 
     _print_json(evaluate_checkpoint(cfg))
+
+
+def _report(cfg: ReportConfig) -> None:
+    from pipeline.report import report
+
+    for path in report(cfg):
+        typer.echo(f"wrote {path}")
 
 
 def _demo(cfg: DemoConfig) -> None:
@@ -195,6 +207,12 @@ COMMANDS: list[tuple[str, type, Callable[[Any], None], str]] = [
         "Phase 2: train a DeiT student from cached teacher targets (runs under torchrun too).",
     ),
     ("evaluate", EvalConfig, _evaluate, "Top-1/top-5 of the class head, the distillation head and their average."),
+    (
+        "report",
+        ReportConfig,
+        _report,
+        "PNG pictures from disk: training curves of runs (overlaid) and a cache's progress, targets and bytes.",
+    ),
     ("demo", DemoConfig, _demo, "Both phases end to end on the digits shipped with scikit-learn; prints one table."),
     ("presets", PresetsConfig, _presets, "List, print or copy the preset configs installed with stillroom."),
 ]

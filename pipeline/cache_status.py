@@ -3,6 +3,7 @@ far its soft targets are from the teacher's (the tail mass the kept classes miss
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,22 @@ import numpy as np
 from .cache import CacheMeta, UnitDamaged, UnitData, missing_objects, open_cache
 
 TAIL_BINS = 1000  # tail mass histogram on [0, 1]: quantiles to 0.001
+
+
+def kept_probs(meta: CacheMeta, unit: UnitData, valid: np.ndarray) -> Iterator[tuple[float, np.ndarray]]:
+    """Per cached temperature, the teacher's probabilities of the kept classes, ``[views, rows, K]``, 0 in
+    unused columns; column 0 is the teacher's top-1.
+
+    Exact, not approximate: the values are log-probabilities at the first temperature ``t0``, so
+    ``(values + lse_t0) * t0`` are the logits, and ``lse_tau`` normalises them at ``tau``.
+    """
+    values = unit.values[:, valid].astype(np.float32)
+    kept = unit.indices[:, valid] >= 0
+    lse = unit.logsumexp[:, valid]
+    t0 = meta.temperatures[0]
+    for i, tau in enumerate(meta.temperatures):
+        logp = values if i == 0 else (values + lse[..., :1]) * (t0 / tau) - lse[..., i : i + 1]
+        yield tau, np.where(kept, np.exp(np.minimum(logp, 0.0)), 0.0)  # fp16 rounding can put a log-prob a hair above 0
 
 
 class TailMass:
@@ -21,13 +38,8 @@ class TailMass:
         self.sums = dict.fromkeys(meta.temperatures, 0.0)
 
     def add(self, unit: UnitData, valid: np.ndarray) -> None:
-        values = unit.values[:, valid].astype(np.float32)  # [views, rows, K] log-probabilities at t0
-        kept = unit.indices[:, valid] >= 0
-        lse = unit.logsumexp[:, valid]
-        t0 = self.meta.temperatures[0]
-        for i, tau in enumerate(self.meta.temperatures):
-            logp = values if i == 0 else (values + lse[..., :1]) * (t0 / tau) - lse[..., i : i + 1]
-            tail = np.clip(1.0 - np.where(kept, np.exp(np.minimum(logp, 0.0)), 0.0).sum(axis=-1), 0.0, 1.0).ravel()
+        for tau, probs in kept_probs(self.meta, unit, valid):
+            tail = np.clip(1.0 - probs.sum(axis=-1), 0.0, 1.0).ravel()
             self.sums[tau] += float(tail.sum())
             self.counts[tau] += np.bincount(
                 np.minimum((tail * TAIL_BINS).astype(int), TAIL_BINS - 1), minlength=TAIL_BINS

@@ -107,7 +107,7 @@ def prepare_out(cfg: TrainConfig) -> None:
             )
         aside = os.path.join(cfg.out, time.strftime("replaced-%Y%m%d-%H%M%S"))
         os.makedirs(aside, exist_ok=True)
-        for name in (*previous, "resolved-config.yaml"):
+        for name in (*previous, "resolved-config.yaml", "tensorboard", "wandb"):  # --log-to's files too
             if os.path.exists(os.path.join(cfg.out, name)):
                 shutil.move(os.path.join(cfg.out, name), os.path.join(aside, name))
         log.warning("--force-new: the previous run in %s was moved to %s", cfg.out, aside)

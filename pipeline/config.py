@@ -32,6 +32,7 @@ def option(
     choices: Sequence[str] | None = None,
     factory: Callable[[], Any] | None = None,
     positional: bool = False,
+    metavar: str | None = None,
 ) -> Any:
     """A config field: the one declaration of an option.
 
@@ -41,8 +42,9 @@ def option(
         choices: The allowed values of a string option; anything else is refused by name.
         factory: Builds a mutable default.
         positional: A command-line argument rather than a ``--flag``.
+        metavar: What ``--help`` calls the value, where the type's name would mislead (``NAME``, not ``URL``).
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional}
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional, "metavar": metavar}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -155,11 +157,13 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> dict[str,
 
 
 def check_choices(cfg: Any) -> None:
+    """Refuse a value outside its option's declared choices; for a list, any item outside them."""
     for f in fields(type(cfg)):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
-        if choices and value is not None and value not in choices:
-            raise ConfigError(f"{flag_name(f.name)} {value!r}: expected one of {', '.join(choices)}")
+        for item in value if isinstance(value, list) else [value]:
+            if choices and item is not None and item not in choices:
+                raise ConfigError(f"{flag_name(f.name)} {item!r}: expected one of {', '.join(choices)}")
 
 
 def resolve(cls: type[T], config_path: str | None = None, overrides: Mapping[str, Any] | None = None) -> T:
@@ -186,12 +190,15 @@ def checked(cfg: T) -> T:
     """Check a config built in code (declared choices, then the class's own rules); returns it.
 
     A string given in code for a list of strings (``cache="c.zarr"``) is that list's one item, as on the
-    command line.
+    command line. A list of strings with declared choices is also split at commas (``tensorboard,wandb``):
+    its items are names, never shard specs whose commas belong to them.
     """
     hints = typing.get_type_hints(type(cfg))
     for f in fields(type(cfg)):
         if hints[f.name] == list[str] and isinstance(getattr(cfg, f.name), str):
             setattr(cfg, f.name, [getattr(cfg, f.name)])
+        if hints[f.name] == list[str] and f.metadata.get("choices"):
+            setattr(cfg, f.name, [x.strip() for v in getattr(cfg, f.name) for x in v.split(",") if x.strip()])
     check_choices(cfg)
     check = getattr(cfg, "check", None)
     if check is not None:

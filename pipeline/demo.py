@@ -16,9 +16,10 @@ from rich.table import Table
 from .cache_status import status
 from .cache_teacher import run as run_cache
 from .config import checked, from_mapping, read_yaml, write_resolved
-from .options import CacheConfig, DemoConfig, TrainConfig
+from .options import CacheConfig, DemoConfig, ReportConfig, TrainConfig
 from .pack import pack
 from .preset_files import preset_path
+from .report import report
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,25 @@ def run_demo(demo: DemoConfig, console: Console | None = None) -> dict:
         "student_img_per_s": {"cached": distilled["img_per_s"], "none": plain["img_per_s"]},
     }
     _print_table(console, demo.size, meta, results, distilled, st)
+    results["pictures"] = _pictures(steps.out, cache_url, console)
     os.makedirs(demo.out, exist_ok=True)
     with open(Path(demo.out) / "demo-results.json", "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+def _pictures(out: Path, cache_url: str, console: Console) -> list[str]:
+    """The students' curves overlaid (the baseline against cached distillation) and the cache, as PNGs in
+    ``OUT/pictures``: what ``stillroom report`` draws from any run folder and cache."""
+    cfg = ReportConfig(
+        run=[str(out / "student-none"), str(out / "student-cached")],
+        label=["student, no distillation", "student, cached hard distillation"],
+        cache=cache_url,
+        out=str(out / "pictures"),
+    )
+    paths = report(cfg)
+    console.print(f"pictures ({len(paths)}) in {cfg.out}: {', '.join(os.path.basename(p) for p in paths)}")
+    return paths
 
 
 def _print_table(console: Console, size: str, meta: dict, results: dict, distilled: dict, st: dict) -> None:

@@ -6,23 +6,58 @@ import hashlib
 import json
 import os
 import time
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from .sinks import Sinks, open_sinks
+
 
 class MetricsLog:
-    """One JSON object per line (``{"event": ..., "time": ..., ...}``), appended by the main rank."""
+    """One JSON object per line (``{"event": ..., "time": ..., ...}``), appended by the main rank.
 
-    def __init__(self, path: str, enabled: bool):
+    Each line is also handed to the loggers of ``log_to`` (:mod:`pipeline.sinks`): the file is the record,
+    the loggers are views of it. They are closed by :meth:`close`, or when this object goes away.
+    """
+
+    def __init__(self, path: str, enabled: bool, log_to: Sequence[str] = (), config: dict[str, Any] | None = None):
         self.path, self.enabled = path, enabled
+        self.sinks: Sinks | None = None
         if enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            if log_to:
+                name = os.path.basename(folder)
+                self.sinks = open_sinks(log_to, folder, name, config, past=read_lines(path))
+                weakref.finalize(self, self.sinks.close)
 
     def write(self, event: str, **fields: Any) -> None:
         if self.enabled:
+            line = {"event": event, "time": round(time.time(), 3), **fields}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+                f.write(json.dumps(line) + "\n")
+            if self.sinks:
+                self.sinks.write(line)
+
+    def close(self) -> None:
+        if self.sinks:
+            self.sinks.close()
+
+
+def read_lines(path: str) -> list[dict[str, Any]]:
+    """The events of a metrics file (none if it does not exist); a line cut short by a kill is skipped."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for text in f:
+            try:
+                out.append(json.loads(text))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 class DebugTrace:

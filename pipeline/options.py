@@ -7,6 +7,7 @@ config is resolved (:func:`pipeline.config.resolve`) or checked in code (:func:`
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,13 @@ TEACHER_PRETRAINED_HELP = (
     "from the Hugging Face hub's local cache, else a download (HF_HUB_OFFLINE, HF_HUB_CACHE respected); "
     "the SHA-256 of the file read is recorded like a checkpoint's"
 )
+LOG_TO = ("tensorboard", "wandb")  # each is also the package it needs and the extra that installs it
+LOG_TO_HELP = (
+    "also log scalars to TensorBoard and/or Weights & Biases, e.g. tensorboard,wandb (train-student: every line "
+    "of metrics.jsonl, which stays the record; cache-teacher: its summary); W&B runs offline without an API key "
+    "or with WANDB_MODE=offline; each needs the package of its name, which the stillroom extra of that name "
+    "installs (docs/monitoring.md)"
+)
 
 
 def _positive(**values: float | None) -> None:
@@ -45,6 +53,15 @@ def _not_negative(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+def _loggers_installed(log_to: list[str]) -> None:
+    """Refuse a logger whose package is missing before any work (a run must not fail at its first line
+    of metrics), naming the install that adds it. ``find_spec`` only looks: nothing is imported here."""
+    for name in log_to:
+        if importlib.util.find_spec(name) is None:
+            install = f"pip install 'stillroom[{name}]'"
+            raise ConfigError(f"--log-to {name} needs the {name} package, not installed: {install}")
 
 
 def _required(**values: Any) -> None:
@@ -133,9 +150,11 @@ class CacheConfig:
         "ones (about 10 ms a unit on local disk); --no-verify-done only checks that their objects exist (a listing)",
     )
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
+    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP, metavar="NAME[,NAME]")
 
     def check(self) -> None:
         _required(out=self.out, **({} if self.like else {"shards": self.shards}))
+        _loggers_installed(self.log_to)
         _positive(
             views=self.views,
             view_block=self.view_block,
@@ -260,6 +279,7 @@ class TrainConfig:
     on_error: str = option("raise", choices=ON_ERROR, help=ON_ERROR_HELP)
     progress: str = option("auto", choices=PROGRESS, help=PROGRESS_HELP)
     deterministic: bool = option(False, help="torch.use_deterministic_algorithms (tests, debugging)")
+    log_to: list[str] = option(factory=list, choices=LOG_TO, help=LOG_TO_HELP, metavar="NAME[,NAME]")
 
     @property
     def cached(self) -> bool:
@@ -272,6 +292,7 @@ class TrainConfig:
 
     def check(self) -> None:
         _required(shards=self.shards, out=self.out)
+        _loggers_installed(self.log_to)
         _positive(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -402,3 +423,30 @@ class PresetsConfig:
 
     name: str | None = option(None, help="print this preset (e.g. deit_small); without it, list them")
     copy_to: str | None = option(None, help="copy every preset into this folder (to edit them)")
+
+
+@dataclass
+class ReportConfig:
+    """Options of ``stillroom report``."""
+
+    run: list[str] = option(
+        factory=list,
+        metavar="FOLDER",
+        help="a train-student output folder (its metrics.jsonl); repeat the flag to overlay runs",
+    )
+    label: list[str] = option(
+        factory=list, metavar="TEXT", help="the legend's name of each --run, in order; without it, each folder's name"
+    )
+    cache: str | None = option(None, help="a cache made by cache-teacher (a local path or fsspec URL)")
+    out: str = option("pictures", help="folder the PNG pictures are written to")
+    units: int = option(
+        64, help="finished cache units read for the histograms, evenly spread over the cache; 0: every one"
+    )
+
+    def check(self) -> None:
+        if not self.run and not self.cache:
+            raise ConfigError("--run or --cache is required: a training run's folder or a cache to draw")
+        if self.label and len(self.label) != len(self.run):
+            raise ConfigError(f"--label gives {len(self.label)} names for {len(self.run)} --run folder(s)")
+        _required(out=self.out)
+        _not_negative(units=self.units)

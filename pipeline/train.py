@@ -71,7 +71,7 @@ class Trainer:
             self.load_state_dict(state)
         if dist.is_main:  # nothing in OUT is written before every refusal above
             write_resolved(cfg, cfg.out)
-        self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main)
+        self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main, cfg.log_to, dataclasses.asdict(cfg))
         self.trace = DebugTrace(dist.rank)
 
     def _build(self) -> None:

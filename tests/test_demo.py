@@ -133,3 +133,8 @@ def test_demo_tiny_runs_and_reports_measured_numbers(tmp_path: Path) -> None:
         assert f"{results[key]:.2f}" in out  # the table prints what was measured
     assert results["cache_summary"]["units_done"] == 2 * 5  # 2 view blocks x 5 shards
     assert results["cache_bytes_per_sample_view"] > 0
+    pictures = tmp_path / "demo" / "pictures"
+    names = ["runs.png", "cache-units.png", "cache-targets.png", "cache-bytes.png"]
+    assert results["pictures"] == [str(pictures / n) for n in names]
+    assert all((pictures / n).stat().st_size > 3000 for n in names)
+    assert f"pictures (4) in {pictures}: {', '.join(names)}" in " ".join(out.split())

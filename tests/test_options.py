@@ -34,10 +34,11 @@ REQUIRED = {
     "verify-cache": ["c.zarr", "--shards", "a.tar", "--teacher-checkpoint", "t.pth"],
     "train-student": ["--shards", "a.tar", "--cache", "c.zarr"],
     "evaluate": ["--checkpoint", "m.pth", "--shards", "v.tar"],
+    "report": ["--run", "runs/student"],
     "demo": [],
     "presets": [],
 }
-GIVEN = {"source", "out", "shards", "cache", "teacher_checkpoint", "checkpoint"}
+GIVEN = {"source", "out", "shards", "cache", "teacher_checkpoint", "checkpoint", "run"}
 
 
 def capture(cls: type, args: list[str]) -> Any:
