@@ -430,18 +430,14 @@ class ReportConfig:
     """Options of ``stillroom report``."""
 
     run: list[str] = option(
-        factory=list,
-        metavar="FOLDER",
-        help="a train-student output folder (its metrics.jsonl); repeat the flag to overlay runs",
+        factory=list, metavar="FOLDER", help="a train-student output folder (its metrics.jsonl); repeat to overlay runs"
     )
     label: list[str] = option(
         factory=list, metavar="TEXT", help="the legend's name of each --run, in order; without it, each folder's name"
     )
     cache: str | None = option(None, help="a cache made by cache-teacher (a local path or fsspec URL)")
     out: str = option("pictures", help="folder the PNG pictures are written to")
-    units: int = option(
-        64, help="finished cache units read for the histograms, evenly spread over the cache; 0: every one"
-    )
+    units: int = option(64, help="finished cache units read for the histograms, spread over the cache; 0: all")
 
     def check(self) -> None:
         if not self.run and not self.cache:
