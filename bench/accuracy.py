@@ -156,6 +156,7 @@ def main() -> None:
         second_teacher_top1=second_top1,
         teacher_s=round(t_teacher, 1),
         cache_s=round(t_cache, 1),
+        student=student["model_kwargs"],
         note=args.note,
     )
 

@@ -464,6 +464,9 @@ def sizing(phase1_doc: dict[str, Any] | None, scale_doc: dict[str, Any] | None) 
     ]
 
 
+# Why a section may have no results yet.
+NOT_RUN = {"gpu_check": " (no GPU has been lent to this project yet: every GPU figure is not measured)"}
+
 SECTIONS = [
     ("phase1", "Phase 1 speed: cache-teacher vs bare teacher forward", phase1, "bench/phase1_speed.py"),
     ("phase2", "Phase 2 speed: student throughput by teacher mode", phase2, "bench/phase2_speed.py"),
@@ -503,7 +506,9 @@ def main() -> None:
         doc = _load(folder, name)
         path = f"bench/results/{name}.json"
         if doc is None:
-            lines += [f"## {title}", "", f"Not run yet: `.venv/bin/python {script}` writes `{path}`.", ""]
+            run = f"bash {script}" if script.endswith(".sh") else f".venv/bin/python {script}"
+            why = NOT_RUN.get(name, "")
+            lines += [f"## {title}", "", f"Not run yet{why}: `{run}` writes `{path}`.", ""]
             continue
         try:
             body = fn(doc)

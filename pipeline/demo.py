@@ -64,7 +64,7 @@ class _Steps:
     def pack(self) -> dict[str, Any]:
         data = self.out / "data"
         meta = self.timed(
-            "pack", "1/5 pack digits into webdataset shards", lambda: pack("digits", str(data), **self.preset["pack"])
+            "pack", "1. pack digits into webdataset shards", lambda: pack("digits", str(data), **self.preset["pack"])
         )
         self.common = {
             "shards": str(data / meta["train"]["pattern"]),
@@ -94,8 +94,27 @@ class _Steps:
             "force_new": True,
         }
         cfg = CacheConfig(**from_mapping(CacheConfig, mapping, "demo config [cache]"))
-        self.cache_summary = self.timed("cache", "3/5 cache-teacher: top-k logits of every view, once", run_cache, cfg)
+        self.cache_summary = self.timed("cache", "3. cache-teacher: top-k logits of every view, once", run_cache, cfg)
         return url
+
+
+def _students(steps: _Steps, preset: dict[str, Any], cache_url: str) -> dict[str, list[dict]]:
+    """Both students once per run seed (initial weights, drop-path noise, batch order; the views are the
+    cache's): one seed's gap between them is within the seed-to-seed spread of either, so the table shows
+    every seed and their mean."""
+    seeds = preset.get("seeds", [0])
+    runs: dict[str, list[dict]] = {"cached": [], "none": []}
+    plain = {"distillation": "none", "recipe": preset["cache"]["recipe"], "seed": preset["cache"].get("seed", 0)}
+    for i, seed in enumerate(seeds):
+        for kind, extra, what in (
+            ("cached", {"cache": cache_url, "distillation": "hard"}, "cached hard distillation"),
+            ("none", plain, "no distillation (baseline)"),
+        ):
+            step = 4 + 2 * i + (kind == "none")
+            cfg = steps.train_config("student", f"student-{kind}-s{seed}", run_seed=seed, **extra)
+            title = f"{step}. train-student, run seed {seed}: tiny DeiT, {what}"
+            runs[kind].append(steps.timed(f"student_{kind}_s{seed}", title, train, cfg))
+    return runs
 
 
 def run_demo(demo: DemoConfig, console: Console | None = None) -> dict:
@@ -106,53 +125,38 @@ def run_demo(demo: DemoConfig, console: Console | None = None) -> dict:
     steps = _Steps(demo, preset, console)
     meta = steps.pack()
     teacher = steps.timed(
-        "teacher", "2/5 train the teacher (RegNetY, no distillation)", train, steps.train_config("teacher", "teacher")
+        "teacher", "2. train the teacher (RegNetY, no distillation)", train, steps.train_config("teacher", "teacher")
     )
     cache_url = steps.cache()
-    distilled = steps.timed(
-        "student_cached",
-        "4/5 train-student: tiny DeiT with cached hard distillation",
-        train,
-        steps.train_config("student", "student-cached", cache=cache_url, distillation="hard"),
-    )
-    plain = steps.timed(
-        "student_none",
-        "5/5 train-student: the same DeiT without distillation (baseline)",
-        train,
-        steps.train_config(
-            "student",
-            "student-none",
-            distillation="none",
-            recipe=preset["cache"]["recipe"],
-            seed=preset["cache"].get("seed", 0),
-        ),
-    )
+    runs = _students(steps, preset, cache_url)
     st = status(cache_url)
     results = {
         "size": demo.size,
+        "seeds": preset.get("seeds", [0]),
         "teacher_top1": teacher["top1_avg"],
-        "student_none_top1": plain["top1_avg"],
-        "student_cached_top1": distilled["top1_avg"],
-        "student_cached_top1_dist_head": distilled.get("top1_dist"),
+        "student_none_top1": [r["top1_avg"] for r in runs["none"]],
+        "student_cached_top1": [r["top1_avg"] for r in runs["cached"]],
+        "student_cached_top1_dist_head": [r.get("top1_dist") for r in runs["cached"]],
         "seconds": steps.seconds,
         "cache_bytes_per_sample_view": st["bytes_per_sample_view"],
         "cache_summary": steps.cache_summary,
-        "student_img_per_s": {"cached": distilled["img_per_s"], "none": plain["img_per_s"]},
+        "student_img_per_s": {k: [r["img_per_s"] for r in v] for k, v in runs.items()},
     }
-    _print_table(console, demo.size, meta, results, distilled, st)
-    results["pictures"] = _pictures(steps.out, cache_url, console)
+    _print_table(console, demo.size, meta, results, st)
+    results["pictures"] = _pictures(steps.out, results["seeds"], cache_url, console)
     os.makedirs(demo.out, exist_ok=True)
     with open(Path(demo.out) / "demo-results.json", "w") as f:
         json.dump(results, f, indent=1)
     return results
 
 
-def _pictures(out: Path, cache_url: str, console: Console) -> list[str]:
-    """The students' curves overlaid (the baseline against cached distillation) and the cache, as PNGs in
-    ``OUT/pictures``: what ``stillroom report`` draws from any run folder and cache."""
+def _pictures(out: Path, seeds: list[int], cache_url: str, console: Console) -> list[str]:
+    """The students' curves overlaid (the baseline against cached distillation, every seed) and the cache, as
+    PNGs in ``OUT/pictures``: what ``stillroom report`` draws from any run folder and cache."""
+    kinds = (("none", "no distillation"), ("cached", "cached hard distillation"))
     cfg = ReportConfig(
-        run=[str(out / "student-none"), str(out / "student-cached")],
-        label=["student, no distillation", "student, cached hard distillation"],
+        run=[str(out / f"student-{kind}-s{seed}") for kind, _ in kinds for seed in seeds],
+        label=[f"{what}, seed {seed}" for _, what in kinds for seed in seeds],
         cache=cache_url,
         out=str(out / "pictures"),
     )
@@ -161,28 +165,48 @@ def _pictures(out: Path, cache_url: str, console: Console) -> list[str]:
     return paths
 
 
-def _print_table(console: Console, size: str, meta: dict, results: dict, distilled: dict, st: dict) -> None:
-    secs = results["seconds"]
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _seeds(values: list[float | None]) -> str:
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in values)
+
+
+def _print_table(console: Console, size: str, meta: dict, results: dict, st: dict) -> None:
+    secs, seeds = results["seconds"], results["seeds"]
+    none, cached = results["student_none_top1"], results["student_cached_top1"]
+    dist = results["student_cached_top1_dist_head"]
+    student_s = {k: sum(secs[f"student_{k}_s{s}"] for s in seeds) for k in ("none", "cached")}
     rows = [
-        ("teacher (RegNetY, trained here)", results["teacher_top1"], None, secs["teacher"]),
-        ("cache-teacher (phase 1)", None, None, secs["cache"]),
-        ("student, no distillation", results["student_none_top1"], None, secs["student_none"]),
+        ("teacher (RegNetY, trained here)", f"{results['teacher_top1']:.2f}", "-", "-", secs["teacher"]),
+        ("cache-teacher (phase 1)", "-", "-", "-", secs["cache"]),
+        ("student, no distillation", f"{_mean(none):.2f}", _seeds(none), "-", student_s["none"]),
         (
             "student, cached hard distillation",
-            distilled["top1_avg"],
-            distilled.get("top1_dist"),
-            secs["student_cached"],
+            f"{_mean(cached):.2f}",
+            _seeds(cached),
+            _seeds(dist),
+            student_s["cached"],
         ),
     ]
     table = Table(
         title=f"stillroom demo ({size}): digits, {meta['train']['num_samples']} train / "
-        f"{meta['val']['num_samples']} val images, 32 px, 2 CPU threads"
+        f"{meta['val']['num_samples']} val images, 32 px, 2 CPU threads, students with run seeds "
+        f"{', '.join(map(str, seeds))}"
     )
-    for col in ("step", "val top-1 % (avg heads)", "val top-1 % (dist head)", "wall time s"):
+    columns = ("step", "val top-1 % mean", "per seed", "dist head", "time s")
+    for col in columns:
         table.add_column(col, justify="right" if col != "step" else "left")
-    for name, top1, dist, s in rows:
-        table.add_row(name, "-" if top1 is None else f"{top1:.2f}", "-" if dist is None else f"{dist:.2f}", f"{s:.1f}")
+    for name, *cells, s in rows:
+        table.add_row(name, *cells, f"{s:.1f}")
     console.print(table)
+    gaps = [c - n for c, n in zip(cached, none, strict=True)]
+    console.print(
+        f"gain of cached distillation: {_mean(gaps):+.2f} points on average (per seed: "
+        f"{' / '.join(f'{g:+.2f}' for g in gaps)}); one student's top-1 moves by several points from seed to "
+        "seed and from CPU to CPU (float rounding differs), so compare means, not one run."
+    )
     console.print(
         f"cache: {st['samples_views_cached']} (sample, view) pairs, {st['bytes_on_disk']} bytes on disk = "
         f"{st['bytes_per_sample_view']} bytes per (sample, view) at K={st['topk']}; "
@@ -190,6 +214,6 @@ def _print_table(console: Console, size: str, meta: dict, results: dict, distill
     )
     img_s = results["student_img_per_s"]
     console.print(
-        f"pack: {secs['pack']:.1f}s. Student throughput: cached {img_s['cached']} img/s, "
-        f"no distillation {img_s['none']} img/s (last epoch)."
+        f"pack: {secs['pack']:.1f}s. Student throughput (last epoch, per seed): cached {_seeds(img_s['cached'])} "
+        f"img/s, no distillation {_seeds(img_s['none'])} img/s."
     )

@@ -408,7 +408,7 @@ class DemoConfig:
     """Options of ``stillroom demo``."""
 
     out: str = option("demo-out", help="working folder for shards, caches and checkpoints")
-    size: str = option("full", choices=("full", "tiny"), help="full (~5 min on 2 cores) or tiny (a smoke run)")
+    size: str = option("full", choices=("full", "tiny"), help="full (~7 min on 2 cores) or tiny (a smoke run)")
     preset: str | None = option(
         None, help="demo preset YAML with one section per step (default: the installed demo preset, configs/demo.yaml)"
     )

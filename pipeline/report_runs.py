@@ -149,5 +149,7 @@ def runs_picture(folders: list[str], labels: list[str], path: str) -> str:
     _draw_top1(axes[1, 0], runs)
     _draw_throughput(axes[1, 1], runs)
     handles = [Line2D([], [], color=c, linewidth=2.5, label=r.label) for c, r in _colored(runs)]
-    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 4), frameon=False)
+    fig.legend(
+        handles=handles, loc="outside upper center", ncols=min(len(runs), 2), frameon=False
+    )  # long labels: two per row
     return save(fig, path)

@@ -128,9 +128,18 @@ def test_documented_two_phase_commands(tmp_path: Path) -> None:
 def test_demo_tiny_runs_and_reports_measured_numbers(tmp_path: Path) -> None:
     out = invoke("demo", "--size", "tiny", "--out", str(tmp_path / "demo"))
     results = json.loads((tmp_path / "demo" / "demo-results.json").read_text())
-    for key in ("teacher_top1", "student_none_top1", "student_cached_top1"):
-        assert 0.0 <= results[key] <= 100.0
-        assert f"{results[key]:.2f}" in out  # the table prints what was measured
+    assert 0.0 <= results["teacher_top1"] <= 100.0 and f"{results['teacher_top1']:.2f}" in out
+    assert results["seeds"] == [0, 1]  # both students once per run seed, and their mean
+    for key in ("student_none_top1", "student_cached_top1"):
+        per_seed = results[key]
+        assert len(per_seed) == 2 and all(0.0 <= v <= 100.0 for v in per_seed)
+        assert " / ".join(f"{v:.2f}" for v in per_seed) in out  # the table prints what was measured
+        assert f"{sum(per_seed) / 2:.2f}" in out
+    gaps = [c - n for c, n in zip(results["student_cached_top1"], results["student_none_top1"], strict=True)]
+    assert f"{sum(gaps) / 2:+.2f} points on average" in " ".join(out.split())
+    assert all(
+        (tmp_path / "demo" / f"student-{k}-s{s}" / "last.pth").exists() for k in ("none", "cached") for s in (0, 1)
+    )
     assert results["cache_summary"]["units_done"] == 2 * 5  # 2 view blocks x 5 shards
     assert results["cache_bytes_per_sample_view"] > 0
     pictures = tmp_path / "demo" / "pictures"
