@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 

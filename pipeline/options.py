@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import option
-from .errors import ConfigError
+from pipeline.config import option
+from pipeline.errors import ConfigError
 
 ON_ERROR = ("raise", "skip")
 DEVICES = ("cpu", "cuda")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
-from pipeline import losses
-from pipeline.targets import Reduction, soft_target_probs, topk_targets
-from pipeline.task import DistillationTask
+from pipeline.models import losses
+from pipeline.models.targets import Reduction, soft_target_probs, topk_targets
+from pipeline.models.task import DistillationTask
 
 C = 10
 
