@@ -48,11 +48,13 @@ from bench.common import RESULTS, write_result  # noqa: E402
 from bench.report import gpu_check as render  # noqa: E402
 from bench.scale import make_photos  # noqa: E402
 from pipeline.inspection.verify import verify  # noqa: E402
-from pipeline.models.build import autocast, load_teacher  # noqa: E402
-from pipeline.options import CacheConfig, TrainConfig, VerifyConfig  # noqa: E402
+from pipeline.models.build import autocast  # noqa: E402
+from pipeline.models.teacher import load_teacher  # noqa: E402
+from pipeline.options import CacheConfig, VerifyConfig  # noqa: E402
 from pipeline.phase1.cache_teacher import run as cache_teacher  # noqa: E402
 from pipeline.phase2.train import train  # noqa: E402
 from pipeline.shards.pack import pack  # noqa: E402
+from pipeline.train_options import TrainConfig  # noqa: E402
 
 SIZES = {
     "cuda": {"teacher": "regnety_160", "student": "deit_small_distilled_patch16_224", "kwargs": {}},

@@ -252,9 +252,9 @@ def empty_imagenet_cache(tmp: Path) -> dict[str, Any]:
     from pipeline.cache import CacheMeta, create_or_open
     from pipeline.errors import CacheError
     from pipeline.inspection.status import status
-    from pipeline.options import TrainConfig
     from pipeline.phase2.train import train
     from pipeline.shards.lists import ShardInfo
+    from pipeline.train_options import TrainConfig
     from pipeline.views.recipe import make_recipe
 
     folder = tmp / "imagenet-shards"

@@ -29,11 +29,11 @@ from pipeline.options import (
     PresetsConfig,
     ReportConfig,
     StatusConfig,
-    TrainConfig,
     VerifyConfig,
 )
 from pipeline.plugins import load_plugins
 from pipeline.storage import storage_error
+from pipeline.train_options import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 

@@ -54,6 +54,15 @@ def fields(cls: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
+def panel_of(cls: type, name: str) -> str | None:
+    """The section an option is declared in (its class's ``PANEL``: the group ``--help`` shows it under), for
+    configs built from section dataclasses (:class:`pipeline.train_options.TrainConfig`); None for flat ones."""
+    for base in cls.__mro__:
+        if name in vars(base).get("__annotations__", {}):
+            return vars(base).get("PANEL")
+    return None
+
+
 def default_of(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]

@@ -22,10 +22,10 @@ import torch
 import yaml
 from conftest import ROOT, student_config, tiny_cache_config, write_digits_shards
 
-from pipeline.options import TrainConfig
 from pipeline.phase1.cache_teacher import run as cache_teacher
 from pipeline.shards.lists import load_shard_list
 from pipeline.shards.samples import iter_raw
+from pipeline.train_options import TrainConfig
 from pipeline.views import deal as dl
 from pipeline.views.plans import epoch_plan
 

@@ -153,7 +153,8 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 
 def _config_class(path: Path) -> type:
-    from pipeline.options import CacheConfig, TrainConfig
+    from pipeline.options import CacheConfig
+    from pipeline.train_options import TrainConfig
 
     name = path.name
     return CacheConfig if name.startswith("cache_") or name.endswith("_cache.yaml") else TrainConfig
@@ -215,7 +216,7 @@ def test_config_loads_into_its_dataclass(path: Path) -> None:
 
 
 def test_deit_presets_follow_the_deit_recipe() -> None:
-    from pipeline.options import TrainConfig
+    from pipeline.train_options import TrainConfig
 
     for size in ("tiny", "small", "base"):
         cfg = load_preset(TrainConfig, CONFIGS / f"deit_{size}.yaml")
@@ -229,7 +230,8 @@ def test_deit_presets_follow_the_deit_recipe() -> None:
 def test_resnet50_preset_distils_a_one_head_student_from_the_deit_cache() -> None:
     """configs/resnet50_kd.yaml: a ResNet-50 (one head) trained from the RegNetY-16GF cache preset's views."""
     from pipeline.models.build import create
-    from pipeline.options import CacheConfig, TrainConfig
+    from pipeline.options import CacheConfig
+    from pipeline.train_options import TrainConfig
 
     cfg = load_preset(TrainConfig, CONFIGS / "resnet50_kd.yaml")
     cache = load_preset(CacheConfig, CONFIGS / "cache_regnety160.yaml")
@@ -245,7 +247,8 @@ def test_resnet50_preset_distils_a_one_head_student_from_the_deit_cache() -> Non
 def test_tiny_presets_fit_together() -> None:
     """The tiny train preset trains from a cache made by the tiny cache preset."""
     from pipeline.models.build import create
-    from pipeline.options import CacheConfig, TrainConfig
+    from pipeline.options import CacheConfig
+    from pipeline.train_options import TrainConfig
     from pipeline.views.recipe import make_recipe
 
     train = load_preset(TrainConfig, CONFIGS / "tiny_cpu.yaml")
@@ -260,7 +263,8 @@ def test_tiny_presets_fit_together() -> None:
 def test_demo_config_sections_use_known_keys() -> None:
     """configs/demo.yaml holds one section per step; each uses the keys of the step it feeds."""
 
-    from pipeline.options import CacheConfig, PackConfig, TrainConfig
+    from pipeline.options import CacheConfig, PackConfig
+    from pipeline.train_options import TrainConfig
 
     path = CONFIGS / "demo.yaml"
     if not path.exists():

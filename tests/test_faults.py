@@ -35,9 +35,10 @@ from conftest import (
 )
 
 from pipeline.errors import CacheError, ConfigError, StorageError
-from pipeline.options import CacheConfig, TrainConfig
+from pipeline.options import CacheConfig
 from pipeline.phase1.cache_teacher import run
 from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "digests", "done")

@@ -165,7 +165,7 @@ def test_task_none_trains_the_class_head_only_as_deit() -> None:
 def test_uncached_tau_is_refused_by_the_config() -> None:
     from pipeline.config import checked
     from pipeline.errors import ConfigError
-    from pipeline.options import TrainConfig
+    from pipeline.train_options import TrainConfig
 
     live = TrainConfig(shards=["x.tar"], distillation="soft", teacher_mode="live", teacher_checkpoint="t.pth")
     with pytest.raises(ConfigError, match=r"--tau 2\.0 is not one of --temperatures \[1\.0, 3\.0\]"):

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.config import checked
-from pipeline.options import TrainConfig
 from pipeline.phase1.cache_teacher import run as cache_teacher
 from pipeline.phase2.checkpoint import prepare_out
 from pipeline.phase2.sinks import Sinks, StepClock, scalars_of, wandb_mode
 from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEADS = ("cls", "dist", "avg")

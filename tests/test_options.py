@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from cli.flags import command_from
 from cli.main import COMMANDS, app
 from pipeline.config import default_of, option
-from pipeline.options import CacheConfig, TrainConfig
+from pipeline.options import CacheConfig
+from pipeline.train_options import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # What each command needs on the command line to get past its checks.

@@ -31,12 +31,13 @@ from pipeline.cache import open_cache
 from pipeline.config import checked
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.inspection.verify import verify
-from pipeline.models.build import load_teacher
-from pipeline.models.teacher import teacher_weights
-from pipeline.options import TrainConfig, VerifyConfig
+from pipeline.models.teacher import load_teacher, teacher_weights
+from pipeline.options import VerifyConfig
 from pipeline.phase1.cache_teacher import run
-from pipeline.phase2.inputs import RunData, live_teachers
+from pipeline.phase2.inputs import RunData
+from pipeline.phase2.run_models import live_teachers
 from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 from pipeline.views.recipe import make_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

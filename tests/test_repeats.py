@@ -144,9 +144,9 @@ def test_train_student_refuses_other_repeats_and_cache_refuses_uneven_views(
     from conftest import tiny_cache_config
 
     from pipeline.errors import ConfigError
-    from pipeline.options import TrainConfig
     from pipeline.phase1.cache_teacher import run
     from pipeline.phase2.train import train
+    from pipeline.train_options import TrainConfig
 
     with pytest.raises(ConfigError, match="--views 4 must be a multiple of --repeats 3"):
         run(tiny_cache_config(digits_shards, tiny_teacher, tmp_path / "bad", views=4, view_block=2, repeats=3))

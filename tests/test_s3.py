@@ -44,12 +44,12 @@ from cli.main import app
 from pipeline.cache import open_cache
 from pipeline.errors import CacheError
 from pipeline.inspection.status import status
-from pipeline.options import TrainConfig
 from pipeline.phase1.cache_teacher import run as cache_teacher
 from pipeline.phase2.train import train
 from pipeline.shards.lists import load_shard_list, num_classes_from_sidecar
 from pipeline.shards.tars import count_samples
 from pipeline.storage.s3 import S3FileSystem
+from pipeline.train_options import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

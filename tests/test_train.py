@@ -28,16 +28,17 @@ from conftest import (
 
 from pipeline.cache import open_cache
 from pipeline.errors import CacheError, ConfigError
-from pipeline.models.build import Normalized, create, load_teacher, model_stats
+from pipeline.models.build import Normalized, create, model_stats
 from pipeline.models.targets import Reduction, soft_target_probs
 from pipeline.models.task import DistillationTask
-from pipeline.options import TrainConfig
+from pipeline.models.teacher import load_teacher
 from pipeline.phase1.cache_teacher import run as cache_teacher
 from pipeline.phase2.lanes import StreamSpec, epoch_batches
 from pipeline.phase2.train import train
 from pipeline.seeding import stable_seed
 from pipeline.shards.decode import iter_decoded
 from pipeline.shards.lists import load_shard_list
+from pipeline.train_options import TrainConfig
 from pipeline.views import deal as dl
 from pipeline.views.augment import eval_view
 from pipeline.views.pixels import model_input

@@ -37,10 +37,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.errors import ConfigError
-from pipeline.options import TrainConfig
 from pipeline.phase1.cache_teacher import run as cache_teacher
 from pipeline.phase2 import train as train_mod
 from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,7 +23,7 @@ import torch
 import zarr
 from conftest import ROOT, cache_cli_args, child_env, stillroom_cmd
 
-from pipeline.models.build import load_teacher
+from pipeline.models.teacher import load_teacher
 from pipeline.options import CacheConfig
 from pipeline.phase1.cache_teacher import prepare
 from pipeline.phase1.unit_stream import UnitStream

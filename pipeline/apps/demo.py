@@ -16,11 +16,12 @@ from rich.table import Table
 from pipeline.apps.report import report
 from pipeline.config import checked, from_mapping, read_yaml, write_resolved
 from pipeline.inspection.status import status
-from pipeline.options import CacheConfig, DemoConfig, ReportConfig, TrainConfig
+from pipeline.options import CacheConfig, DemoConfig, ReportConfig
 from pipeline.phase1.cache_teacher import run as run_cache
 from pipeline.phase2.train import train
 from pipeline.preset_files import preset_path
 from pipeline.shards.pack import pack
+from pipeline.train_options import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import torch
 
 from pipeline.cache import Cache, CacheMeta, UnitData, damaged_units, open_cache, replay_mismatch
 from pipeline.config import checked
-from pipeline.errors import CacheError, ConfigError
-from pipeline.models.build import autocast, load_teacher, resolve_device
+from pipeline.errors import CacheError
+from pipeline.models.build import autocast, resolve_device
 from pipeline.models.targets import reduction_of, soft_target_probs, teacher_outputs
-from pipeline.models.teacher import TeacherWeights, teacher_weights
+from pipeline.models.teacher import TeacherWeights, is_recorded, load_teacher, recorded_weights
 from pipeline.options import VerifyConfig
 from pipeline.shards.decode import iter_decoded
 from pipeline.shards.lists import ShardInfo, load_shard_list
@@ -118,27 +118,15 @@ def verify(cfg: VerifyConfig, min_top1: float = 0.99) -> dict[str, Any]:
     cfg = checked(cfg)
     cache = open_cache(cfg.cache)  # every array's metadata is checked against the attributes here
     meta = cache.meta
-    weights = _teacher_weights(cfg, meta)
+    weights = recorded_weights(meta.teacher, cfg.teacher_checkpoint or None, f"cache {cfg.cache!r}")
     problems, damaged, verified = _integrity(cache)
-    if weights.sha256 != meta.teacher["checkpoint_sha256"]:
+    if not is_recorded(weights, meta.teacher):
         problems.append(f"{weights.describe()} is not the teacher this cache was built with (SHA-256 differs)")
     shards = load_shard_list(cfg.shards, {s.name: s.count for s in meta.shards}, label_key=cfg.label_key)
     problems += _check_keys(cache, shards, {s for _, s in damaged})
     agreement = _live_check(cfg, cache, shards, damaged, weights)
     report = _report(cfg, meta.topk, agreement, problems, min_top1)
     return {**report, "units_verified": verified - len(damaged), "units_damaged": len(damaged)}
-
-
-def _teacher_weights(cfg: VerifyConfig, meta: CacheMeta) -> TeacherWeights:
-    """``--teacher-checkpoint``, or for a cache made with timm's pretrained weights, those found again by name."""
-    if cfg.teacher_checkpoint:
-        return TeacherWeights(cfg.teacher_checkpoint)
-    if not meta.teacher.get("pretrained"):
-        raise ConfigError(
-            f"--teacher-checkpoint is required: cache {cfg.cache!r} was made from a teacher checkpoint "
-            f"(sha256 {str(meta.teacher['checkpoint_sha256'])[:16]}...), not timm's pretrained weights"
-        )
-    return teacher_weights(meta.teacher["name"], None, True, meta.teacher.get("kwargs"))
 
 
 def _live_check(

@@ -1,4 +1,4 @@
-"""Building and loading models (teacher and student) and running them on replayed pixels.
+"""Building models with timm and running them on replayed pixels (a teacher's weights: :mod:`.teacher`).
 
 Replayed pixels are un-normalised; :class:`Normalized` applies each model's own mean/std on the
 model's device, so one pixel tensor serves a teacher and a student with different statistics.
@@ -18,7 +18,6 @@ from timm.models import clean_state_dict
 from torch import nn
 
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models.teacher import TeacherWeights, create_kwargs
 from pipeline.views.pixels import model_input
 from pipeline.views.recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe
 
@@ -76,55 +75,12 @@ def create(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any)
         raise ConfigError(f"timm model {name!r} takes no argument {arg!r}: {why}") from e
 
 
-def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
+def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[:3]
         raise CheckpointError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {' '.join(first)}") from e
-
-
-def load_teacher(
-    name: str,
-    num_classes: int,
-    weights: str | TeacherWeights,
-    device: torch.device,
-    kwargs: dict[str, Any] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen teacher as both phases run it (cache-teacher, train-student's live mode, verify-cache).
-
-    ``weights`` is a checkpoint path or :class:`~pipeline.models.teacher.TeacherWeights` (a checkpoint, or
-    timm's pretrained weights by name). A checkpoint is read once: its weights, and the model name and
-    kwargs our own checkpoints carry (``kwargs`` override those). Pretrained weights are loaded by timm
-    itself from the very file whose digest is recorded. The model is wrapped with its own normalisation,
-    in eval mode without gradients, and channels_last on CUDA.
-
-    Returns:
-        The model and ``{"checkpoint_sha256", ["pretrained"], "kwargs", "mean", "std"}`` it was built with
-        (part of a cache's identity).
-    """
-    weights = weights if isinstance(weights, TeacherWeights) else TeacherWeights(weights)
-    kwargs = dict(kwargs or {})
-    if weights.pretrained:
-        if weights.num_classes and weights.num_classes != num_classes:
-            raise ConfigError(
-                f"{weights.describe()} classify {weights.num_classes} classes, but the data has {num_classes}: "
-                f"pass --num-classes {weights.num_classes} if the labels are theirs, or use a teacher trained "
-                f"for these {num_classes} classes (--teacher-checkpoint)"
-            )
-        model = create(name, num_classes, pretrained=True, **create_kwargs(weights, kwargs))
-    else:
-        sd, meta = read_state_dict(weights.path)
-        if meta.get("name") and meta["name"] != name:
-            raise CheckpointError(f"--teacher {name!r} but {weights.path!r} holds a {meta['name']!r}")
-        kwargs = {**meta.get("kwargs", {}), **kwargs}
-        model = create(name, num_classes, **kwargs)
-        _load_strict(model, sd, weights.path, name)
-    mean, std = model_stats(model)
-    wrapped = Normalized(model, mean, std).eval().requires_grad_(False).to(device)
-    if device.type == "cuda":
-        wrapped = wrapped.to(memory_format=torch.channels_last)
-    return wrapped, {**weights.identity(), "kwargs": kwargs, "mean": list(mean), "std": list(std)}
 
 
 def model_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -179,31 +135,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
-
-
-def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool = False) -> int | None:
-    """The class count a teacher's weights were trained for: its classifier's output size.
-
-    timm names each model's classifier in its pretrained config (``head.fc`` for RegNets, ``fc`` for
-    ResNets, ``("head", "head_dist")`` for distilled DeiTs): the rows of ``<classifier>.weight`` in the
-    checkpoint are the classes. Without a checkpoint, timm's pretrained weights have the config's
-    ``num_classes``. None when the model or checkpoint does not say.
-    """
-    if not timm.is_model(name):
-        raise ConfigError(f"model {name!r} is not a timm model")
-    cfg = timm.models.get_pretrained_cfg(name)
-    if checkpoint is None:
-        return int(cfg.num_classes) if pretrained and cfg and cfg.num_classes else None
-    heads = cfg.classifier if cfg else None
-    heads = [heads] if isinstance(heads, str) else list(heads or [])
-    sd, meta = read_state_dict(checkpoint)
-    if meta.get("num_classes"):
-        return int(meta["num_classes"])
-    for head in heads:
-        weight = sd.get(f"{head}.weight")
-        if weight is not None and weight.ndim >= 1:
-            return int(weight.shape[0])
-    return None
 
 
 def build_student(

@@ -42,6 +42,15 @@ def reduction_of(meta: CacheMeta) -> Reduction:
 
 
 @torch.no_grad()
+def target_temperature(distillation: str, tau: float, teachers: int) -> float | None:
+    """The one cached temperature besides the first whose logsumexp a run's targets need: ``tau`` for soft
+    distillation, 1 for the hard argmax of several teachers' combined distributions, None for one teacher's
+    hard argmax (the stored indices alone). Phase 2 checks the caches hold it and reads only it."""
+    if distillation == "soft":
+        return float(tau)
+    return 1.0 if distillation == "hard" and teachers > 1 else None
+
+
 def teacher_outputs(logits: torch.Tensor, how: Reduction, half: bool = True) -> dict[str, torch.Tensor]:
     """What the cache stores for a batch of teacher logits (computed in float32).
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.models import losses
 from pipeline.models.build import autocast
-from pipeline.models.targets import Reduction, soft_target_probs, teacher_outputs
+from pipeline.models.targets import Reduction, soft_target_probs, target_temperature, teacher_outputs
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ class DistillationTask(nn.Module):
     @property
     def target_tau(self) -> float | None:
         """The one temperature whose logsumexp the targets need (None: a single teacher's hard argmax)."""
-        if self.distillation == "soft":
-            return self.tau
-        return 1.0 if len(self.weights) > 1 else None
+        return target_temperature(self.distillation, self.tau, len(self.weights))
 
     def train(self, mode: bool = True) -> DistillationTask:
         """Training mode for the student only: live teachers stay frozen in eval mode."""

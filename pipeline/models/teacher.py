@@ -1,4 +1,5 @@
-"""Teacher weights and their identity: a checkpoint file, or timm's pretrained weights found by name.
+"""A teacher: its weights and their identity (a checkpoint file, or timm's pretrained weights found by
+name), and the frozen model both phases and ``verify-cache`` run.
 
 A cache records the SHA-256 of the very file its teacher's weights were read from, so that phase 2's live
 teacher and ``verify-cache`` can prove they run the same teacher. For ``--teacher NAME --teacher-pretrained``
@@ -18,9 +19,12 @@ from functools import cached_property
 from typing import Any
 
 import timm
+import torch
+from torch import nn
 
 from pipeline import storage
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models.build import Normalized, create, load_strict, model_stats, read_state_dict
 
 _HF_ALTERNATIVES_OF = "pytorch_model.bin"  # timm's default hub file name, tried after its safetensors twin
 
@@ -70,6 +74,74 @@ def teacher_weights(
     if pretrained:
         return resolve_pretrained(name, kwargs or {})
     raise ConfigError(f"teacher {name!r} needs --teacher-checkpoint FILE or --teacher-pretrained")
+
+
+def load_teacher(
+    name: str,
+    num_classes: int,
+    weights: str | TeacherWeights,
+    device: torch.device,
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen teacher as both phases run it (cache-teacher, train-student's live mode, verify-cache).
+
+    ``weights`` is a checkpoint path or :class:`~pipeline.models.teacher.TeacherWeights` (a checkpoint, or
+    timm's pretrained weights by name). A checkpoint is read once: its weights, and the model name and
+    kwargs our own checkpoints carry (``kwargs`` override those). Pretrained weights are loaded by timm
+    itself from the very file whose digest is recorded. The model is wrapped with its own normalisation,
+    in eval mode without gradients, and channels_last on CUDA.
+
+    Returns:
+        The model and ``{"checkpoint_sha256", ["pretrained"], "kwargs", "mean", "std"}`` it was built with
+        (part of a cache's identity).
+    """
+    weights = weights if isinstance(weights, TeacherWeights) else TeacherWeights(weights)
+    kwargs = dict(kwargs or {})
+    if weights.pretrained:
+        if weights.num_classes and weights.num_classes != num_classes:
+            raise ConfigError(
+                f"{weights.describe()} classify {weights.num_classes} classes, but the data has {num_classes}: "
+                f"pass --num-classes {weights.num_classes} if the labels are theirs, or use a teacher trained "
+                f"for these {num_classes} classes (--teacher-checkpoint)"
+            )
+        model = create(name, num_classes, pretrained=True, **create_kwargs(weights, kwargs))
+    else:
+        sd, meta = read_state_dict(weights.path)
+        if meta.get("name") and meta["name"] != name:
+            raise CheckpointError(f"--teacher {name!r} but {weights.path!r} holds a {meta['name']!r}")
+        kwargs = {**meta.get("kwargs", {}), **kwargs}
+        model = create(name, num_classes, **kwargs)
+        load_strict(model, sd, weights.path, name)
+    mean, std = model_stats(model)
+    wrapped = Normalized(model, mean, std).eval().requires_grad_(False).to(device)
+    if device.type == "cuda":
+        wrapped = wrapped.to(memory_format=torch.channels_last)
+    return wrapped, {**weights.identity(), "kwargs": kwargs, "mean": list(mean), "std": list(std)}
+
+
+def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool = False) -> int | None:
+    """The class count a teacher's weights were trained for: its classifier's output size.
+
+    timm names each model's classifier in its pretrained config (``head.fc`` for RegNets, ``fc`` for
+    ResNets, ``("head", "head_dist")`` for distilled DeiTs): the rows of ``<classifier>.weight`` in the
+    checkpoint are the classes. Without a checkpoint, timm's pretrained weights have the config's
+    ``num_classes``. None when the model or checkpoint does not say.
+    """
+    if not timm.is_model(name):
+        raise ConfigError(f"model {name!r} is not a timm model")
+    cfg = timm.models.get_pretrained_cfg(name)
+    if checkpoint is None:
+        return int(cfg.num_classes) if pretrained and cfg and cfg.num_classes else None
+    heads = cfg.classifier if cfg else None
+    heads = [heads] if isinstance(heads, str) else list(heads or [])
+    sd, meta = read_state_dict(checkpoint)
+    if meta.get("num_classes"):
+        return int(meta["num_classes"])
+    for head in heads:
+        weight = sd.get(f"{head}.weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None
 
 
 def create_kwargs(weights: TeacherWeights, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -168,3 +240,21 @@ def _url_file(full: str, url: str) -> tuple[str, str]:
     except Exception as e:
         raise _fetch_failed(full, url, get_cache_dir(), e) from e
     return str(path), url
+
+
+def recorded_weights(recorded: dict[str, Any], checkpoint: str | None, where: str) -> TeacherWeights:
+    """The weights of a cache's recorded teacher: ``checkpoint`` when given, else (for a cache made with timm's
+    pretrained weights) those weights found again by name; a checkpoint-made cache needs its file back."""
+    if checkpoint:
+        return TeacherWeights(checkpoint)
+    if not recorded.get("pretrained"):
+        raise ConfigError(
+            f"--teacher-checkpoint is required: {where} was made from a teacher checkpoint "
+            f"(sha256 {str(recorded['checkpoint_sha256'])[:16]}...), not timm's pretrained weights"
+        )
+    return teacher_weights(recorded["name"], None, True, recorded.get("kwargs"))
+
+
+def is_recorded(weights: TeacherWeights, recorded: dict[str, Any]) -> bool:
+    """Whether ``weights`` are the very file a cache recorded (its SHA-256)."""
+    return weights.sha256 == recorded["checkpoint_sha256"]

@@ -26,9 +26,9 @@ from pipeline import storage
 from pipeline.cache import Cache, CacheMeta, UnitData, create_or_open, damaged_units, diff_fields, open_cache
 from pipeline.config import checked
 from pipeline.errors import ConfigError
-from pipeline.models.build import autocast, checkpoint_num_classes, load_teacher, resolve_device
+from pipeline.models.build import autocast, resolve_device
 from pipeline.models.targets import pack_rows, reduction_of, teacher_outputs, unpack_rows
-from pipeline.models.teacher import teacher_weights
+from pipeline.models.teacher import checkpoint_num_classes, load_teacher, teacher_weights
 from pipeline.options import CacheConfig
 from pipeline.partition import job_slot, my_share
 from pipeline.phase1.unit_stream import UnitStream

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from pipeline.options import TrainConfig
 from pipeline.phase2.distributed import Dist, all_sum
 from pipeline.phase2.inputs import RunData
 from pipeline.phase2.lanes import NOT_CACHED, PARTNER_UNREADABLE, UNREADABLE, StreamSpec, WindowBatches, epoch_batches
 from pipeline.seeding import stable_seed
+from pipeline.train_options import TrainConfig
 from pipeline.views import deal as dl
 
 log = logging.getLogger(__name__)

@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
 
 from pipeline.cache import Cache, check_run, diff_fields, open_cache
-from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models.build import Normalized, build_student, load_teacher
-from pipeline.models.targets import Reduction, TailMass, reduction_of
-from pipeline.models.teacher import TeacherWeights, teacher_weights
-from pipeline.options import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.models.targets import Reduction, TailMass, reduction_of, target_temperature
 from pipeline.shards.lists import ShardInfo, check_same_classes, class_names, load_shard_list, num_classes_from_sidecar
+from pipeline.train_options import TrainConfig
 from pipeline.views.plans import EpochPlan, epoch_plan
 from pipeline.views.recipe import Recipe, make_recipe
 
@@ -78,13 +72,12 @@ def _reductions(cfg: TrainConfig, caches: list[Cache]) -> list[Reduction]:
 
 
 def _check_temperatures(cfg: TrainConfig, reductions: list[Reduction], caches: list[Cache]) -> None:
-    wanted = [float(cfg.tau)] if cfg.distillation == "soft" else [1.0] if len(reductions) > 1 else []
+    tau = target_temperature(cfg.distillation, cfg.tau, len(reductions))
     for i, how in enumerate(reductions):
-        for tau in wanted:
-            if tau not in how.temperatures:
-                where = f"cache {caches[i].url!r}" if caches else "--temperatures"
-                why = "--tau" if cfg.distillation == "soft" else "several teachers' hard targets (tau 1)"
-                raise ConfigError(f"{why} {tau} is not a cached temperature of {where} ({list(how.temperatures)})")
+        if tau is not None and tau not in how.temperatures:
+            where = f"cache {caches[i].url!r}" if caches else "--temperatures"
+            why = "--tau" if cfg.distillation == "soft" else "several teachers' hard targets (tau 1)"
+            raise ConfigError(f"{why} {tau} is not a cached temperature of {where} ({list(how.temperatures)})")
 
 
 def resolve_data(cfg: TrainConfig) -> RunData:
@@ -164,84 +157,3 @@ def check_caches(data: RunData, first_epoch: int, epochs: int, tau: float | None
             -(-epochs // data.num_views),
         )
     return rows[0]
-
-
-def student_for(cfg: TrainConfig, data: RunData) -> tuple[Normalized, dict[str, Any]]:
-    """The run's student and the metadata ``evaluate`` rebuilds it from."""
-    return build_student(
-        cfg.model,
-        data.num_classes,
-        cfg.model_kwargs,
-        drop_path=cfg.drop_path,
-        distilling=cfg.distillation != "none",
-        recipe=data.recipe,
-        classes=data.classes,
-    )
-
-
-def live_teachers(cfg: TrainConfig, data: RunData, device: torch.device) -> list[nn.Module]:
-    """The teachers run in the loop by ``--teacher-mode live``: each cache's, proven to be the one the cache
-    recorded (the SHA-256 of its weights' file), or the ``--teacher`` names without a cache."""
-    if data.caches:
-        named = [(c.meta.teacher["name"], w, c.meta.teacher.get("kwargs")) for c, w in _cache_weights(cfg, data)]
-    else:
-        named = [(n, w, cfg.teacher_kwargs) for n, w in _named_weights(cfg)]
-    return [load_teacher(name, data.num_classes, w, device, kwargs)[0] for name, w, kwargs in named]
-
-
-def _named_weights(cfg: TrainConfig) -> list[tuple[str, TeacherWeights]]:
-    """Without a cache: each ``--teacher`` with its ``--teacher-checkpoint``, or timm's pretrained weights."""
-    names = list(cfg.teacher)
-    if not names:
-        raise ConfigError("--teacher-mode live needs --teacher NAME (there is no cache to take it from)")
-    if cfg.teacher_pretrained and not cfg.teacher_checkpoint:
-        return [(n, teacher_weights(n, None, True, cfg.teacher_kwargs)) for n in names]
-    if len(cfg.teacher_checkpoint) != len(names):
-        raise ConfigError(
-            f"--teacher-mode live: {len(names)} teacher(s) but {len(cfg.teacher_checkpoint)} checkpoint(s)"
-        )
-    return [(n, TeacherWeights(path)) for n, path in zip(names, cfg.teacher_checkpoint, strict=True)]
-
-
-def _cache_weights(cfg: TrainConfig, data: RunData) -> list[tuple[Cache, TeacherWeights]]:
-    """Each cache's teacher weights: one ``--teacher-checkpoint`` per cache, or per cache whose teacher was
-    not timm's pretrained weights (those are found again by name); each file's SHA-256 must be the recorded one."""
-    recorded = [c.meta.teacher for c in data.caches]
-    given = list(cfg.teacher_checkpoint)
-    by_name = [i for i, t in enumerate(recorded) if t.get("pretrained")]
-    if len(given) not in (len(recorded), len(recorded) - len(by_name)):
-        raise ConfigError(
-            f"--teacher-mode live: {len(recorded)} cache(s), {len(by_name)} of them made with timm's pretrained "
-            f"weights: give --teacher-checkpoint for {len(recorded) - len(by_name)} (the others), or for all "
-            f"{len(recorded)}; got {len(given)}"
-        )
-    out = []
-    for i, (cache, teacher) in enumerate(zip(data.caches, recorded, strict=True)):
-        if len(given) == len(recorded) or i not in by_name:
-            weights = TeacherWeights(given.pop(0))
-        else:
-            weights = teacher_weights(teacher["name"], None, True, teacher.get("kwargs"))
-        if weights.sha256 != teacher["checkpoint_sha256"]:
-            raise CheckpointError(
-                f"{weights.describe()} is not the teacher of cache {cache.url!r} (sha256 {weights.sha256[:16]}..., "
-                f"the cache's {str(teacher['checkpoint_sha256'])[:16]}...)"
-            )
-        out.append((cache, weights))
-    return out
-
-
-def run_identity(cfg: TrainConfig, data: RunData) -> dict[str, Any]:
-    """What makes a run this run: a resume finds all of it unchanged (``checkpoint.check_resumable``)."""
-    return {
-        "shards": [[s.name, s.count] for s in data.shards],  # in order, as the caches resolve them
-        "caches": [c.meta.fingerprint for c in data.caches],
-        "model": cfg.model,
-        "model_kwargs": dict(cfg.model_kwargs),
-        "num_classes": data.num_classes,
-        "recipe": data.recipe.to_dict(),
-        "seed": data.seed,
-        "repeats": data.repeats,
-        "run_seed": data.seed if cfg.run_seed is None else cfg.run_seed,
-        "distillation": cfg.distillation,
-        "teacher_weights": list(data.weights),
-    }

@@ -11,7 +11,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from pipeline.models.build import Normalized
-from pipeline.options import TrainConfig
+from pipeline.train_options import TrainConfig
 
 
 class Optimization:

@@ -25,16 +25,18 @@ from pipeline.config import checked, write_resolved
 from pipeline.interrupt import RunInterrupted, StopSignals
 from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
-from pipeline.options import TrainConfig
 from pipeline.phase2 import checkpoint as ckpt
 from pipeline.phase2.distributed import Dist, any_rank, barrier, init, shutdown
 from pipeline.phase2.epoch import RankEpoch, next_batch
 from pipeline.phase2.evaluate import evaluate
-from pipeline.phase2.inputs import check_caches, live_teachers, resolve_data, run_identity, student_for
+from pipeline.phase2.identity import check_resumable, run_identity
+from pipeline.phase2.inputs import check_caches, resolve_data
 from pipeline.phase2.metrics import DebugTrace, MetricsLog, StepMeter
 from pipeline.phase2.optimization import Optimization
+from pipeline.phase2.run_models import live_teachers, student_for
 from pipeline.progress import progress_bar
 from pipeline.seeding import stable_seed
+from pipeline.train_options import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.is_main)
         state = self.checkpointer.load_last() if cfg.resume else None
         if state:
-            ckpt.check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
+            check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
         soft = float(cfg.tau) if cfg.distillation == "soft" else None
         self.cache_shards = check_caches(self.data, self.position.epoch, cfg.epochs, soft)
