@@ -33,6 +33,7 @@ def option(
     factory: Callable[[], Any] | None = None,
     positional: bool = False,
     metavar: str | None = None,
+    on_resume: str | None = None,
 ) -> Any:
     """A config field: the one declaration of an option.
 
@@ -43,8 +44,16 @@ def option(
         factory: Builds a mutable default.
         positional: A command-line argument rather than a ``--flag``.
         metavar: What ``--help`` calls the value, where the type's name would mislead (``NAME``, not ``URL``).
+        on_resume: What a new value does to a run on ``--resume``, for options of a run that resumes
+            (``pipeline.train_options.ROLES``: every ``train-student`` option declares one).
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional, "metavar": metavar}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "positional": positional,
+        "metavar": metavar,
+        "on_resume": on_resume,
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

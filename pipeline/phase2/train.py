@@ -63,8 +63,14 @@ class Trainer:
         self.identity = run_identity(cfg, self.data)
         self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.is_main)
         state = self.checkpointer.load_last() if cfg.resume else None
+        self.changes: list[dict[str, Any]] = []  # options --allow-change let through on this resume
         if state:
-            check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
+            self.changes = check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
+            at = {"epoch": int(state["epoch"]), "step": int(state["step_in_epoch"])}
+            self.changes = [{**c, **at} for c in self.changes]
+            for c in self.changes:
+                log.warning("--allow-change %s: %r in the run, %r from %s on", c["field"], c["before"], c["now"], at)
+        self.history = [*(state.get("changes", []) if state else []), *self.changes]
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
         soft = float(cfg.tau) if cfg.distillation == "soft" else None
         self.cache_shards = check_caches(self.data, self.position.epoch, cfg.epochs, soft)
@@ -113,8 +119,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Every stateful part of the run; what ``last.pth`` and ``best.pth`` hold.
 
-        The learning-rate schedule is not stored: it is rebuilt from this run's config (e.g. a larger
-        ``--epochs``) and fast-forwarded to ``global_step``. No RNG state either: noise is seeded per step.
+        The learning-rate schedule is not stored: it is rebuilt from this run's config and fast-forwarded to
+        ``global_step`` (a longer ``--epochs`` let through by ``--allow-change`` stretches the cosine from there
+        on). No RNG state either: noise is seeded per step. ``changes`` lists every ``--allow-change`` so far.
         """
         return {
             "model": self.model.net.state_dict(),
@@ -123,6 +130,7 @@ class Trainer:
             "world": self.dist.world,
             "config": dataclasses.asdict(self.cfg),
             "identity": self.identity,
+            "changes": self.history,
             "model_meta": self.model_meta,
         }
 
@@ -149,6 +157,8 @@ class Trainer:
             first_epoch=p.epoch,
             start_step=p.step_in_epoch,
         )
+        for change in self.changes:
+            self.metrics.write("changed", **change)
         result: dict[str, Any] = {}
         for epoch in range(p.epoch, cfg.epochs):
             result = self.train_one_epoch(epoch)
