@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import WorkerError
+from pipeline.interrupt import StopSignals, loader_death
 from pipeline.phase2.distributed import Dist, all_sum
 from pipeline.phase2.inputs import RunData
 from pipeline.phase2.lanes import NOT_CACHED, PARTNER_UNREADABLE, UNREADABLE, StreamSpec, WindowBatches, epoch_batches
@@ -87,17 +89,24 @@ class RankEpoch:
         return {**out, "skipped": skipped}
 
 
-def next_batch(batches: Iterator[dict[str, Any]], signal: int | None) -> dict[str, Any] | None:
+def next_batch(batches: Iterator[dict[str, Any]], stop: StopSignals) -> dict[str, Any] | None:
     """The next batch; ``None`` when the loader failed after a stop signal (a batch system's SIGTERM
-    reaches the workers too), which means: stop here."""
+    reaches the workers too), which means: stop here.
+
+    Raises:
+        WorkerError: a loader worker died, or was sent SIGTERM alone (the main process got no signal).
+    """
     try:
         batch = next(batches, None)
-    except Exception:
-        if signal is None:
-            raise
-        log.warning("the data loader stopped after signal %d; stopping at this step", signal)
+    except Exception as e:
+        if stop.received is None:  # read after the failure: the job's signal is handled by then
+            death = loader_death(e)
+            if death is None:
+                raise
+            raise WorkerError(death) from None
+        log.warning("the data loader stopped after signal %d; stopping at this step", stop.received)
         return None
-    if batch is None and signal is None:
+    if batch is None and stop.received is None:
         raise RuntimeError(
             "the epoch's batches ended before its steps: a bug in pipeline.views.deal or pipeline.phase2.lanes"
         )

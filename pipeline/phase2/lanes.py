@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import Cache, UnitData, open_cache, replay_mismatch
 from pipeline.errors import CacheError, DataError
-from pipeline.interrupt import ignore_in_worker
+from pipeline.interrupt import close_loader, worker_signals
 from pipeline.seeding import stable_seed
 from pipeline.shards.decode import DecodedSample, iter_decoded
 from pipeline.shards.lists import ShardInfo
@@ -290,13 +290,16 @@ class WindowBatches:
         self.counts: Counter = Counter()  # skipped copies by reason, and "filled" slots
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for w in range(self.first_window, len(self.windows)):
-            order = self._order(w)
-            if w == self.first_window:
-                order = order[self.offset :]
-            for a in range(0, len(order), self.batch_size):
-                yield self._gather(order[a : a + self.batch_size])
-            self._release(w)
+        try:
+            for w in range(self.first_window, len(self.windows)):
+                order = self._order(w)
+                if w == self.first_window:
+                    order = order[self.offset :]
+                for a in range(0, len(order), self.batch_size):
+                    yield self._gather(order[a : a + self.batch_size])
+                self._release(w)
+        finally:  # ended, failed or closed by a stopping run: the workers go now
+            close_loader(self.chunks)
 
     def _order(self, w: int) -> list[tuple[int, int]]:
         """The window's copy ids in batch order, each skipped slot filled with a trained copy of the window."""
@@ -373,6 +376,6 @@ def epoch_batches(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None,
-        worker_init_fn=ignore_in_worker,
+        worker_init_fn=worker_signals,
     )
     return WindowBatches(iter(loader), spec, window, batch_size, seed, first_step)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from pipeline.config import checked, write_resolved
-from pipeline.interrupt import RunInterrupted, StopSignals
+from pipeline.errors import WorkerError
+from pipeline.interrupt import RunInterrupted, StopSignals, loader_death
 from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
 from pipeline.phase2 import checkpoint as ckpt
@@ -169,18 +170,20 @@ class Trainer:
                 self._interrupted(epoch + 1, 0)
         return {**result, "best_top1": p.best_top1}
 
-    def _interrupted(self, epoch: int, step: int) -> None:
-        """Save the exact position (no gradients pending) and stop; ``--resume`` continues from it."""
+    def _interrupted(self, epoch: int, step: int, failure: WorkerError | None = None, saved: bool = False) -> None:
+        """Save the exact position (no gradients pending) unless ``saved``, and stop; ``--resume`` continues from
+        it. A stop signal ends with :class:`RunInterrupted`, a dead loader worker with ``failure``, completed."""
         p = self.position
         p.epoch, p.step_in_epoch = epoch, step
-        self.checkpointer.save(self.state_dict())
+        if not saved:
+            self.checkpointer.save(self.state_dict())
+        held = f"{self.checkpointer.last_path} holds this position: add --resume to continue"
+        if failure is not None and self.stop.received is None:
+            self.metrics.write("interrupted", epoch=epoch, step=step, reason=str(failure))
+            raise WorkerError(f"{failure}; stopped at epoch {epoch} step {step}; {held}")
         self.metrics.write("interrupted", epoch=epoch, step=step, signal=self.stop.received)
         signum = self.stop.received or 2
-        raise RunInterrupted(
-            signum,
-            f"stopped by signal {signum} at epoch {epoch} step {step}; {self.checkpointer.last_path} holds this "
-            "position: add --resume to continue",
-        )
+        raise RunInterrupted(signum, f"stopped by signal {signum} at epoch {epoch} step {step}; {held}")
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, p = self.cfg, self.position
@@ -190,17 +193,22 @@ class Trainer:
         self.task.train()
         mode = cfg.progress if self.dist.is_main else "off"
         views = ",".join(map(str, part.plan.views))
-        with progress_bar(f"epoch {epoch} (views {views})", total=steps - first, unit="step", mode=mode) as bar:
+        bar_ctx = progress_bar(f"epoch {epoch} (views {views})", total=steps - first, unit="step", mode=mode)
+        with bar_ctx as bar, contextlib.closing(batches):  # type: ignore[type-var]
             meter = StepMeter(self.metrics, bar, cfg.log_every, self.dist.world)
             for step in range(first, steps):
-                batch = next_batch(batches, self.stop.received)
+                failure = None
+                try:
+                    batch = next_batch(batches, self.stop)
+                except WorkerError as e:  # stop every rank where it is, and say why on this one
+                    batch, failure = None, e
                 # One collective per step: a rank asked to stop. A stop waits for the end of an accumulation
                 # cycle, unless the loader is gone; then the cycle's unapplied steps are redone.
                 if p.global_step == self.trace.stop_at:  # tests: a stop signal at an exact step, on every rank
                     self.stop.received = signal.SIGTERM
                 stopping = self.stop.received is not None and (step % cfg.accum_steps == 0 or batch is None)
-                if any_rank([stopping], self.dist, self.device)[0]:
-                    self._interrupted(epoch, max(step - step % cfg.accum_steps, first))
+                if any_rank([stopping or failure is not None], self.dist, self.device)[0]:
+                    self._interrupted(epoch, max(step - step % cfg.accum_steps, first), failure)
                 meter.step(
                     epoch, step, self.train_step(batch, epoch, step, steps), len(batch["keys"]), self.opt.current_lr
                 )
@@ -243,18 +251,24 @@ class Trainer:
         due = cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         if not (data.val_shards and due):
             return {}
-        result = evaluate(
-            self.model,
-            data.val_shards,
-            data.recipe.img_size,
-            data.num_classes,
-            self.device,
-            self.dist,
-            cfg.eval_batch_size,
-            cfg.workers,
-            data.recipe.crop_pct,
-            cfg.on_error,  # type: ignore[arg-type]
-        )
+        try:
+            result = evaluate(
+                self.model,
+                data.val_shards,
+                data.recipe.img_size,
+                data.num_classes,
+                self.device,
+                self.dist,
+                cfg.eval_batch_size,
+                cfg.workers,
+                data.recipe.crop_pct,
+                cfg.on_error,  # type: ignore[arg-type]
+            )
+        except Exception as e:  # a stop signal or a dead worker while evaluating: the epoch is saved already
+            death = loader_death(e)
+            if self.stop.received is None and death is None:
+                raise
+            self._interrupted(epoch + 1, 0, WorkerError(death or str(e)), saved=True)
         if result["top1_avg"] > p.best_top1:
             p.best_top1 = result["top1_avg"]
             self.checkpointer.save(self.state_dict(), best=True)
