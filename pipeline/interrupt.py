@@ -12,20 +12,20 @@ sample they raise :class:`~pipeline.errors.WorkerStopped`, which reaches the mai
 batch, in one piece. The main process got the signal too, and stops; if it did not, the worker was sent
 SIGTERM on its own, and the run stops as for a dead worker. torch's SIGCHLD handler, which raises a dead
 worker's error wherever the main process happens to be (in the middle of a checkpoint write), is kept out
-while these commands run (:func:`loader_death` reads the error where the batch is fetched instead).
+while these commands run: :func:`fetch` reports a dead worker where the batch is fetched instead.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
-from pipeline.errors import WorkerStopped
+from pipeline.errors import StillroomError, WorkerError, WorkerStopped
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -110,17 +110,48 @@ def stop_if_asked() -> None:
         raise WorkerStopped(f"data loader worker (pid {os.getpid()}) was sent signal {_worker_signal[0]}")
 
 
-def loader_death(e: BaseException) -> str | None:
-    """What a failed fetch says of a loader worker that died or was stopped, in words; None for any other failure."""
-    if isinstance(e, WorkerStopped):
-        return "a data loader worker was sent SIGTERM on its own (not the whole job)"
-    found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:exited unexpectedly|is killed)", str(e))
-    if isinstance(e, RuntimeError) and found:
-        return (
-            f"data loader worker (pid {found.group(1)}) died: killed, most likely by the kernel's OOM killer "
-            "(see dmesg; fewer --workers or a smaller --shuffle-buffer need less memory)"
-        )
-    return None
+_NO_DEFAULT: Any = object()
+
+
+def fetch(items: Iterator[Any], default: Any = _NO_DEFAULT) -> Any:
+    """``next(items)`` from a DataLoader iterator, where a loader worker that died (the OOM killer's SIGKILL) or
+    was sent SIGTERM alone becomes one :class:`~pipeline.errors.WorkerError` naming it.
+
+    A dead worker surfaces as torch's "exited unexpectedly", or as a broken message (``EOFError``...) when it
+    died while sending one: any failure that is not an expected error is checked against the workers' exit
+    codes before it is passed on.
+    """
+    try:
+        return next(items) if default is _NO_DEFAULT else next(items, default)
+    except WorkerStopped:
+        raise WorkerStopped("a data loader worker was sent SIGTERM on its own (not the whole job)") from None
+    except StillroomError:
+        raise
+    except Exception:
+        death = _dead_worker(items)
+        if death is None:
+            raise
+        raise WorkerError(death) from None
+
+
+def _dead_worker(items: Iterator[Any], wait_s: float = 2.0) -> str | None:
+    """The first worker of a DataLoader iterator that ended with a failure, in words (None if all live on)."""
+    workers = getattr(items, "_workers", [])
+    deadline = time.monotonic() + wait_s  # a worker killed while sending is reaped a moment after
+    while True:
+        for w in workers:
+            code = w.exitcode
+            if code is not None and code != 0:
+                if code < 0:
+                    how = f"was killed by signal {-code} ({signal.Signals(-code).name})"
+                    if -code == signal.SIGKILL:
+                        how += ", most likely by the kernel's OOM killer (see dmesg; fewer --workers need less memory)"
+                else:
+                    how = f"exited with status {code}"
+                return f"data loader worker (pid {w.pid}) {how}"
+        if not workers or time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def close_loader(batches: Iterator[Any]) -> None:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import CacheMeta
 from pipeline.errors import WorkerError
-from pipeline.interrupt import StopSignals, close_loader, loader_death, worker_signals
+from pipeline.interrupt import StopSignals, close_loader, fetch, worker_signals
 from pipeline.partition import my_share
 from pipeline.shards.decode import iter_decoded
 from pipeline.shards.lists import ShardInfo
@@ -97,21 +97,21 @@ def unit_batches(stream: UnitStream, workers: int, device: torch.device, stop: S
         prefetch_factor=4 if workers else None,
         worker_init_fn=worker_signals,
     )
-    items = iter(loader)
+    items, end = iter(loader), object()
     try:
         while stop.received is None:
             try:
-                yield next(items)
-            except StopIteration:
-                return
+                item = fetch(items, end)
             except Exception as e:
                 if stop.received is not None:
                     return  # the workers got the job's signal too
-                death = loader_death(e)
-                if death is None:
-                    raise
-                raise WorkerError(
-                    f"{death}; the units finished before are written: run the same command again to continue"
-                ) from None
+                if isinstance(e, WorkerError):
+                    raise WorkerError(
+                        f"{e}; the units finished before are written: run the same command again"
+                    ) from None
+                raise
+            if item is end:
+                return
+            yield item
     finally:  # ended, failed or stopped: the workers go now
         close_loader(items)

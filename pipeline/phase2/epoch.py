@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import WorkerError
-from pipeline.interrupt import StopSignals, loader_death
+from pipeline.interrupt import StopSignals
 from pipeline.phase2.distributed import Dist, all_sum
 from pipeline.phase2.inputs import RunData
 from pipeline.phase2.lanes import NOT_CACHED, PARTNER_UNREADABLE, UNREADABLE, StreamSpec, WindowBatches, epoch_batches
@@ -94,16 +93,14 @@ def next_batch(batches: Iterator[dict[str, Any]], stop: StopSignals) -> dict[str
     reaches the workers too), which means: stop here.
 
     Raises:
-        WorkerError: a loader worker died, or was sent SIGTERM alone (the main process got no signal).
+        WorkerError: a loader worker died, or was sent SIGTERM alone (the main process got no signal):
+            :func:`pipeline.interrupt.fetch` tells.
     """
     try:
         batch = next(batches, None)
-    except Exception as e:
+    except Exception:
         if stop.received is None:  # read after the failure: the job's signal is handled by then
-            death = loader_death(e)
-            if death is None:
-                raise
-            raise WorkerError(death) from None
+            raise
         log.warning("the data loader stopped after signal %d; stopping at this step", stop.received)
         return None
     if batch is None and stop.received is None:

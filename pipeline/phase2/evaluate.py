@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import checked
 from pipeline.errors import CheckpointError
-from pipeline.interrupt import close_loader, worker_signals
+from pipeline.interrupt import close_loader, fetch, worker_signals
 from pipeline.models.build import Normalized, autocast, create, resolve_device
 from pipeline.options import EvalConfig
 from pipeline.phase2 import checkpoint as ckpt
@@ -171,9 +171,9 @@ def eval_batches(
     )
     held: list[dict[str, Any]] = []
     size = 0
-    chunks = iter(loader)
+    chunks, end = iter(loader), None
     try:
-        for chunk in chunks:
+        while (chunk := fetch(chunks, end)) is not end:
             held.append(chunk)
             size += len(chunk["keys"])
             if size >= batch_size:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import Cache, UnitData, open_cache, replay_mismatch
 from pipeline.errors import CacheError, DataError
-from pipeline.interrupt import close_loader, worker_signals
+from pipeline.interrupt import close_loader, fetch, worker_signals
 from pipeline.seeding import stable_seed
 from pipeline.shards.decode import DecodedSample, iter_decoded
 from pipeline.shards.lists import ShardInfo
@@ -305,7 +305,7 @@ class WindowBatches:
         """The window's copy ids in batch order, each skipped slot filled with a trained copy of the window."""
         for lane, _, stop in self.windows[w]:
             while self.received[lane] < stop:
-                self._take(next(self.chunks))
+                self._take(fetch(self.chunks))
         order = dl.window_order(self.windows[w], self.spec.plan.repeats, stable_window_seed(self.seed, w))
         trained = [cid for cid in order if cid in self.where]
         if not trained:

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import checked, write_resolved
 from pipeline.errors import WorkerError
-from pipeline.interrupt import RunInterrupted, StopSignals, loader_death
+from pipeline.interrupt import RunInterrupted, StopSignals
 from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
 from pipeline.phase2 import checkpoint as ckpt
@@ -265,10 +265,9 @@ class Trainer:
                 cfg.on_error,  # type: ignore[arg-type]
             )
         except Exception as e:  # a stop signal or a dead worker while evaluating: the epoch is saved already
-            death = loader_death(e)
-            if self.stop.received is None and death is None:
+            if self.stop.received is None and not isinstance(e, WorkerError):
                 raise
-            self._interrupted(epoch + 1, 0, WorkerError(death or str(e)), saved=True)
+            self._interrupted(epoch + 1, 0, e if isinstance(e, WorkerError) else None, saved=True)
         if result["top1_avg"] > p.best_top1:
             p.best_top1 = result["top1_avg"]
             self.checkpointer.save(self.state_dict(), best=True)
