@@ -66,6 +66,11 @@ def _pack(cfg: PackConfig) -> None:
 def _cache_teacher(cfg: CacheConfig) -> None:
     from pipeline.phase1.cache_teacher import run
 
+    if cfg.log_to:  # its files go to the working folder, and are written after the job: refuse now, not then
+        from pipeline.files import writable_folder
+        from pipeline.phase2.sinks import cache_log_folder
+
+        writable_folder(cache_log_folder(cfg.out), "--log-to")
     s = run(cfg)
     skipped = sum(s["skipped_samples"].values())
     typer.echo(

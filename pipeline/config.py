@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.files import writable_folder, write_text
 
 T = TypeVar("T")
 
@@ -229,11 +230,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def write_resolved(cfg: Any, out_dir: str, name: str = "resolved-config.yaml") -> str:
-    """Write the resolved config as YAML next to the outputs (atomic)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the resolved config as YAML next to the outputs, whole or not at all (one line naming it if not)."""
+    writable_folder(out_dir, "--out")
     path = os.path.join(out_dir, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

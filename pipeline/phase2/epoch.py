@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import WorkerError
 from pipeline.interrupt import StopSignals
 from pipeline.phase2.distributed import Dist, all_sum
 from pipeline.phase2.inputs import RunData
@@ -88,23 +89,23 @@ class RankEpoch:
         return {**out, "skipped": skipped}
 
 
-def next_batch(batches: Iterator[dict[str, Any]], stop: StopSignals) -> dict[str, Any] | None:
-    """The next batch; ``None`` when the loader failed after a stop signal (a batch system's SIGTERM
-    reaches the workers too), which means: stop here.
-
-    Raises:
-        WorkerError: a loader worker died, or was sent SIGTERM alone (the main process got no signal):
-            :func:`pipeline.interrupt.fetch` tells.
-    """
+def next_batch(
+    batches: Iterator[dict[str, Any]], stop: StopSignals
+) -> tuple[dict[str, Any] | None, WorkerError | None]:
+    """The next batch, or ``(None, None)`` when the loader failed after a stop signal (a batch system's SIGTERM
+    reaches the workers too), or ``(None, why)`` when a loader worker died, or was sent SIGTERM alone (no
+    signal here; :func:`pipeline.interrupt.fetch` tells): either way, stop here."""
     try:
         batch = next(batches, None)
-    except Exception:
+    except Exception as e:
         if stop.received is None:  # read after the failure: the job's signal is handled by then
+            if isinstance(e, WorkerError):
+                return None, e
             raise
         log.warning("the data loader stopped after signal %d; stopping at this step", stop.received)
-        return None
+        return None, None
     if batch is None and stop.received is None:
         raise RuntimeError(
             "the epoch's batches ended before its steps: a bug in pipeline.views.deal or pipeline.phase2.lanes"
         )
-    return batch
+    return batch, None

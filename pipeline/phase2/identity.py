@@ -111,7 +111,8 @@ def check_resumable(
     skip or repeat samples, or jump the learning-rate schedule, naming the option and both values.
 
     Returns:
-        The changes ``--allow-change`` let through: ``{"field", "before", "now"}`` each.
+        The changes ``--allow-change`` let through, each ``{"field", "before", "now", "epoch", "step"}`` (where
+        the run was) and logged as a warning.
     """
     if "identity" not in state:
         raise ConfigError(f"{path} was written by an older stillroom that did not record its run: start over")
@@ -131,7 +132,9 @@ def check_resumable(
                 f"the run as it was set; add --allow-change {name} to go on with the new value (logged in "
                 f"metrics.jsonl), or resume with {flag_name(name)} {before!r}"
             )
-        changes.append({"field": name, "before": before, "now": now})
+        at = {"epoch": int(state["epoch"]), "step": int(state["step_in_epoch"])}
+        changes.append({"field": name, "before": before, "now": now, **at})
+        log.warning("--allow-change %s: %r in the run, %r from %s on", name, before, now, at)
     if cfg.epochs < int(state.get("epoch", 0)):
         raise ConfigError(f"--epochs {cfg.epochs}: {path} has trained {state['epoch']} epochs already")
     _check_stream(cfg, state, world, path)

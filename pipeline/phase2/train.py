@@ -29,7 +29,7 @@ from pipeline.models.task import DistillationTask
 from pipeline.phase2 import checkpoint as ckpt
 from pipeline.phase2.distributed import Dist, any_rank, barrier, init, shutdown
 from pipeline.phase2.epoch import RankEpoch, next_batch
-from pipeline.phase2.evaluate import evaluate
+from pipeline.phase2.evaluate import evaluate_run
 from pipeline.phase2.identity import check_resumable, run_identity
 from pipeline.phase2.inputs import check_caches, resolve_data
 from pipeline.phase2.metrics import DebugTrace, MetricsLog, StepMeter
@@ -64,14 +64,10 @@ class Trainer:
         self.identity = run_identity(cfg, self.data)
         self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.is_main)
         state = self.checkpointer.load_last() if cfg.resume else None
-        self.changes: list[dict[str, Any]] = []  # options --allow-change let through on this resume
-        if state:
-            self.changes = check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
-            at = {"epoch": int(state["epoch"]), "step": int(state["step_in_epoch"])}
-            self.changes = [{**c, **at} for c in self.changes]
-            for c in self.changes:
-                log.warning("--allow-change %s: %r in the run, %r from %s on", c["field"], c["before"], c["now"], at)
-        self.history = [*(state.get("changes", []) if state else []), *self.changes]
+        # The options --allow-change let through on this resume, and on every one before.
+        last = self.checkpointer.last_path
+        self.changes = check_resumable(cfg, state, dist.world, last, self.identity) if state else []
+        self.history = [*(state or {}).get("changes", []), *self.changes]
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
         soft = float(cfg.tau) if cfg.distillation == "soft" else None
         self.cache_shards = check_caches(self.data, self.position.epoch, cfg.epochs, soft)
@@ -173,17 +169,15 @@ class Trainer:
     def _interrupted(self, epoch: int, step: int, failure: WorkerError | None = None, saved: bool = False) -> None:
         """Save the exact position (no gradients pending) unless ``saved``, and stop; ``--resume`` continues from
         it. A stop signal ends with :class:`RunInterrupted`, a dead loader worker with ``failure``, completed."""
-        p = self.position
-        p.epoch, p.step_in_epoch = epoch, step
+        self.position.epoch, self.position.step_in_epoch = epoch, step
         if not saved:
             self.checkpointer.save(self.state_dict())
-        held = f"{self.checkpointer.last_path} holds this position: add --resume to continue"
-        if failure is not None and self.stop.received is None:
-            self.metrics.write("interrupted", epoch=epoch, step=step, reason=str(failure))
-            raise WorkerError(f"{failure}; stopped at epoch {epoch} step {step}; {held}")
-        self.metrics.write("interrupted", epoch=epoch, step=step, signal=self.stop.received)
-        signum = self.stop.received or 2
-        raise RunInterrupted(signum, f"stopped by signal {signum} at epoch {epoch} step {step}; {held}")
+        why = {"reason": str(failure)} if failure and self.stop.received is None else {"signal": self.stop.received}
+        self.metrics.write("interrupted", epoch=epoch, step=step, **why)
+        at = f"at epoch {epoch} step {step}, saved in {self.checkpointer.last_path}: add --resume to continue"
+        if "reason" in why:
+            raise WorkerError(f"{failure}; stopped {at}")
+        raise RunInterrupted(self.stop.received or 2, f"stopped by signal {self.stop.received or 2} {at}")
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, p = self.cfg, self.position
@@ -197,11 +191,7 @@ class Trainer:
         with bar_ctx as bar, contextlib.closing(batches):  # type: ignore[type-var]
             meter = StepMeter(self.metrics, bar, cfg.log_every, self.dist.world)
             for step in range(first, steps):
-                failure = None
-                try:
-                    batch = next_batch(batches, self.stop)
-                except WorkerError as e:  # stop every rank where it is, and say why on this one
-                    batch, failure = None, e
+                batch, failure = next_batch(batches, self.stop)
                 # One collective per step: a rank asked to stop. A stop waits for the end of an accumulation
                 # cycle, unless the loader is gone; then the cycle's unapplied steps are redone.
                 if p.global_step == self.trace.stop_at:  # tests: a stop signal at an exact step, on every rank
@@ -252,18 +242,7 @@ class Trainer:
         if not (data.val_shards and due):
             return {}
         try:
-            result = evaluate(
-                self.model,
-                data.val_shards,
-                data.recipe.img_size,
-                data.num_classes,
-                self.device,
-                self.dist,
-                cfg.eval_batch_size,
-                cfg.workers,
-                data.recipe.crop_pct,
-                cfg.on_error,  # type: ignore[arg-type]
-            )
+            result = evaluate_run(self.model, data, cfg, self.device, self.dist)
         except Exception as e:  # a stop signal or a dead worker while evaluating: the epoch is saved already
             if self.stop.received is None and not isinstance(e, WorkerError):
                 raise
