@@ -44,14 +44,16 @@ FIX = (
     "reachable, carry bench/wheels here and run `WHEELS=bench/wheels bash bench/gpu_check.sh`"
 )
 GPU = {
-    "device": "cuda", "images": 2048, "per_shard": 32, "img_size": 224, "views": 16, "view_block": 8,
-    "batch_size": 128, "steps": 40, "check_steps": 8, "forward_batches": 30, "workers": min(14, os.cpu_count() or 1),
-    "loader_workers": [1, 4, 8, 14], "loader_seconds": 8.0, "budget_s": 420.0, "skip": [],
+    "device": "cuda", "images": 4096, "per_shard": 32, "img_size": 224, "views": 8, "view_block": 8,
+    "batch_size": 128, "steps": 32, "check_shards": 16, "check_steps": 4, "forward_batches": 30,
+    "workers": min(14, os.cpu_count() or 1), "loader_workers": [1, 4, 8, 14], "loader_seconds": 6.0,
+    "budget_s": 420.0, "skip": [],
 }  # fmt: skip
 SMOKE = {
     "device": "cpu", "images": 32, "per_shard": 16, "img_size": 32, "views": 2, "view_block": 2,
-    "batch_size": 8, "steps": 4, "check_steps": 2, "forward_batches": 2, "workers": 0,
-    "loader_workers": [0, 2], "loader_seconds": 0.5, "budget_s": 600.0, "skip": ["compile"],
+    "batch_size": 8, "steps": 4, "check_shards": 1, "check_steps": 2, "forward_batches": 2,
+    "workers": 0, "loader_workers": [0, 2], "loader_seconds": 0.5,
+    "budget_s": 600.0, "skip": ["compile"],
 }  # fmt: skip
 
 
@@ -80,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--view-block", type=int, help="views per unit (each image decoded once per unit)")
     p.add_argument("--batch-size", type=int, help="teacher and student batch size")
     p.add_argument("--steps", type=int, help="student steps per speed run")
-    p.add_argument("--check-steps", type=int, help="steps per epoch of the bitwise checks")
+    p.add_argument("--check-shards", type=int, help="shards the bitwise checks train on (the first ones)")
+    p.add_argument("--check-steps", type=int, help="steps per epoch of the bitwise checks (at most)")
     p.add_argument("--forward-batches", type=int, help="batches timed in the bare teacher forward")
     p.add_argument("--workers", type=int, help="loader workers of cache-teacher and of the student runs")
     p.add_argument("--loader-workers", type=_ints, help="worker counts of the loader-alone runs (comma-separated)")

@@ -44,6 +44,7 @@ SIZES = {
 }
 MODES: dict[str, dict[str, str]] = {"cached": {}, "none": {"distillation": "none"}, "live": {"teacher_mode": "live"}}
 WARM_STEPS = 2  # steps left out of a student's steady rate: the loader's start, compilation, first allocations
+VERIFY_SAMPLES = 32  # verify-cache decodes a whole shard for each (sample, view) it picks: in one process
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Bench:
     args: argparse.Namespace
     folder: Path
     shards: str = ""
+    check_shards: list[str] = dataclasses.field(default_factory=list)  # the bitwise checks' first few shards
     checkpoint: str = ""
 
     @property
@@ -102,6 +104,7 @@ def make_data(b: Bench) -> dict[str, Any]:
     a = b.args
     mean_bytes = make_photos(b.folder / "photos", a.images, jobs=min(16, os.cpu_count() or 1))
     meta, b.shards, b.checkpoint = photo_folder_setup(b.folder, a.per_shard, b.size["teacher"], b.folder / "photos")
+    b.check_shards = [str(b.folder / "data" / s["name"]) for s in meta["shards"][: a.check_shards]]
     return {"images": meta["num_samples"], "shards": len(meta["shards"]), "mean_jpeg_bytes": round(mean_bytes)}
 
 
@@ -131,10 +134,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _cache_config(b: Bench, out: str, **kw: Any) -> CacheConfig:
+def _cache_config(b: Bench, shards: list[str], out: str, **kw: Any) -> CacheConfig:
     a = b.args
     return CacheConfig(
-        shards=[b.shards], out=out, teacher=b.size["teacher"], teacher_checkpoint=b.checkpoint, num_classes=1000,
+        shards=shards, out=out, teacher=b.size["teacher"], teacher_checkpoint=b.checkpoint, num_classes=1000,
         img_size=a.img_size, views=a.views, view_block=a.view_block, topk=10, batch_size=a.batch_size,
         device=a.device, workers=a.workers, progress="off", **kw,
     )  # fmt: skip
@@ -162,7 +165,7 @@ def cache_teacher(b: Bench) -> dict[str, Any]:
     """``cache-teacher`` over every view with the machine's loader workers: images x views per second."""
     with gpu_peak(b.device) as mem, batch_clock() as stamps:
         t0 = time.perf_counter()
-        summary = phase1.run(_cache_config(b, b.cache))
+        summary = phase1.run(_cache_config(b, [b.shards], b.cache))
         wall = time.perf_counter() - t0
     steady = None
     if len(stamps) > 1:
@@ -180,27 +183,33 @@ def cache_teacher(b: Bench) -> dict[str, Any]:
 def verify_cache(b: Bench) -> dict[str, Any]:
     """``verify-cache`` on the device: checksums, keys, replayed-pixel digests, the live teacher on random views."""
     cfg = VerifyConfig(cache=b.cache, shards=[b.shards], teacher_checkpoint=b.checkpoint, device=b.args.device)
-    report = verify(cfg)
+    report = verify(dataclasses.replace(cfg, samples=VERIFY_SAMPLES))
     keep = ("top1_agreement", "topk_overlap", "max_abs_value_diff", "pixels_checked", "pixel_mismatches")
     return {"ok": report["ok"], "problems": report["problems"][:3], **{k: report[k] for k in keep}}
 
 
 def loader_alone(b: Bench, workers: int) -> dict[str, Any]:
     """Phase 1's data path alone (decode, replay, batch; no teacher) with ``workers`` workers, for
-    ``--loader-seconds`` after its first batch: how the loader scales with the cores it is given."""
+    ``--loader-seconds`` after its first batch: how the loader scales with the cores it is given. Twice the
+    cache's views, so that the most workers do not run out of units within that time."""
     a = b.args
-    ns = argparse.Namespace(views=a.views, img_size=a.img_size, topk=10, batch_size=a.batch_size, workers=workers)
+    ns = argparse.Namespace(views=2 * a.views, img_size=a.img_size, topk=10, batch_size=a.batch_size, workers=workers)
     r = loader_only(b.shards, ns, a.view_block, seconds=a.loader_seconds)
     rate = r["images_views_per_s"]
     return {**r, "img_views_per_s": rate, "per_worker": rate / max(r["workers"], 1)}
 
 
-def _train_config(b: Bench, cache: str, out: Path, steps: int, **kw: Any) -> TrainConfig:
-    """One epoch of ``steps`` steps unless ``kw`` says otherwise; a step's metrics line each (its time)."""
+def _train_config(b: Bench, shards: list[str], cache: str, out: Path, steps: int, **kw: Any) -> TrainConfig:
+    """One epoch of at most ``steps`` steps unless ``kw`` says otherwise; a metrics line each step (its time).
+
+    The shuffle window is four batches, not 2048 views: the check's epochs are a few thousand views, and a
+    window that holds most of one would be filled before the first step, hiding the loader's rate.
+    """
     a = b.args
     return TrainConfig(**{
-        "shards": [b.shards], "cache": [cache], "out": str(out), "model": b.size["student"], "img_size": a.img_size,
-        "model_kwargs": {"img_size": a.img_size, **b.size["kwargs"]}, "teacher_checkpoint": [b.checkpoint],
+        "shards": shards, "cache": [cache], "out": str(out), "model": b.size["student"], "img_size": a.img_size,
+        "shuffle_buffer": 4 * a.batch_size, "teacher_checkpoint": [b.checkpoint],
+        "model_kwargs": {"img_size": a.img_size, **b.size["kwargs"]},
         "epochs": 1, "batch_size": a.batch_size, "max_steps_per_epoch": steps, "warmup_epochs": 0, "eval_every": 0,
         "log_every": 1, "device": a.device, "workers": a.workers, "progress": "off", **kw,
     })  # fmt: skip
@@ -210,7 +219,7 @@ def student(b: Bench, mode: str, compile: bool) -> dict[str, Any]:
     """Student training images per second with a cached, live or no teacher (``--compile`` or not), as users
     run it (no deterministic kernels). Steady rate: the steps after the first ``WARM_STEPS``."""
     out = b.folder / "runs" / f"{mode}{'-compile' if compile else ''}"
-    cfg = _train_config(b, b.cache, out, b.args.steps, compile=compile, **MODES[mode])
+    cfg = _train_config(b, [b.shards], b.cache, out, b.args.steps, compile=compile, **MODES[mode])
     with gpu_peak(b.device) as mem:
         result = train(cfg)
     events = read_lines(str(out / "metrics.jsonl"))
@@ -227,11 +236,12 @@ def student(b: Bench, mode: str, compile: bool) -> dict[str, Any]:
 
 
 def check_cache(b: Bench) -> dict[str, Any]:
-    """The first view block cached again with deterministic kernels: what the bitwise checks train from (the
-    speed runs' cache was made as users make one, and CUDA may pick other kernels for it). An operation with no
+    """The first view block of the first ``--check-shards`` shards cached again with deterministic kernels: what
+    the bitwise checks train from (the speed runs' cache was made as users make one, and CUDA may pick other
+    kernels for it). An operation with no
     deterministic CUDA kernel only warns here: the bitwise checks then show whether it mattered."""
     with deterministic(warn_only=True):
-        summary = phase1.run(_cache_config(b, b.check_cache, view_range=f"0:{b.args.view_block}"))
+        summary = phase1.run(_cache_config(b, b.check_shards, b.check_cache, view_range=f"0:{b.args.view_block}"))
     return {"views": summary["views"]}
 
 
@@ -250,7 +260,8 @@ def cached_equals_live(b: Bench) -> dict[str, Any]:
     folder = b.folder / "bitwise"
     for mode in ("cached", "live"):
         with deterministic():
-            train(_train_config(b, b.check_cache, folder / mode, b.args.check_steps, deterministic=True, **MODES[mode]))
+            cfg = _train_config(b, b.check_shards, b.check_cache, folder / mode, b.args.check_steps, **MODES[mode])
+            train(dataclasses.replace(cfg, deterministic=True))
     return _compare(_weights(folder / "cached"), _weights(folder / "live"))
 
 
@@ -258,7 +269,7 @@ def resume(b: Bench) -> dict[str, Any]:
     """A run stopped mid-epoch (as a preemption would stop it) and resumed == the uninterrupted run, bit for bit."""
     folder, steps = b.folder / "resume", b.args.check_steps
     stop_at = steps + max(steps // 2, 1)  # global step: the middle of the second epoch
-    whole = _train_config(b, b.check_cache, folder / "whole", steps, epochs=2, deterministic=True)
+    whole = _train_config(b, b.check_shards, b.check_cache, folder / "whole", steps, epochs=2, deterministic=True)
     parts = dataclasses.replace(whole, out=str(folder / "parts"))
     with deterministic():
         train(whole)
