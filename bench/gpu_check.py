@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     rec = Recorder(args, {"sizes": runs.SIZES[args.device], "gpu": _gpu(), "device": args.device})
     m = rec.save(complete=False)["machine"]  # the machine and the settings, whatever happens next
     versions = ", ".join(f"{k} {m.get(k)}" for k in ("python", "torch", "torchvision", "timm", "numpy", "zarr"))
-    print(f"GPU check on {rec.extra['gpu'] or 'cpu'}: {versions}", flush=True)
+    print(f"GPU check on {(rec.extra['gpu'] or {}).get('name', 'cpu')}: {versions}", flush=True)
     print(f"results in {rec.path} (rewritten after every measurement)", flush=True)
     with tempfile.TemporaryDirectory(prefix="stillroom-gpu-check-") as tmp:
         measure(rec, runs, runs.Bench(args, Path(tmp)))

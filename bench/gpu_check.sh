@@ -81,9 +81,11 @@ set +e
 rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-  echo "error: the check ran past --limit-s $LIMIT_S s and was stopped; what it measured before:" | tee -a "$OUTDIR/gpu_check.log" >&2
   if [ -f "$OUTDIR/gpu_check.json" ]; then
+    echo "error: the check ran past --limit-s $LIMIT_S s and was stopped; what it measured before:" | tee -a "$OUTDIR/gpu_check.log" >&2
     "$PYTHON" bench/gpu_report.py "$OUTDIR/gpu_check.json" --md "$OUTDIR/gpu_check.md" | tee -a "$OUTDIR/gpu_check.log"
+  else
+    echo "error: the check ran past --limit-s $LIMIT_S s and was stopped before it wrote any result" | tee -a "$OUTDIR/gpu_check.log" >&2
   fi
 fi
 exit "$rc"

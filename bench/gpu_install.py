@@ -139,6 +139,7 @@ def install(wheels: list[Path], target: Path) -> str:
         return "unpacked (this Python has no pip)"
     # No configuration or PIP_* variables: an index or find-links of this machine's pip must not join in.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    # --target also spares a distribution's system Python pip's "externally managed" refusal (PEP 668).
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-cache-dir", "--quiet"]
     cmd += ["--disable-pip-version-check", "--target", str(target), *map(str, wheels)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

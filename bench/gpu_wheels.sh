@@ -14,7 +14,7 @@
 # PYTHON selects the venv the versions are read from (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 DIR=""
 PYV=3.12
 while [ $# -gt 0 ]; do

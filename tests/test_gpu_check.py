@@ -97,16 +97,21 @@ def test_the_gpu_check_runs_offline_from_wheels(wheels: Path, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_a_check_cut_short_returns_what_it_measured(tmp_path: Path) -> None:
-    """Stopped by --limit-s (here in an endless bare forward), the check still leaves its JSON with every
-    measurement it finished, and shows them."""
+    """Stopped by --limit-s (here at the latest in an endless bare forward), the check leaves its JSON with every
+    measurement it reported finished, and shows them. How far it got depends on the machine's load: the
+    test holds whatever that is (on a busy machine the imports alone may take the whole limit)."""
     out = tmp_path / "out"
     endless = ("--forward-batches", "100000000")
-    proc = _gpu_check("--smoke", *endless, "--out", str(out), "--limit-s", "12", PYTHON=sys.executable, timeout=120)
+    proc = _gpu_check("--smoke", *endless, "--out", str(out), "--limit-s", "20", PYTHON=sys.executable, timeout=120)
     assert proc.returncode == 137, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ran past --limit-s 12 s" in proc.stderr
-    results = json.loads((out / "gpu_check.json").read_text())["results"]
+    assert "ran past --limit-s 20 s" in proc.stderr
     finished = re.findall(r"\] (\w+): ok", proc.stdout)
-    assert not results["complete"] and "teacher_forward" not in finished
+    assert "teacher_forward" not in finished
+    if "results in" not in proc.stdout:  # stopped before its first save
+        assert not (out / "gpu_check.json").exists() and not finished
+        return
+    results = json.loads((out / "gpu_check.json").read_text())["results"]
+    assert not results["complete"]
     assert [n for n, r in results["runs"].items() if r["status"] == "ok"] == finished
     assert "NOT complete" in (out / "gpu_check.md").read_text() and "| check | result | detail |" in proc.stdout
 
