@@ -127,6 +127,10 @@ def _phase2(runs: dict[str, Any]) -> str:
     return md_table([*headers, "s to first step"], rows)
 
 
+def _times(x: float | None) -> str:
+    return "not measured" if x is None else f"{fmt_num(x)}x"
+
+
 def report_lines(doc: dict[str, Any]) -> list[str]:
     """The markdown of one run (complete or not)."""
     r, s, sizes, gpu = doc["results"], doc.get("settings", {}), doc.get("sizes", {}), doc.get("gpu") or {}
@@ -151,6 +155,11 @@ def report_lines(doc: dict[str, Any]) -> list[str]:
         _loader(runs, list(s.get("loader_workers") or [])),
         "",
         _phase2(runs),
+        "",
+        "`--compile` over eager, steady student img/s: "
+        + ", ".join(f"{m} {_times(ratios(runs)[f'{m}_compile_vs_eager'])}" for m in MODES)
+        + f"; cached over live teacher: {_times(ratios(runs)['cached_vs_live'])} eager, "
+        + f"{_times(ratios(runs)['cached_vs_live_compile'])} compiled.",
     ]
     if failed:
         out += ["", "Failed:", "", *failed]
