@@ -102,9 +102,9 @@ def test_a_check_cut_short_returns_what_it_measured(tmp_path: Path) -> None:
     test holds whatever that is (on a busy machine the imports alone may take the whole limit)."""
     out = tmp_path / "out"
     endless = ("--forward-batches", "100000000")
-    proc = _gpu_check("--smoke", *endless, "--out", str(out), "--limit-s", "20", PYTHON=sys.executable, timeout=120)
+    proc = _gpu_check("--smoke", *endless, "--out", str(out), "--limit-s", "10", PYTHON=sys.executable, timeout=120)
     assert proc.returncode == 137, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ran past --limit-s 20 s" in proc.stderr
+    assert "ran past --limit-s 10 s" in proc.stderr
     finished = re.findall(r"\] (\w+): ok", proc.stdout)
     assert "teacher_forward" not in finished
     if "results in" not in proc.stdout:  # stopped before its first save
