@@ -76,7 +76,7 @@ export PYTHONUNBUFFERED=1
 set +e
 # timeout signals its whole process group (the check, its loader workers and compile workers); the JSON
 # already holds every measurement finished by then. The subshell keeps bash's "Killed" notice out of the output.
-(timeout -s KILL "$LIMIT_S" "$PYTHON" bench/gpu_check.py --out "$OUTDIR" "${ARGS[@]}" 2>&1; exit $?) 2>/dev/null |
+(timeout -s KILL "$LIMIT_S" "$PYTHON" bench/gpu_check.py --out "$OUTDIR" ${ARGS[@]+"${ARGS[@]}"} 2>&1; exit $?) 2>/dev/null |
   tee -a "$OUTDIR/gpu_check.log"
 rc=${PIPESTATUS[0]}
 set -e
