@@ -51,11 +51,14 @@ if [ "$HELP" = 1 ]; then
   "${PYTHON:-.venv/bin/python}" bench/gpu_check.py --help 2>/dev/null || echo "(bench/gpu_check.py --help: give PYTHON)"
   exit 0
 fi
+# The check's data, runs and compile caches, removed on exit even when --limit-s kills the check (which
+# then cannot clean up after itself).
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/stillroom-gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
 if [ -n "$WHEELS" ]; then
   PYTHON=${PYTHON:-python3}
   command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON: no such interpreter"
-  SITE=$(mktemp -d "${TMPDIR:-/tmp}/stillroom-gpu-site.XXXXXX")
-  trap 'rm -rf "$SITE"' EXIT
+  SITE=$(mktemp -d "$WORK/site.XXXXXX")
   INSTALLED=$("$PYTHON" bench/gpu_install.py "$WHEELS" "$SITE") || exit 2
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
@@ -72,7 +75,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi >"$OUTDIR/nvidia-smi.txt" 2>&1 || true
 fi
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS, for the bitwise checks
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TMPDIR="$WORK"
 set +e
 # timeout signals its whole process group (the check, its loader workers and compile workers); the JSON
 # already holds every measurement finished by then. The subshell keeps bash's "Killed" notice out of the output.

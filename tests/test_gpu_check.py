@@ -102,7 +102,13 @@ def test_a_check_cut_short_returns_what_it_measured(tmp_path: Path) -> None:
     test holds whatever that is (on a busy machine the imports alone may take the whole limit)."""
     out = tmp_path / "out"
     endless = ("--forward-batches", "100000000")
-    proc = _gpu_check("--smoke", *endless, "--out", str(out), "--limit-s", "10", PYTHON=sys.executable, timeout=120)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    limit = ("--limit-s", "10")
+    proc = _gpu_check(
+        "--smoke", *endless, "--out", str(out), *limit, PYTHON=sys.executable, TMPDIR=str(tmp), timeout=120
+    )
+    assert not list(tmp.iterdir())  # its data removed, though the check itself was killed
     assert proc.returncode == 137, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ran past --limit-s 10 s" in proc.stderr
     finished = re.findall(r"\] (\w+): ok", proc.stdout)
