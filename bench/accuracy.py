@@ -29,12 +29,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import RESULTS, md_table, write_result  # noqa: E402
-from pipeline.cache_teacher import run as run_cache  # noqa: E402
+from pipeline.apps.demo import load_demo_config  # noqa: E402
 from pipeline.config import from_mapping  # noqa: E402
-from pipeline.demo import load_demo_config  # noqa: E402
-from pipeline.options import CacheConfig, TrainConfig  # noqa: E402
-from pipeline.pack import pack  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.options import CacheConfig  # noqa: E402
+from pipeline.phase1.cache_teacher import run as run_cache  # noqa: E402
+from pipeline.phase2.train import train  # noqa: E402
+from pipeline.shards.pack import pack  # noqa: E402
+from pipeline.train_options import TrainConfig  # noqa: E402
 
 MODES = ("none", "cached hard", "cached hard R3", "cached soft", "live hard", "cached hard 2 teachers")
 SECOND_TEACHER = "regnetx_002"  # a second small CNN, trained as the demo trains its RegNetY

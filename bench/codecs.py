@@ -3,7 +3,7 @@
 THE DATA ARE SYNTHETIC. No pretrained teacher exists on the machine this was written on, so the
 arrays are made from a model of an ImageNet teacher's logits (``SyntheticTeacher``), not from a
 network; sizes depend on that model (see its docstring for what it does and does not capture).
-What is real: the reduction (``pipeline.models.topk_targets``: fp16 values, int64 indices stored as
+What is real: the reduction (``pipeline.models.build.topk_targets``: fp16 values, int64 indices stored as
 int16, fp32 logsumexp at tau 1 and 3), the array shapes, chunking and dtypes of
 ``docs/cache-format.md`` (one chunk ``[B, cap, K]`` per unit, C order), and zarr v3 itself: every
 configuration is written through a real zarr array on a ``LocalStore`` in a temp dir, and bytes are
@@ -114,7 +114,7 @@ from zarr.storage import LocalStore  # noqa: E402
 
 from bench.common import RESULTS, fmt_num, md_table, write_result  # noqa: E402
 from pipeline.cache import UnitData, unit_checksum  # noqa: E402
-from pipeline.models import topk_targets  # noqa: E402
+from pipeline.models.build import topk_targets  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 

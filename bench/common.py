@@ -69,7 +69,7 @@ def photo_folder_setup(folder: Path, per_shard: int, teacher: str, images: Path)
     import timm
     import torch
 
-    from pipeline.pack import pack
+    from pipeline.shards.pack import pack
 
     meta = pack(str(images), str(folder / "data"), per_shard=per_shard)["train"]
     if meta["num_classes"] > IMAGENET_CLASSES:

@@ -22,17 +22,19 @@ from typing import Any
 
 import torch
 
-import pipeline.cache_teacher as phase1
+import pipeline.phase1.cache_teacher as phase1
 from bench.common import photo_folder_setup
 from bench.phase1_speed import loader_only
 from bench.phase2_speed import step_intervals
 from bench.scale import make_photos
-from pipeline.cache_verify import verify
+from pipeline.inspection.verify import verify
 from pipeline.interrupt import RunInterrupted
-from pipeline.metrics import read_lines
-from pipeline.models import autocast, load_teacher
-from pipeline.options import CacheConfig, TrainConfig, VerifyConfig
-from pipeline.train import train
+from pipeline.models.build import autocast
+from pipeline.models.teacher import load_teacher
+from pipeline.options import CacheConfig, VerifyConfig
+from pipeline.phase2.metrics import read_lines
+from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 
 SIZES = {
     "cuda": {"teacher": "regnety_160", "student": "deit_small_distilled_patch16_224", "kwargs": {}},

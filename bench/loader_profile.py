@@ -1,7 +1,7 @@
 """The profiles of ``bench/loader_speed.py``: ours op by op, timm's stage by stage, and a chunk's IPC cost.
 
-Ours is profiled through a replica of :func:`pipeline.augment.augment` and of phase 2's pair replay that
-times each step; every replayed view is compared with what :func:`pipeline.replay.pair_copies` gives for
+Ours is profiled through a replica of :func:`pipeline.views.augment.augment` and of phase 2's pair replay that
+times each step; every replayed view is compared with what :func:`pipeline.views.replay.pair_copies` gives for
 it, and a difference stops the benchmark (the profile must explain the code that runs, not a copy of it).
 """
 
@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from pipeline.augment import (
+from pipeline.phase2.lanes import collate
+from pipeline.shards.decode import DecodedSample, decode_image
+from pipeline.views.augment import (
     Augmented,
     _color_jitter,
     _erase_box,
@@ -30,12 +32,10 @@ from pipeline.augment import (
     to_tensor,
     view_generators,
 )
-from pipeline.data import collate
-from pipeline.decode import DecodedSample, decode_image
-from pipeline.mixing import mix_pair, partners
-from pipeline.pixels import checked_row, compact, pixel_digest, stack_views
-from pipeline.recipe import Recipe
-from pipeline.replay import pair_copies
+from pipeline.views.mixing import mix_pair, partners
+from pipeline.views.pixels import checked_row, compact, pixel_digest, stack_views
+from pipeline.views.recipe import Recipe
+from pipeline.views.replay import pair_copies
 
 
 class Clock:
@@ -83,7 +83,7 @@ class Clock:
 
 
 def replica_augment(t: Clock, img: Image.Image, recipe: Recipe, seed: int, view: int, key: str) -> Augmented:
-    """:func:`pipeline.augment.augment` (random recipes), step by step on the clock."""
+    """:func:`pipeline.views.augment.augment` (random recipes), step by step on the clock."""
     rng, gen = t("view generators (seeding)", view_generators, seed, view, key)
     img = t("resized crop (box, crop, resize)", random_resized_crop, img, recipe, rng)
     if rng.random() < recipe.hflip:
@@ -102,7 +102,8 @@ def replica_augment(t: Clock, img: Image.Image, recipe: Recipe, seed: int, view:
 def _replica_pair(
     t: Clock, a: DecodedSample, b: DecodedSample | None, view: int, recipe: Recipe, seed: int, shard: str
 ) -> list[tuple[torch.Tensor, int, float]]:
-    """``(pixels, mix label, lambda)`` of ``a`` and its partner as :func:`pipeline.replay._pair_views` makes them."""
+    """``(pixels, mix label, lambda)`` of ``a`` and its partner as replay makes them
+    (:func:`pipeline.views.replay._pair_views`)."""
     xa = t("erasing", replica_augment(t, a.image, recipe, seed, view, a.key).erased, recipe)
     if b is None:
         return [(t("compaction", compact, xa), a.label, 1.0)]

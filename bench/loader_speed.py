@@ -8,17 +8,17 @@ rounds (the order alternates, so a burst of load from other processes hits every
   auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25, re_mode='pixel',
   re_count=1)`` (DeiT's ``build_transform``); one image is one view. Batch mixing runs on the GPU in DeiT,
   so it is not part of timm's loader.
-* ``phase 2``: :func:`pipeline.replay.pair_copies` as phase 2's workers call it: each sample decoded once
-  for its ``R`` copies (``--repeats``, DeiT's 3), every pair of :func:`pipeline.mixing.partners` mixed,
+* ``phase 2``: :func:`pipeline.views.replay.pair_copies` as phase 2's workers call it: each sample decoded once
+  for its ``R`` copies (``--repeats``, DeiT's 3), every pair of :func:`pipeline.views.mixing.partners` mixed,
   random erasing, compact pixels.
-* ``phase 1``: :func:`pipeline.replay.replay_shard` as a phase 1 unit runs it: the photos as one shard,
+* ``phase 1``: :func:`pipeline.views.replay.replay_shard` as a phase 1 unit runs it: the photos as one shard,
   decoded once for a block of ``--views`` views (10).
 
 Rates are views per CPU second of this process (``time.process_time``: one thread, so views/s per core),
 with wall-clock rates beside them; ratios are ours over timm's within a round, and the median round is
 reported. A per-op profile follows: time per view of each step of ours (decode, resized crop, flip, each
 RandAugment op, colour jitter, erasing, mixing, compaction, batching, pixel digests), with a replica of
-:func:`pipeline.augment.augment` that is checked view by view against the real one (so the profile cannot
+:func:`pipeline.views.augment.augment` that is checked view by view against the real one (so the profile cannot
 drift from the code it explains), timm's transform stage by stage, and the cost of moving a 32-view
 chunk from a DataLoader worker (pickling into shared memory and back) against producing it in-process.
 
@@ -46,11 +46,11 @@ from PIL import Image  # noqa: E402
 
 from bench.common import RESULTS, add_images_argument, fmt_num, md_table, write_result  # noqa: E402
 from bench.loader_profile import ipc_cost, profile_ours, profile_timm  # noqa: E402
-from pipeline.decode import DecodedSample, decode_image  # noqa: E402
-from pipeline.mixing import partners  # noqa: E402
-from pipeline.pixels import checked_row, pixel_digest, stack_views  # noqa: E402
-from pipeline.recipe import Recipe  # noqa: E402
-from pipeline.replay import View, pair_copies, replay_shard  # noqa: E402
+from pipeline.shards.decode import DecodedSample, decode_image  # noqa: E402
+from pipeline.views.mixing import partners  # noqa: E402
+from pipeline.views.pixels import checked_row, pixel_digest, stack_views  # noqa: E402
+from pipeline.views.recipe import Recipe  # noqa: E402
+from pipeline.views.replay import View, pair_copies, replay_shard  # noqa: E402
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SEED = 0

@@ -35,15 +35,15 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.common import IMAGENET_CLASSES, RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
 from pipeline.cache import CacheMeta  # noqa: E402
-from pipeline.cache_status import status  # noqa: E402
-from pipeline.cache_teacher import CacheConfig, build_teacher, run  # noqa: E402
-from pipeline.decode import iter_decoded  # noqa: E402
-from pipeline.models import autocast  # noqa: E402
-from pipeline.pixels import stack_views as stack  # noqa: E402
-from pipeline.recipe import make_recipe  # noqa: E402
-from pipeline.replay import replay_shard  # noqa: E402
-from pipeline.shards import load_shard_list  # noqa: E402
-from pipeline.unit_stream import UnitStream  # noqa: E402
+from pipeline.inspection.status import status  # noqa: E402
+from pipeline.models.build import autocast  # noqa: E402
+from pipeline.phase1.cache_teacher import CacheConfig, build_teacher, run  # noqa: E402
+from pipeline.phase1.unit_stream import UnitStream  # noqa: E402
+from pipeline.shards.decode import iter_decoded  # noqa: E402
+from pipeline.shards.lists import load_shard_list  # noqa: E402
+from pipeline.views.pixels import stack_views as stack  # noqa: E402
+from pipeline.views.recipe import make_recipe  # noqa: E402
+from pipeline.views.replay import replay_shard  # noqa: E402
 
 TEACHER = "regnety_002"
 NUM_CLASSES = IMAGENET_CLASSES

@@ -49,9 +49,9 @@ from bench.common import (  # noqa: E402
     photo_folder_setup,
     write_result,
 )
-from pipeline.cache_teacher import CacheConfig  # noqa: E402
-from pipeline.cache_teacher import run as cache_teacher  # noqa: E402
-from pipeline.train import TrainConfig, train  # noqa: E402
+from pipeline.phase1.cache_teacher import CacheConfig  # noqa: E402
+from pipeline.phase1.cache_teacher import run as cache_teacher  # noqa: E402
+from pipeline.phase2.train import TrainConfig, train  # noqa: E402
 
 TEACHER = "regnety_016"
 STUDENT = "deit_tiny_distilled_patch16_224"

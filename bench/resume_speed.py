@@ -1,7 +1,7 @@
 """Mid-epoch resume in O(1): how long a resumed epoch takes to deliver its first new batch, against a
 fresh epoch's first batch, at 10%, 50% and 90% of the epoch (issue 21).
 
-Phase 2 draws batches from windows of the rank's copy stream (``pipeline.deal``): a resume replays only
+Phase 2 draws batches from windows of the rank's copy stream (``pipeline.views.deal``): a resume replays only
 the window its step lies in and reads nothing before it, so its start-up should cost about what a fresh
 start's costs, wherever it stopped. The old way, replaying every trained step and throwing it away, is
 measured too (the time to draw the first ``s`` batches of a fresh epoch). ImageNet-shaped synthetic
@@ -27,12 +27,12 @@ import torch  # noqa: E402
 
 from bench.common import RESULTS, write_result  # noqa: E402
 from bench.scale import make_photos  # noqa: E402
-from pipeline import deal as dl  # noqa: E402
-from pipeline.data import StreamSpec, epoch_batches  # noqa: E402
-from pipeline.pack import pack  # noqa: E402
-from pipeline.recipe import make_recipe  # noqa: E402
-from pipeline.samplers import epoch_plan  # noqa: E402
-from pipeline.shards import load_shard_list  # noqa: E402
+from pipeline.phase2.lanes import StreamSpec, epoch_batches  # noqa: E402
+from pipeline.shards.lists import load_shard_list  # noqa: E402
+from pipeline.shards.pack import pack  # noqa: E402
+from pipeline.views import deal as dl  # noqa: E402
+from pipeline.views.plans import epoch_plan  # noqa: E402
+from pipeline.views.recipe import make_recipe  # noqa: E402
 
 
 def first_batch_s(spec_args: dict, batch: int, window: int, step: int, draws: int = 1) -> float:

@@ -190,7 +190,7 @@ def _bytes_read() -> int:
 def startup_bytes(data: Path, pattern: str) -> dict[str, float]:
     """Bytes read to learn a shard list's counts: with the pack index (the sidecar), and without any
     index (a header-only scan), per shard, measured by the process's own read counter."""
-    from pipeline.shards import load_shard_list
+    from pipeline.shards.lists import load_shard_list
 
     bare = data.parent / f"no-index-{data.name}"
     bare.mkdir(exist_ok=True)
@@ -227,7 +227,7 @@ def phase1(shards: str, checkpoint: str, cache: Path, args: argparse.Namespace) 
     m = re.search(r"(\d+) views", r["stdout"])
     views = int(m.group(1)) if m else 0
     r["img_views_per_s"] = views / max(r["wall_s"] - (r["startup_s"] or 0), 1e-9)
-    from pipeline.cache_status import status
+    from pipeline.inspection.status import status
 
     r["cache_bytes_per_sample_view"] = status(str(cache))["bytes_per_sample_view"]
     return r
@@ -250,12 +250,12 @@ def phase2(shards: str, cache: Path, out: Path, args: argparse.Namespace) -> dic
 def empty_imagenet_cache(tmp: Path) -> dict[str, Any]:
     """ImageNet's geometry with no data: creating it, cache-status on it, a phase-2 start-up refusing it."""
     from pipeline.cache import CacheMeta, create_or_open
-    from pipeline.cache_status import status
     from pipeline.errors import CacheError
-    from pipeline.options import TrainConfig
-    from pipeline.recipe import make_recipe
-    from pipeline.shards import ShardInfo
-    from pipeline.train import train
+    from pipeline.inspection.status import status
+    from pipeline.phase2.train import train
+    from pipeline.shards.lists import ShardInfo
+    from pipeline.train_options import TrainConfig
+    from pipeline.views.recipe import make_recipe
 
     folder = tmp / "imagenet-shards"
     folder.mkdir()
@@ -304,10 +304,10 @@ def rebatch_ms(batch: int = 128, buffer: int = 2048, views: int = 8192) -> dict[
     """The main process's cost of drawing one batch from a window of the epoch, 224 px float16 views."""
     import torch
 
-    from pipeline import deal as dl
-    from pipeline.data import StreamSpec, WindowBatches
-    from pipeline.recipe import make_recipe
-    from pipeline.samplers import epoch_plan
+    from pipeline.phase2.lanes import StreamSpec, WindowBatches
+    from pipeline.views import deal as dl
+    from pipeline.views.plans import epoch_plan
+    from pipeline.views.recipe import make_recipe
 
     def chunk(first: int, n: int) -> dict[str, Any]:
         return {
@@ -340,7 +340,7 @@ def rebatch_ms(batch: int = 128, buffer: int = 2048, views: int = 8192) -> dict[
 
 
 def one_size(n: int, photos: Path, checkpoint: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.pack import pack
+    from pipeline.shards.pack import pack
 
     folder = subset(photos, n, tmp / f"photos-{n}")
     data = tmp / f"data-{n}"

@@ -2,7 +2,7 @@
 
 What the cache stores per (sample, view): the top-K teacher logits (``values``, fp16, descending),
 their class ids (``indices``, int16) and ``logsumexp(logits / tau)`` over all classes per cached
-temperature (fp32; tau in {1, 3}). ``pipeline.losses.soft_target_probs`` rebuilds the teacher's
+temperature (fp32; tau in {1, 3}). ``pipeline.models.losses.soft_target_probs`` rebuilds the teacher's
 distribution at tau: exact top-K probabilities ``exp(values / tau - lse_tau)``, the remaining
 mass spread uniformly over the other ``C - K`` classes. This script measures, per teacher and
 storage design, at tau 1 and 3:
@@ -12,7 +12,7 @@ storage design, at tau 1 and 3:
   p95 over rows, before any clamping (it can be slightly negative: fp16 values);
 * mean KL(full || rebuilt) per row (nats, not scaled by tau^2);
 * the relative error of DeiT's soft distillation term (``KL(p || softmax(s / tau)) * tau^2 / numel``,
-  ``pipeline.losses.soft_distillation`` on the rebuilt target) against DeiT's own
+  ``pipeline.models.losses.soft_distillation`` on the rebuilt target) against DeiT's own
   ``F.kl_div(log_softmax(s / tau), log_softmax(t / tau), reduction='sum', log_target=True) * tau^2
   / numel`` on the FULL teacher logits. The JSON also holds ``loss_rel_err_with_entropy``: the
   same with the teacher's exact entropy at tau stored per row (fp32 per tau) in place of the rebuilt
@@ -90,8 +90,8 @@ from zarr.codecs import ZstdCodec  # noqa: E402
 
 from bench.common import RESULTS, md_table, write_result  # noqa: E402
 from bench.storage_fidelity import synthetic_logits  # noqa: E402
-from pipeline.losses import soft_distillation, soft_target_probs  # noqa: E402
-from pipeline.models import topk_targets  # noqa: E402
+from pipeline.models.build import topk_targets  # noqa: E402
+from pipeline.models.losses import soft_distillation, soft_target_probs  # noqa: E402
 
 TEMPS = [1.0, 3.0]
 FILL_VALUE = 0.0  # what the cache's ``values`` array holds where nothing was written
@@ -546,7 +546,9 @@ def run_teacher(name: str, logits: torch.Tensor, designs: list[Design], tmp: Pat
             q = rebuild(st, ti, tau, c, d.bits)
             if d.kind == "fixed":  # the project's rebuild must give the same target
                 q_pipe = soft_target_probs(st.values, st.indices, st.lse[:, ti], tau, c)
-                assert torch.allclose(q, q_pipe, atol=1e-7), "rebuild differs from pipeline.losses.soft_target_probs"
+                assert torch.allclose(q, q_pipe, atol=1e-7), (
+                    "rebuild differs from pipeline.models.losses.soft_target_probs"
+                )
             row["taus"][str(tau)] = {
                 "tail_mean": float(r.mean()),
                 "tail_p50": float(r.quantile(0.5)),

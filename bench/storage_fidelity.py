@@ -1,7 +1,7 @@
 """Storage and fidelity of the top-k cache, measured (not claimed).
 
 (a) Storage: the real photos of ``--images DIR`` (e.g. 200 ImageNet JPEGs, 1000 classes) are
-packed into 2 shards in a temp dir and cached by ``pipeline.cache_teacher.run`` with K = 5, 10, 20
+packed into 2 shards in a temp dir and cached by ``pipeline.phase1.cache_teacher.run`` with K = 5, 10, 20
 (same data, views, recipe; a randomly initialised ``regnety_002`` teacher, 64 px). Reported: bytes
 on disk per (sample, view), for the whole zarr group and for the three per-view arrays, next to
 dense fp32 logits (``4 * num_classes`` bytes) and the ratio. Random-init logits are nearly
@@ -9,13 +9,13 @@ uniform, so the zstd-compressed sizes are those of such logits; the raw (uncompr
 ``2K + 2K + 4T`` is printed too.
 
 (b) Fidelity: how close the soft target rebuilt from the cache
-(``pipeline.targets.soft_target_probs`` on ``pipeline.targets.topk_targets`` output: fp16 top-k
+(``pipeline.models.targets.soft_target_probs`` on ``pipeline.models.targets.topk_targets`` output: fp16 top-k
 values, indices, fp32 logsumexp per temperature, exactly what cache-teacher stores) is to the
 teacher's full softmax at tau, per K and tau in {1, 3}: mean KL(full || rebuilt) in nats,
 mean total-variation distance, top-1 agreement (argmax of the rebuilt target vs the teacher's),
 and the mean probability mass outside the top K. Two teachers, labelled in the table:
 
-* ``digits (trained)``: a ``regnety_002`` trained here with ``pipeline.train`` on scikit-learn's
+* ``digits (trained)``: a ``regnety_002`` trained here with ``pipeline.phase2.train`` on scikit-learn's
   digits (10 classes; demo teacher settings, ``--teacher-epochs`` epochs), or the checkpoint given
   with ``--teacher-checkpoint``; logits on the DeiT-recipe views of the digits shards. K = 1, 2, 5, 10.
 * ``synthetic-1000``: NOT a network. 1000-class logits drawn from a peaked distribution (one
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.common import IMAGENET_CLASSES, RESULTS, add_images_argument, photo_folder_setup, write_result  # noqa: E402
-from pipeline.targets import soft_target_probs, topk_targets  # noqa: E402
+from pipeline.models.targets import soft_target_probs, topk_targets  # noqa: E402
 
 TEMPS = [1.0, 3.0]
 
@@ -49,7 +49,7 @@ TEMPS = [1.0, 3.0]
 # -- (a) storage ---------------------------------------------------------------------------------
 def storage(tmp: Path, args: argparse.Namespace) -> list[dict]:
     from pipeline.cache import open_cache
-    from pipeline.cache_teacher import CacheConfig, run
+    from pipeline.phase1.cache_teacher import CacheConfig, run
 
     _, shards, teacher = photo_folder_setup(tmp / "inet", 100, "regnety_002", args.images)
     num_classes = IMAGENET_CLASSES
@@ -159,16 +159,16 @@ def synthetic_logits(n: int, c: int, seed: int = 0) -> torch.Tensor:
 
 def digits_logits(tmp: Path, args: argparse.Namespace) -> tuple[torch.Tensor, str]:
     """Logits of a trained digits teacher on DeiT-recipe views of the digits training shards."""
-    from pipeline.cache_teacher import CacheConfig, build_teacher
+    from pipeline.apps.demo import load_demo_config
     from pipeline.config import from_mapping
-    from pipeline.decode import iter_decoded
-    from pipeline.demo import load_demo_config
-    from pipeline.pack import pack
-    from pipeline.pixels import stack_views as stack
-    from pipeline.recipe import make_recipe
-    from pipeline.replay import replay_shard
-    from pipeline.shards import load_shard_list
-    from pipeline.train import TrainConfig, train
+    from pipeline.phase1.cache_teacher import CacheConfig, build_teacher
+    from pipeline.phase2.train import TrainConfig, train
+    from pipeline.shards.decode import iter_decoded
+    from pipeline.shards.lists import load_shard_list
+    from pipeline.shards.pack import pack
+    from pipeline.views.pixels import stack_views as stack
+    from pipeline.views.recipe import make_recipe
+    from pipeline.views.replay import replay_shard
 
     cfg = load_demo_config(None, "full")
     meta = pack("digits", str(tmp / "digits"), **cfg["pack"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from pipeline.config import default_of, fields, flag_name, resolve
+from pipeline.config import default_of, fields, flag_name, panel_of, resolve
 
 
 def _cli_type(tp: Any) -> Any:
@@ -55,14 +55,14 @@ def _help(f: dataclasses.Field) -> str:
 _METAVARS = {int: "INT", float: "NUMBER", str: "TEXT", list[str]: "URL"}
 
 
-def _parameter(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
+def _parameter(f: dataclasses.Field, tp: Any, panel: str | None = None) -> inspect.Parameter:
     cli_type = _cli_type(tp)
     if f.metadata.get("positional"):
-        default = typer.Argument(..., help=_help(f), show_default=False)
+        default = typer.Argument(..., help=_help(f), show_default=False, rich_help_panel=panel)
     else:
         names = [f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"] if cli_type is bool else [flag_name(f.name)]
         metavar = f.metadata.get("metavar") or (_METAVARS.get(cli_type) if cli_type is not bool else None)
-        default = typer.Option(None, *names, help=_help(f), show_default=False, metavar=metavar)
+        default = typer.Option(None, *names, help=_help(f), show_default=False, metavar=metavar, rich_help_panel=panel)
     annotation = cli_type if f.metadata.get("positional") else cli_type | None
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -74,7 +74,7 @@ def command_from(cls: type, action: Callable[[Callable[[], Any]], None], doc: st
     the flags given), so that ``action`` handles a bad option like any other expected failure.
     """
     hints = typing.get_type_hints(cls)
-    params = [_parameter(f, hints[f.name]) for f in fields(cls)]
+    params = [_parameter(f, hints[f.name], panel_of(cls, f.name)) for f in fields(cls)]
     config = typer.Option(None, "--config", help="YAML file with any of these options (flags override it)")
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str | None))
 

@@ -29,11 +29,11 @@ from pipeline.options import (
     PresetsConfig,
     ReportConfig,
     StatusConfig,
-    TrainConfig,
     VerifyConfig,
 )
 from pipeline.plugins import load_plugins
 from pipeline.storage import storage_error
+from pipeline.train_options import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -54,7 +54,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _pack(cfg: PackConfig) -> None:
-    from pipeline.pack import pack
+    from pipeline.shards.pack import pack
 
     meta = pack(**dataclasses.asdict(cfg))
     for split, m in meta.items():
@@ -64,7 +64,7 @@ def _pack(cfg: PackConfig) -> None:
 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
-    from pipeline.cache_teacher import run
+    from pipeline.phase1.cache_teacher import run
 
     s = run(cfg)
     skipped = sum(s["skipped_samples"].values())
@@ -80,24 +80,24 @@ def _cache_teacher(cfg: CacheConfig) -> None:
         )
     )
     if cfg.log_to:
-        from pipeline.sinks import log_cache_summary
+        from pipeline.phase2.sinks import log_cache_summary
 
         typer.echo(f"cache-teacher: summary logged to {', '.join(cfg.log_to)} in {log_cache_summary(cfg, s)}")
 
 
 def _cache_status(cfg: StatusConfig) -> None:
-    from pipeline.cache_status import status
+    from pipeline.inspection.status import status
 
     if len(cfg.cache) == 1:
         _print_json(status(cfg.cache[0]))
         return
-    from pipeline.cache_compare import compare
+    from pipeline.inspection.compare import compare
 
     _print_json({"caches": [status(url) for url in cfg.cache], "teachers": compare(cfg.cache)})
 
 
 def _verify_cache(cfg: VerifyConfig) -> None:
-    from pipeline.cache_verify import verify
+    from pipeline.inspection.verify import verify
 
     report = verify(cfg)
     _print_json(report)
@@ -107,7 +107,7 @@ def _verify_cache(cfg: VerifyConfig) -> None:
 
 def _train_student(cfg: TrainConfig) -> None:
     from pipeline.interrupt import RunInterrupted
-    from pipeline.train import train
+    from pipeline.phase2.train import train
 
     try:
         result = train(cfg)
@@ -119,20 +119,20 @@ def _train_student(cfg: TrainConfig) -> None:
 
 
 def _evaluate(cfg: EvalConfig) -> None:
-    from pipeline.evaluate import evaluate_checkpoint
+    from pipeline.phase2.evaluate import evaluate_checkpoint
 
     _print_json(evaluate_checkpoint(cfg))
 
 
 def _report(cfg: ReportConfig) -> None:
-    from pipeline.report import report
+    from pipeline.apps.report import report
 
     for path in report(cfg):
         typer.echo(f"wrote {path}")
 
 
 def _demo(cfg: DemoConfig) -> None:
-    from pipeline.demo import run_demo
+    from pipeline.apps.demo import run_demo
 
     run_demo(cfg)
 

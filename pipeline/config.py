@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -52,6 +52,15 @@ def option(
 
 def fields(cls: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
+
+
+def panel_of(cls: type, name: str) -> str | None:
+    """The section an option is declared in (its class's ``PANEL``: the group ``--help`` shows it under), for
+    configs built from section dataclasses (:class:`pipeline.train_options.TrainConfig`); None for flat ones."""
+    for base in cls.__mro__:
+        if name in vars(base).get("__annotations__", {}):
+            return vars(base).get("PANEL")
+    return None
 
 
 def default_of(f: dataclasses.Field) -> Any:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 

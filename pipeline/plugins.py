@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 ENV = "STILLROOM_PLUGINS"
 

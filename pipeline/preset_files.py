@@ -11,7 +11,7 @@ import importlib.resources
 import shutil
 from pathlib import Path
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 _SOURCE_TREE = Path(__file__).resolve().parents[1] / "configs"
 

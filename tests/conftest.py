@@ -19,8 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.options import CacheConfig, TrainConfig  # noqa: E402
-from pipeline.pack import _write_split, digits_items  # noqa: E402
+from pipeline.options import CacheConfig  # noqa: E402
+from pipeline.shards.pack import _write_split, digits_items  # noqa: E402
+from pipeline.train_options import TrainConfig  # noqa: E402
 
 # OMP_NUM_THREADS=1 when other work shares the cores: two spinning OpenMP threads on a busy core are ~100x slower.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
@@ -96,7 +97,7 @@ def stillroom_cmd() -> list[str]:
 # the start of every step and once after every epoch, so the call number names an exact position.
 _KILLER = """
 import os, signal, sys
-import pipeline.train as t
+import pipeline.phase2.train as t
 calls, kill_at, any_rank = [0], int(os.environ["KILL_AT_CALL"]), t.any_rank
 def counting(*args, **kwargs):
     calls[0] += 1
@@ -166,8 +167,8 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, digits_shards: str) -
     could not tell one view from another, and tests of the invariant (cached targets belong to the very
     pixels trained on) would pass even if views were swapped. This one's top-1 varies with the view.
     """
-    from pipeline.options import TrainConfig
-    from pipeline.train import train
+    from pipeline.phase2.train import train
+    from pipeline.train_options import TrainConfig
 
     folder = tmp_path_factory.mktemp("teacher")
     mild = {"name": "deit", "img_size": 32, "auto_augment": None, "reprob": 0.0, "mixup_prob": 0.0, "hflip": 0.0}

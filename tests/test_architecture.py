@@ -62,30 +62,75 @@ def graph() -> dict[str, set[str]]:
     return {name: imports_of(name, path, known) for name, path in mods.items()}
 
 
-def layers() -> dict[str, int]:
-    """Layer of each module, from the ``layers`` block of docs/architecture.md (lowest first)."""
+def layer_block() -> list[list[str]]:
+    """The ``layers`` block of docs/architecture.md, lowest first: each line one level, holding one layer or
+    several sibling layers (``phase1 | inspection | phase2``); the base line names its modules."""
     block = re.search(r"```layers\n(.*?)```", DOC.read_text(), re.S)
     assert block, "docs/architecture.md has no ```layers block"
-    out = {}
-    for level, line in enumerate(x for x in block.group(1).splitlines() if x.strip()):
-        _, _, names = line.partition(":")
-        for n in names.split():
-            out[n if n == "pipeline" else f"pipeline.{n}"] = level
+    return [[name.strip() for name in line.split("|")] for line in block.group(1).splitlines() if line.strip()]
+
+
+def base_modules() -> set[str]:
+    """The modules of the base layer (files directly in ``pipeline/``), as the block's ``base:`` line names them."""
+    line = next(names for level in layer_block() for names in level if names.startswith("base:"))
+    return {f"pipeline.{n}" for n in line.partition(":")[2].split()}
+
+
+def layer_of(module: str) -> str:
+    """A module's layer is its folder under ``pipeline/``; the modules directly in it are the base layer,
+    and the package ``pipeline`` itself (the public names it re-exports) sits above every layer."""
+    if module == "pipeline":
+        return "public"
+    part = module.split(".")[1]
+    return part if (PIPELINE / part).is_dir() else "base"
+
+
+def levels() -> dict[str, int]:
+    """Level of each layer (lowest first); ``public`` (the package root) above all."""
+    block = layer_block()
+    out = {name.partition(":")[0]: i for i, names in enumerate(block) for name in names}
+    out["public"] = len(block)
     return out
 
 
-def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_layers() -> None:
-    g, layer = graph(), layers()
-    assert set(g) == set(layer), (
-        f"modules without a layer: {sorted(set(g) - set(layer))}; unknown: {sorted(set(layer) - set(g))}"
-    )
-    upward = [
-        f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})"
-        for m, deps in g.items()
-        for d in deps
-        if layer[d] > layer[m]
-    ]
-    assert not upward, "\n".join(upward)
+def test_every_module_is_in_a_declared_layer() -> None:
+    mods, level = modules(), levels()
+    loose = sorted(m for m in mods if layer_of(m) == "base" and m not in base_modules())
+    assert not loose, f"modules directly in pipeline/ that the base line does not name: {loose}"
+    unknown = sorted({layer_of(m) for m in mods} - set(level))
+    assert not unknown, f"folders under pipeline/ that the layers block does not name: {unknown}"
+    missing = sorted(base_modules() - set(mods))
+    assert not missing, f"base modules named in the block but not in pipeline/: {missing}"
+
+
+def test_every_module_imports_only_its_own_or_lower_layers() -> None:
+    g, level = graph(), levels()
+    wrong = []
+    for m, deps in g.items():
+        for d in deps:
+            lm, ld = layer_of(m), layer_of(d)
+            if ld == "public" and lm != "public":
+                wrong.append(f"{m} imports the package root {d} (its public names are for users)")
+            elif level[ld] > level[lm]:
+                wrong.append(f"{m} ({lm}) imports {d} ({ld}), a higher layer")
+            elif level[ld] == level[lm] and ld != lm:
+                wrong.append(f"{m} ({lm}) imports {d} ({ld}): sibling layers stay apart")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_phase1_phase2_and_inspection_are_siblings() -> None:
+    """The block keeps the two phases and the inspection commands side by side, so the test above refuses any
+    import between them (phase 2 reading phase 1's code would couple what the cache contract keeps apart)."""
+    level = levels()
+    assert level["phase1"] == level["phase2"] == level["inspection"]
+    assert level["phase2"] > level["models"] > level["cache"] > level["views"] > level["shards"] > level["storage"]
+
+
+def test_the_layer_check_sees_an_import_inside_a_function(tmp_path: Path) -> None:
+    """The walker finds an import of a sibling inside a function (else the tests above prove nothing)."""
+    (tmp_path / "x.py").write_text("def f():\n    from pipeline.phase1.cache_teacher import run\n")
+    known = {"pipeline.phase1.cache_teacher", "pipeline.phase2.x"}
+    assert imports_of("pipeline.phase2.x", tmp_path / "x.py", known) == {"pipeline.phase1.cache_teacher"}
 
 
 def test_no_import_cycle() -> None:
@@ -115,16 +160,16 @@ def test_the_layer_check_fails_on_a_cycle(tmp_path: Path) -> None:
     src = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import X\n"
     (tmp_path / "a.py").write_text(src)
     assert imports_of("pipeline.a", tmp_path / "a.py", {"pipeline.a", "pipeline.b"}) == {"pipeline.b"}
-    (tmp_path / "c.py").write_text("import pipeline.cache.meta\nfrom ..shards import ShardInfo\n")
-    known = {"pipeline.cache.meta", "pipeline.shards", "pipeline.cache.c"}
-    assert imports_of("pipeline.cache.c", tmp_path / "c.py", known) == {"pipeline.cache.meta", "pipeline.shards"}
+    (tmp_path / "c.py").write_text("import pipeline.cache.meta\nfrom ..shards.lists import ShardInfo\n")
+    known = {"pipeline.cache.meta", "pipeline.shards.lists", "pipeline.cache.c"}
+    assert imports_of("pipeline.cache.c", tmp_path / "c.py", known) == {"pipeline.cache.meta", "pipeline.shards.lists"}
 
 
-def test_reading_shards_and_packing_import_no_torch() -> None:
-    code = (
-        "import sys, pipeline.shards, pipeline.tars, pipeline.samples, pipeline.decode, pipeline.pack; "
-        "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'webdataset') if m in sys.modules))"
-    )
+def test_the_shards_layer_imports_no_torch() -> None:
+    """Reading, decoding and packing shards (and storage below them) need no torch: a packing job stays light."""
+    names = sorted(m for m in modules() if layer_of(m) in ("shards", "storage"))
+    heavy = "('torch', 'timm', 'torchvision', 'webdataset')"
+    code = f"import sys, {', '.join(names)}; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -176,6 +221,6 @@ def test_a_wheel_carries_its_presets_into_a_clean_environment(tmp_path: Path) ->
     listed = subprocess.run([str(venv / "bin" / "stillroom"), "presets"], **run)
     assert listed.returncode == 0 and "demo.yaml" in listed.stdout, listed.stderr
     assert str(site) in listed.stdout, "the presets must come from the installed package, not the source tree"
-    code = "from pipeline.demo import load_demo_config; print(sorted(load_demo_config(None, 'tiny')))"
+    code = "from pipeline.apps.demo import load_demo_config; print(sorted(load_demo_config(None, 'tiny')))"
     demo = subprocess.run([str(venv / "bin" / "python"), "-c", code], **run)
     assert demo.returncode == 0 and "student" in demo.stdout, demo.stderr

@@ -30,8 +30,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.cache import ARRAYS, CacheMeta, create_or_open, damaged_units, open_cache
-from pipeline.cache_teacher import run
 from pipeline.errors import CacheError
+from pipeline.phase1.cache_teacher import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ import zarr
 from conftest import tiny_cache_config
 
 from pipeline.cache import open_cache
-from pipeline.cache_teacher import run as cache_teacher
 from pipeline.errors import CacheError, ConfigError
+from pipeline.phase1.cache_teacher import run as cache_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"views": 2, "view_block": 1}

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.cache import ARRAYS, UnitData, missing_objects, open_cache
-from pipeline.cache_teacher import run
+from pipeline.phase1.cache_teacher import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -318,7 +318,7 @@ def test_the_documented_reader_reads_a_cache_without_stillroom(pristine):
 
     import torch
 
-    from pipeline.targets import soft_target_probs
+    from pipeline.models.targets import soft_target_probs
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "cache-format.md").read_text()
     verify_unit, read_it = re.findall(r"```python\n(.*?)```", doc, re.S)

@@ -30,11 +30,11 @@ from PIL import Image
 from torchvision import transforms as T
 from typer.testing import CliRunner
 
-import pipeline.decode
+import pipeline.shards.decode
 from cli.main import app
 from pipeline.cache import open_cache
-from pipeline.cache_teacher import run
 from pipeline.options import CacheConfig
+from pipeline.phase1.cache_teacher import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -393,13 +393,13 @@ def test_each_image_decoded_once_per_unit(
     tmp_path, monkeypatch, digits_shards, tiny_teacher, view_block, units_per_shard
 ):
     calls: defaultdict[bytes, int] = defaultdict(int)
-    real = pipeline.decode.decode_image
+    real = pipeline.shards.decode.decode_image
 
     def counting(data: bytes):
         calls[hashlib.sha256(data).digest()] += 1
         return real(data)
 
-    monkeypatch.setattr(pipeline.decode, "decode_image", counting)
+    monkeypatch.setattr(pipeline.shards.decode, "decode_image", counting)
     summary = run(_cfg(digits_shards, tiny_teacher, tmp_path / "cache", view_block=view_block, workers=0))
     assert summary["views"] == 120 * 4
     assert len(calls) == 120, "every image decoded"

@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import tiny_cache_config
 
-import pipeline.cache_teacher as phase1
-import pipeline.unit_writer as unit_writer
+import pipeline.phase1.cache_teacher as phase1
+import pipeline.phase1.unit_writer as unit_writer
 from pipeline.cache import Cache
-from pipeline.cache_teacher import run
+from pipeline.phase1.cache_teacher import run
 
 SETTINGS = {"views": 4, "view_block": 1, "batch_size": 10}  # 12 units of 4 batches
 UNITS = 12

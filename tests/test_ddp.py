@@ -1,7 +1,7 @@
 """Two-process DDP on CPU (gloo) through ``torchrun ... stillroom train-student`` with a tiny cache.
 
 Each rank writes, per step, its batch's sample keys and a digest of its parameters (the
-``STILLROOM_DEBUG_DIR`` hook of :mod:`pipeline.train`), so the tests can check that ranks read
+``STILLROOM_DEBUG_DIR`` hook of :mod:`pipeline.phase2.train`), so the tests can check that ranks read
 disjoint samples, stay bit-identical after every step, and take the same number of steps even when
 their shards hold different numbers of samples.
 """
@@ -22,12 +22,12 @@ import torch
 import yaml
 from conftest import ROOT, student_config, tiny_cache_config, write_digits_shards
 
-from pipeline import deal as dl
-from pipeline.cache_teacher import run as cache_teacher
-from pipeline.options import TrainConfig
-from pipeline.samplers import epoch_plan
-from pipeline.samples import iter_raw
-from pipeline.shards import load_shard_list
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.shards.lists import load_shard_list
+from pipeline.shards.samples import iter_raw
+from pipeline.train_options import TrainConfig
+from pipeline.views import deal as dl
+from pipeline.views.plans import epoch_plan
 
 TORCHRUN = str(ROOT / ".venv" / "bin" / "torchrun")
 STILLROOM = str(ROOT / ".venv" / "bin" / "stillroom")

@@ -1,4 +1,4 @@
-"""Balanced data-parallel epochs (pipeline.deal), simulated from shard counts alone: every planned copy is
+"""Balanced data-parallel epochs (pipeline.views.deal), simulated from shard counts alone: every planned copy is
 trained at any world size, every rank takes the same number of steps, padding is a few repeated copies
 and counted, and a resumed epoch draws exactly the batches the uninterrupted one drew."""
 
@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline import deal as dl
-from pipeline.samplers import epoch_plan, group_size
-from pipeline.shards import ShardInfo
+from pipeline.shards.lists import ShardInfo
+from pipeline.views import deal as dl
+from pipeline.views.plans import epoch_plan, group_size
 
 # ImageNet's training split as stillroom pack writes it: 1,281 shards of 1,000 and one of 167.
 IMAGENET = [ShardInfo(f"train-{i:06d}.tar", 1000) for i in range(1281)] + [ShardInfo("train-001281.tar", 167)]

@@ -17,9 +17,9 @@ import webdataset as wds
 from photos import encode, photo, to_mode
 from PIL import Image
 
-from pipeline.decode import decode_image, iter_decoded
 from pipeline.errors import DataError
-from pipeline.shards import load_shard_list
+from pipeline.shards.decode import decode_image, iter_decoded
+from pipeline.shards.lists import load_shard_list
 
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp", "GIF": "gif"}
 LOSSY = {"JPEG", "WEBP"}

@@ -153,7 +153,8 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 
 def _config_class(path: Path) -> type:
-    from pipeline.options import CacheConfig, TrainConfig
+    from pipeline.options import CacheConfig
+    from pipeline.train_options import TrainConfig
 
     name = path.name
     return CacheConfig if name.startswith("cache_") or name.endswith("_cache.yaml") else TrainConfig
@@ -188,7 +189,7 @@ def test_expected_presets_exist() -> None:
 def test_config_loads_into_its_dataclass(path: Path) -> None:
     import timm
 
-    from pipeline.recipe import make_recipe
+    from pipeline.views.recipe import make_recipe
 
     cls = _config_class(path)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -215,7 +216,7 @@ def test_config_loads_into_its_dataclass(path: Path) -> None:
 
 
 def test_deit_presets_follow_the_deit_recipe() -> None:
-    from pipeline.options import TrainConfig
+    from pipeline.train_options import TrainConfig
 
     for size in ("tiny", "small", "base"):
         cfg = load_preset(TrainConfig, CONFIGS / f"deit_{size}.yaml")
@@ -228,8 +229,9 @@ def test_deit_presets_follow_the_deit_recipe() -> None:
 
 def test_resnet50_preset_distils_a_one_head_student_from_the_deit_cache() -> None:
     """configs/resnet50_kd.yaml: a ResNet-50 (one head) trained from the RegNetY-16GF cache preset's views."""
-    from pipeline.models import create
-    from pipeline.options import CacheConfig, TrainConfig
+    from pipeline.models.build import create
+    from pipeline.options import CacheConfig
+    from pipeline.train_options import TrainConfig
 
     cfg = load_preset(TrainConfig, CONFIGS / "resnet50_kd.yaml")
     cache = load_preset(CacheConfig, CONFIGS / "cache_regnety160.yaml")
@@ -244,9 +246,10 @@ def test_resnet50_preset_distils_a_one_head_student_from_the_deit_cache() -> Non
 
 def test_tiny_presets_fit_together() -> None:
     """The tiny train preset trains from a cache made by the tiny cache preset."""
-    from pipeline.models import create
-    from pipeline.options import CacheConfig, TrainConfig
-    from pipeline.recipe import make_recipe
+    from pipeline.models.build import create
+    from pipeline.options import CacheConfig
+    from pipeline.train_options import TrainConfig
+    from pipeline.views.recipe import make_recipe
 
     train = load_preset(TrainConfig, CONFIGS / "tiny_cpu.yaml")
     cache = load_preset(CacheConfig, CONFIGS / "tiny_cpu_cache.yaml")
@@ -260,7 +263,8 @@ def test_tiny_presets_fit_together() -> None:
 def test_demo_config_sections_use_known_keys() -> None:
     """configs/demo.yaml holds one section per step; each uses the keys of the step it feeds."""
 
-    from pipeline.options import CacheConfig, PackConfig, TrainConfig
+    from pipeline.options import CacheConfig, PackConfig
+    from pipeline.train_options import TrainConfig
 
     path = CONFIGS / "demo.yaml"
     if not path.exists():
@@ -282,7 +286,7 @@ def test_demo_config_sections_use_known_keys() -> None:
         keys = {k.replace("-", "_") for k in section}
         assert keys <= known[name], f"demo.yaml [{name}]: unknown keys {sorted(keys - known[name])}"
     if isinstance(data.get("recipe"), dict):
-        from pipeline.recipe import make_recipe
+        from pipeline.views.recipe import make_recipe
 
         make_recipe(data["recipe"])
 
@@ -391,10 +395,18 @@ def test_image_test_uses_existing_cli_flags() -> None:
 
 def test_image_test_reads_the_job_line_cache_teacher_logs() -> None:
     """test-image.sh parses 'N already done' out of cache-teacher's first log line: the two must agree."""
-    source = (ROOT / "pipeline" / "cache_teacher.py").read_text()
+    source = (ROOT / "pipeline" / "phase1" / "cache_teacher.py").read_text()
     fmt = re.search(r'"(job %d/%d \(%s\): [^"]*already done[^"]*)"', source)
     assert fmt, "cache-teacher's job line is gone: update scripts/test-image.sh with it"
-    line = "2026-01-01 INFO pipeline.cache_teacher: " + fmt.group(1) % (0, 2, "AWS Batch array job", 10, 20, 3, 0)
+    line = "2026-01-01 INFO pipeline.phase1.cache_teacher: " + fmt.group(1) % (
+        0,
+        2,
+        "AWS Batch array job",
+        10,
+        20,
+        3,
+        0,
+    )
     expr = re.search(r"already=\$\(sed -n '([^']+)'", TEST_IMAGE.read_text())
     assert expr, "test-image.sh no longer reads the already-done count with sed"
     out = subprocess.run(["sed", "-n", expr.group(1)], input=line, capture_output=True, text=True, check=True)

@@ -22,13 +22,13 @@ import torch
 from conftest import student_config, tiny_cache_config
 from PIL import Image
 
-import pipeline.decode
-from pipeline.cache_teacher import run as cache_teacher
-from pipeline.cache_verify import verify
+import pipeline.shards.decode
 from pipeline.errors import CacheError
-from pipeline.mixing import partners
+from pipeline.inspection.verify import verify
 from pipeline.options import VerifyConfig
-from pipeline.train import train
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.train import train
+from pipeline.views.mixing import partners
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,12 +90,12 @@ def test_an_unreadable_sample_takes_its_partners_copies_out_and_cached_equals_li
 def test_a_decoder_one_level_off_is_refused_by_training_and_verification(
     cache: str, digits_shards: str, tiny_teacher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = pipeline.decode.decode_image
+    real = pipeline.shards.decode.decode_image
 
     def one_level_up(data: bytes) -> Image.Image:
         return Image.fromarray(np.minimum(np.asarray(real(data)).astype(np.int16) + 1, 255).astype(np.uint8))
 
-    monkeypatch.setattr(pipeline.decode, "decode_image", one_level_up)
+    monkeypatch.setattr(pipeline.shards.decode, "decode_image", one_level_up)
     cfg = student_config(digits_shards, cache, tmp_path / "run", epochs=1)
     with pytest.raises(CacheError, match=r"replays other pixels than the cache's teacher saw .* versions are equal"):
         train(cfg)

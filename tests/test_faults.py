@@ -34,10 +34,11 @@ from conftest import (
     write_digits_shards,
 )
 
-from pipeline.cache_teacher import run
 from pipeline.errors import CacheError, ConfigError, StorageError
-from pipeline.options import CacheConfig, TrainConfig
-from pipeline.train import train
+from pipeline.options import CacheConfig
+from pipeline.phase1.cache_teacher import run
+from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "digests", "done")

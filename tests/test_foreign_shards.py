@@ -25,11 +25,11 @@ from photos import encode, photo
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.decode import decode_image, iter_decoded
 from pipeline.errors import DataError
-from pipeline.samples import iter_raw
-from pipeline.shards import expand_urls, load_shard_list, shard_name
-from pipeline.tars import count_samples
+from pipeline.shards.decode import decode_image, iter_decoded
+from pipeline.shards.lists import expand_urls, load_shard_list, shard_name
+from pipeline.shards.samples import iter_raw
+from pipeline.shards.tars import count_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +119,7 @@ def test_bad_json_labels_name_shard_and_key(tmp_path, doc, word):
 def test_wids_index_gives_urls_and_counts_without_opening_a_tar(tmp_path, monkeypatch):
     """An index written by webdataset's own ``widsindex create``: counts come from it, urls relative to it."""
     wids_index = pytest.importorskip("wids.wids_index")
-    from pipeline import shards as shards_mod
+    from pipeline.shards import lists as shards_mod
 
     data = tmp_path / "data"
     write_digits_shards(data / "part", 50, 20, prefix="d")

@@ -10,7 +10,7 @@ compared here, on generated photos, with the plain version written as torchvisio
   that interleaves timm's draws and ops, for RGB and grayscale sources;
 * mixup of two views (uint8 or erased float32), against its two plain expressions;
 * batches of compact views (uint8 and float16 side by side), in-process and inside a DataLoader worker,
-  against ``torch.cat`` of :func:`pipeline.pixels.model_input` turned to float16; every uint8 value.
+  against ``torch.cat`` of :func:`pipeline.views.pixels.model_input` turned to float16; every uint8 value.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from timm.data.auto_augment import NAME_TO_OP, rand_augment_choices
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import InterpolationMode
 
-from pipeline.augment import (
+from pipeline.shards.decode import decode_image
+from pipeline.views.augment import (
     _color_jitter,
     _erase_box,
     _rand_augment_args,
@@ -36,10 +37,9 @@ from pipeline.augment import (
     augment,
     view_generators,
 )
-from pipeline.decode import decode_image
-from pipeline.mixing import _mixup
-from pipeline.pixels import _UINT8_TO_HALF, compact, model_input, stack_views
-from pipeline.recipe import RandAugmentSpec, Recipe
+from pipeline.views.mixing import _mixup
+from pipeline.views.pixels import _UINT8_TO_HALF, compact, model_input, stack_views
+from pipeline.views.recipe import RandAugmentSpec, Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
-from pipeline import losses
-from pipeline.targets import Reduction, soft_target_probs, topk_targets
-from pipeline.task import DistillationTask
+from pipeline.models import losses
+from pipeline.models.targets import Reduction, soft_target_probs, topk_targets
+from pipeline.models.task import DistillationTask
 
 C = 10
 
@@ -165,7 +165,7 @@ def test_task_none_trains_the_class_head_only_as_deit() -> None:
 def test_uncached_tau_is_refused_by_the_config() -> None:
     from pipeline.config import checked
     from pipeline.errors import ConfigError
-    from pipeline.options import TrainConfig
+    from pipeline.train_options import TrainConfig
 
     live = TrainConfig(shards=["x.tar"], distillation="soft", teacher_mode="live", teacher_checkpoint="t.pth")
     with pytest.raises(ConfigError, match=r"--tau 2\.0 is not one of --temperatures \[1\.0, 3\.0\]"):

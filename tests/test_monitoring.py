@@ -14,12 +14,12 @@ from conftest import cache_cli_args, student_config, tiny_cache_config
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.cache_teacher import run as cache_teacher
-from pipeline.checkpoint import prepare_out
 from pipeline.config import checked
-from pipeline.options import TrainConfig
-from pipeline.sinks import Sinks, StepClock, scalars_of, wandb_mode
-from pipeline.train import train
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.checkpoint import prepare_out
+from pipeline.phase2.sinks import Sinks, StepClock, scalars_of, wandb_mode
+from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEADS = ("cls", "dist", "avg")

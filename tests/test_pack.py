@@ -24,12 +24,12 @@ from photos import write_synset_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.decode import iter_decoded
 from pipeline.errors import ConfigError, DataError
-from pipeline.pack import pack
-from pipeline.samples import iter_raw
-from pipeline.shards import load_shard_list, num_classes_from_sidecar
-from pipeline.tars import count_samples
+from pipeline.shards.decode import iter_decoded
+from pipeline.shards.lists import load_shard_list, num_classes_from_sidecar
+from pipeline.shards.pack import pack
+from pipeline.shards.samples import iter_raw
+from pipeline.shards.tars import count_samples
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def _photo_folder(root: Path) -> dict[str, bytes]:
 
 def test_pack_reencodes_other_formats_and_reports_what_it_skips(tmp_path):
     """BMP/TIFF/GIF are packed as lossless PNG (reading gives the same RGB); other files are reported."""
-    from pipeline.decode import decode_image
+    from pipeline.shards.decode import decode_image
 
     root = tmp_path / "src"
     files = _photo_folder(root)
@@ -350,7 +350,7 @@ def test_repacking_without_val_removes_the_stale_val_split(tmp_path):
 def test_pack_sidecar_is_a_wids_index(tmp_path, monkeypatch):
     """webdataset's wids reads pack's sidecar as a data set; stillroom starts from it without opening a tar."""
     wids = pytest.importorskip("wids")  # the dev extra installs it
-    from pipeline import shards as shards_mod
+    from pipeline.shards import lists as shards_mod
 
     write_digits_shards(tmp_path / "out", 100, 40)  # pack's own writer, on fewer digits
     index = tmp_path / "out" / "train.json"
@@ -373,7 +373,7 @@ def test_pack_sidecar_is_a_wids_index(tmp_path, monkeypatch):
 
 
 def test_old_sidecar_without_wids_fields_is_still_read(tmp_path, monkeypatch):
-    from pipeline import shards as shards_mod
+    from pipeline.shards import lists as shards_mod
 
     write_digits_shards(tmp_path, 100, 40)
     side = json.loads((tmp_path / "train.json").read_text())

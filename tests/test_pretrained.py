@@ -28,16 +28,17 @@ from conftest import ROOT, child_env, stillroom_cmd, student_config, tiny_cache_
 from safetensors.torch import save_file
 
 from pipeline.cache import open_cache
-from pipeline.cache_teacher import run
-from pipeline.cache_verify import verify
 from pipeline.config import checked
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models import load_teacher
-from pipeline.options import TrainConfig, VerifyConfig
-from pipeline.pretrained import teacher_weights
-from pipeline.recipe import make_recipe
-from pipeline.run_data import RunData, live_teachers
-from pipeline.train import train
+from pipeline.inspection.verify import verify
+from pipeline.models.teacher import load_teacher, teacher_weights
+from pipeline.options import VerifyConfig
+from pipeline.phase1.cache_teacher import run
+from pipeline.phase2.inputs import RunData
+from pipeline.phase2.run_models import live_teachers
+from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
+from pipeline.views.recipe import make_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from conftest import write_digits_shards
 
-from pipeline import deal as dl
-from pipeline.data import StreamSpec, epoch_batches
-from pipeline.mixing import partners
-from pipeline.recipe import make_recipe
-from pipeline.samplers import covered, epoch_plan, group_size
-from pipeline.shards import ShardInfo, load_shard_list
+from pipeline.phase2.lanes import StreamSpec, epoch_batches
+from pipeline.shards.lists import ShardInfo, load_shard_list
+from pipeline.views import deal as dl
+from pipeline.views.mixing import partners
+from pipeline.views.plans import covered, epoch_plan, group_size
+from pipeline.views.recipe import make_recipe
 
 SEED, R, V = 7, 3, 6
 
@@ -143,10 +143,10 @@ def test_train_student_refuses_other_repeats_and_cache_refuses_uneven_views(
 ) -> None:
     from conftest import tiny_cache_config
 
-    from pipeline.cache_teacher import run
     from pipeline.errors import ConfigError
-    from pipeline.options import TrainConfig
-    from pipeline.train import train
+    from pipeline.phase1.cache_teacher import run
+    from pipeline.phase2.train import train
+    from pipeline.train_options import TrainConfig
 
     with pytest.raises(ConfigError, match="--views 4 must be a multiple of --repeats 3"):
         run(tiny_cache_config(digits_shards, tiny_teacher, tmp_path / "bad", views=4, view_block=2, repeats=3))

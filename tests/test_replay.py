@@ -30,17 +30,17 @@ from conftest import write_digits_shards
 from photos import jpeg
 from PIL import Image
 
-from pipeline import deal as dl
-from pipeline.augment import augment_view
-from pipeline.data import StreamSpec, epoch_batches
-from pipeline.decode import decode_image, iter_decoded
-from pipeline.mixing import partners
-from pipeline.pixels import model_input
-from pipeline.recipe import Recipe, make_recipe
-from pipeline.replay import View, replay_shard
-from pipeline.samplers import epoch_plan, groups
-from pipeline.samples import SkipStats
-from pipeline.shards import ShardInfo, load_shard_list
+from pipeline.phase2.lanes import StreamSpec, epoch_batches
+from pipeline.shards.decode import decode_image, iter_decoded
+from pipeline.shards.lists import ShardInfo, load_shard_list
+from pipeline.shards.samples import SkipStats
+from pipeline.views import deal as dl
+from pipeline.views.augment import augment_view
+from pipeline.views.mixing import partners
+from pipeline.views.pixels import model_input
+from pipeline.views.plans import epoch_plan, groups
+from pipeline.views.recipe import Recipe, make_recipe
+from pipeline.views.replay import View, replay_shard
 
 SEED = 1234
 TESTS_DIR = Path(__file__).resolve().parent
@@ -382,7 +382,7 @@ def _mix_kind(a: View, b: View, unmixed: dict, view: int) -> str:
 def check_pairs(shard: ShardInfo, recipe: Recipe, views: list[int], on_error: str = "raise") -> dict:
     """Read the shard twice, check the pairing contract on every view; return counts by kind.
 
-    Who is whose partner comes from :func:`pipeline.mixing.partners`; that each mixed view really is
+    Who is whose partner comes from :func:`pipeline.views.mixing.partners`; that each mixed view really is
     its own view mixed with that partner's (and nothing else) is checked on the pixels.
     ``kinds["skipped"]`` counts samples skipped per read (``on_error="skip"``); ``kinds["partners"]``
     maps each key to the set of partner keys it met over ``views``.
@@ -491,7 +491,7 @@ def test_rand_augment_strings_mean_what_they_mean_in_timm(spec: str) -> None:
     """An omitted section takes timm's default (magnitude 10, no noise, the non-increasing ops), not DeiT's."""
     from timm.data.auto_augment import rand_augment_choices, rand_augment_transform
 
-    from pipeline.recipe import RandAugmentSpec
+    from pipeline.views.recipe import RandAugmentSpec
 
     ours, theirs = RandAugmentSpec.parse(spec), rand_augment_transform(spec, {})
     op = theirs.ops[0]

@@ -12,11 +12,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.cache_teacher import run as cache_teacher
-from pipeline.metrics import read_lines
-from pipeline.pictures import COLORS
-from pipeline.report_runs import load_run
-from pipeline.train import train
+from pipeline.apps.pictures import COLORS
+from pipeline.apps.report_runs import load_run
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.metrics import read_lines
+from pipeline.phase2.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GREY = (230, 230, 230)  # a unit not done yet in cache-units.png

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import TINY_STUDENT, student_config, tiny_cache_config
 
-from pipeline import checkpoint as ckpt_mod
-from pipeline.cache_teacher import run as cache_teacher
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.train import train
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2 import checkpoint as ckpt_mod
+from pipeline.phase2.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

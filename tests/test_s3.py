@@ -42,14 +42,14 @@ pytest.importorskip("s3fs")
 
 from cli.main import app
 from pipeline.cache import open_cache
-from pipeline.cache_status import status
-from pipeline.cache_teacher import run as cache_teacher
 from pipeline.errors import CacheError
-from pipeline.options import TrainConfig
-from pipeline.s3 import S3FileSystem
-from pipeline.shards import load_shard_list, num_classes_from_sidecar
-from pipeline.tars import count_samples
-from pipeline.train import train
+from pipeline.inspection.status import status
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.train import train
+from pipeline.shards.lists import load_shard_list, num_classes_from_sidecar
+from pipeline.shards.tars import count_samples
+from pipeline.storage.s3 import S3FileSystem
+from pipeline.train_options import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -402,8 +402,8 @@ def test_pipe_shard_naming_no_file_is_refused_from_the_cli(s3: S3, tiny_teacher:
 
 
 def test_s3_timeouts_are_checked(monkeypatch):
-    from pipeline import s3 as s3mod
     from pipeline.errors import ConfigError
+    from pipeline.storage import s3 as s3mod
 
     monkeypatch.setenv("STILLROOM_S3_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="STILLROOM_S3_TIMEOUT"):
@@ -411,4 +411,4 @@ def test_s3_timeouts_are_checked(monkeypatch):
     monkeypatch.setenv("STILLROOM_S3_TRIES", "0")
     with pytest.raises(ConfigError, match="STILLROOM_S3_TRIES"):
         s3mod.tries()
-    assert sys.modules["pipeline.s3"] is s3mod
+    assert sys.modules["pipeline.storage.s3"] is s3mod

@@ -21,11 +21,11 @@ from conftest import write_digits_shards
 from photos import jpeg
 from PIL import Image
 
-from pipeline.decode import iter_decoded
 from pipeline.errors import DataError
-from pipeline.samples import SkipStats, iter_raw
-from pipeline.shards import ShardInfo, expand_urls, load_shard_list, num_classes_from_sidecar
-from pipeline.tars import count_samples
+from pipeline.shards.decode import iter_decoded
+from pipeline.shards.lists import ShardInfo, expand_urls, load_shard_list, num_classes_from_sidecar
+from pipeline.shards.samples import SkipStats, iter_raw
+from pipeline.shards.tars import count_samples
 
 N = 6  # samples per hand-made shard; the bad one sits at position BAD
 BAD = 2
@@ -322,7 +322,7 @@ def test_two_files_with_one_name_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Duplicate keys: positions and counts stay defined (see pipeline/shards.py)
+# Duplicate keys: positions and counts stay defined (see pipeline/shards/lists.py)
 
 
 def _with_duplicate(tmp_path: Path, at: int, name: str) -> tuple[str, list[str]]:

@@ -20,13 +20,13 @@ import timm
 import torch
 from conftest import ROOT, child_env, stillroom_cmd, student_config, tiny_cache_config
 
-from pipeline.augment import eval_view
-from pipeline.cache_teacher import run as cache_teacher
-from pipeline.decode import iter_decoded
-from pipeline.pixels import model_input
-from pipeline.recipe import eval_recipe
-from pipeline.shards import load_shard_list
-from pipeline.train import train
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.train import train
+from pipeline.shards.decode import iter_decoded
+from pipeline.shards.lists import load_shard_list
+from pipeline.views.augment import eval_view
+from pipeline.views.pixels import model_input
+from pipeline.views.recipe import eval_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +81,7 @@ def test_last_batch_of_one_sample_trains_with_running_statistics(
 ) -> None:
     """120 copies in batches of 17: seven full batches, then one of a single sample."""
     cfg = resnet_config(digits_shards, cache, tmp_path / "run", batch_size=17, distillation="hard")
-    with caplog.at_level(logging.WARNING, logger="pipeline.task"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.task"):
         train(cfg)
     single = [r.getMessage() for r in caplog.records if "training batch of 1 sample" in r.getMessage()]
     assert len(single) == 1 and "(1 such batch(es) so far)" in single[0], single
@@ -132,7 +132,7 @@ def test_evaluate_reports_the_one_head(cache: str, digits_shards: str, digits_va
 
 def test_a_model_without_stochastic_depth_is_refused_in_one_line() -> None:
     from pipeline.errors import ConfigError
-    from pipeline.models import create
+    from pipeline.models.build import create
 
     with pytest.raises(ConfigError, match=r"'vgg11' takes no argument 'drop_path_rate': .* --drop-path 0"):
         create("vgg11", 10, drop_path_rate=0.1)

@@ -16,9 +16,9 @@ from conftest import student_config, tiny_cache_config
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.cache_teacher import run as cache_teacher
-from pipeline.targets import Reduction, soft_target_probs, tail_mass, teacher_outputs
-from pipeline.train import train
+from pipeline.models.targets import Reduction, soft_target_probs, tail_mass, teacher_outputs
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 50

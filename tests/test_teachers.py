@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.cache import open_cache
-from pipeline.cache_teacher import run as cache_teacher
 from pipeline.errors import ConfigError
+from pipeline.models.targets import Reduction, soft_target_probs
+from pipeline.models.task import DistillationTask
 from pipeline.options import CacheConfig
-from pipeline.targets import Reduction, soft_target_probs
-from pipeline.task import DistillationTask
-from pipeline.train import train
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"views": 2, "view_block": 1}

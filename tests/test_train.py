@@ -26,23 +26,24 @@ from conftest import (
     write_digits_shards,
 )
 
-from pipeline import deal as dl
-from pipeline.augment import eval_view
 from pipeline.cache import open_cache
-from pipeline.cache_teacher import run as cache_teacher
-from pipeline.data import StreamSpec, epoch_batches
-from pipeline.decode import iter_decoded
 from pipeline.errors import CacheError, ConfigError
-from pipeline.models import Normalized, create, load_teacher, model_stats
-from pipeline.options import TrainConfig
-from pipeline.pixels import model_input
-from pipeline.recipe import eval_recipe, make_recipe
-from pipeline.samplers import epoch_plan
+from pipeline.models.build import Normalized, create, model_stats
+from pipeline.models.targets import Reduction, soft_target_probs
+from pipeline.models.task import DistillationTask
+from pipeline.models.teacher import load_teacher
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2.lanes import StreamSpec, epoch_batches
+from pipeline.phase2.train import train
 from pipeline.seeding import stable_seed
-from pipeline.shards import load_shard_list
-from pipeline.targets import Reduction, soft_target_probs
-from pipeline.task import DistillationTask
-from pipeline.train import train
+from pipeline.shards.decode import iter_decoded
+from pipeline.shards.lists import load_shard_list
+from pipeline.train_options import TrainConfig
+from pipeline.views import deal as dl
+from pipeline.views.augment import eval_view
+from pipeline.views.pixels import model_input
+from pipeline.views.plans import epoch_plan
+from pipeline.views.recipe import eval_recipe, make_recipe
 
 STUDENT = "deit_tiny_distilled_patch16_224"
 STILLROOM = str(ROOT / ".venv" / "bin" / "stillroom")

@@ -36,11 +36,11 @@ from conftest import (
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline import train as train_mod
-from pipeline.cache_teacher import run as cache_teacher
 from pipeline.errors import ConfigError
-from pipeline.options import TrainConfig
-from pipeline.train import train
+from pipeline.phase1.cache_teacher import run as cache_teacher
+from pipeline.phase2 import train as train_mod
+from pipeline.phase2.train import train
+from pipeline.train_options import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -251,7 +251,7 @@ def test_validation_classes_must_be_the_training_classes(tmp_path: Path) -> None
     train-student (before training) and by evaluate (against the classes the checkpoint was trained on)."""
     from photos import jpeg
 
-    from pipeline.pack import pack
+    from pipeline.shards.pack import pack
 
     for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
         for c in classes:

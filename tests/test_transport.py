@@ -23,15 +23,15 @@ import torch
 import zarr
 from conftest import ROOT, cache_cli_args, child_env, stillroom_cmd
 
-from pipeline import deal as dl
-from pipeline.cache_teacher import prepare
-from pipeline.data import StreamSpec, WindowBatches, epoch_batches
-from pipeline.models import load_teacher
+from pipeline.models.teacher import load_teacher
 from pipeline.options import CacheConfig
-from pipeline.pixels import model_input, stack_views
-from pipeline.recipe import make_recipe
-from pipeline.samplers import epoch_plan
-from pipeline.unit_stream import UnitStream
+from pipeline.phase1.cache_teacher import prepare
+from pipeline.phase1.unit_stream import UnitStream
+from pipeline.phase2.lanes import StreamSpec, WindowBatches, epoch_batches
+from pipeline.views import deal as dl
+from pipeline.views.pixels import model_input, stack_views
+from pipeline.views.plans import epoch_plan
+from pipeline.views.recipe import make_recipe
 
 
 def test_uint8_views_get_the_same_input_alone_or_beside_float16_views() -> None:

@@ -29,14 +29,14 @@ from conftest import cache_cli_args, student_config
 from PIL import Image
 from typer.testing import CliRunner
 
-import pipeline.shards
+import pipeline.shards.lists
 from cli.main import app
 from pipeline.cache import open_cache
 from pipeline.errors import DataError
-from pipeline.pack import digits_items
-from pipeline.samples import iter_raw
-from pipeline.shards import class_names, load_shard_list
-from pipeline.train import train
+from pipeline.phase2.train import train
+from pipeline.shards.lists import class_names, load_shard_list
+from pipeline.shards.pack import digits_items
+from pipeline.shards.samples import iter_raw
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +94,7 @@ def no_scan(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(url: str) -> int:
         raise AssertionError(f"{url} was opened to count its samples")
 
-    monkeypatch.setattr(pipeline.shards, "count_samples", refuse)
+    monkeypatch.setattr(pipeline.shards.lists, "count_samples", refuse)
 
 
 def test_split_info_gives_each_splits_shards_and_counts(wds: Path, no_scan: None) -> None:

@@ -6,12 +6,20 @@ writes), :mod:`.access` (an opened cache: reading and writing units), :mod:`.dam
 damaged units), :mod:`.create` (creating and opening) and :mod:`.match` (matching a training run).
 """
 
-from .access import Cache, UnitDamaged
-from .create import create_or_open, open_cache
-from .damage import damaged_units, missing_objects
-from .match import check_run
-from .meta import FORMAT_VERSION, CacheMeta, ShardEntry, check_versions, diff_fields, library_versions, replay_mismatch
-from .units import ARRAYS, PER_SHARD, PER_VIEW, UnitData, unit_checksum, unit_objects
+from pipeline.cache.access import Cache, UnitDamaged
+from pipeline.cache.create import create_or_open, open_cache
+from pipeline.cache.damage import damaged_units, missing_objects
+from pipeline.cache.match import check_run
+from pipeline.cache.meta import (
+    FORMAT_VERSION,
+    CacheMeta,
+    ShardEntry,
+    check_versions,
+    diff_fields,
+    library_versions,
+    replay_mismatch,
+)
+from pipeline.cache.units import ARRAYS, PER_SHARD, PER_VIEW, UnitData, unit_checksum, unit_objects
 
 __all__ = [
     "ARRAYS",

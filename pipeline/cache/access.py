@@ -16,11 +16,19 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 
-from .. import storage
-from ..errors import CacheError, StorageError
-from . import store as st
-from .meta import CacheMeta
-from .units import PER_SHARD, PER_VIEW, UnitData, fingerprint_bits, marker_chunk, unit_checksum, unit_objects
+from pipeline import storage
+from pipeline.cache import store as st
+from pipeline.cache.meta import CacheMeta
+from pipeline.cache.units import (
+    PER_SHARD,
+    PER_VIEW,
+    UnitData,
+    fingerprint_bits,
+    marker_chunk,
+    unit_checksum,
+    unit_objects,
+)
+from pipeline.errors import CacheError, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import MemoryStore
 
-from .. import storage
-from ..errors import CacheError
-from . import store as st
-from .access import Cache, no_metadata
-from .meta import ATTR, FORMAT_VERSION, CacheMeta, check_versions, diff_fields
-from .units import ARRAYS, MARKER, SPECS
+from pipeline import storage
+from pipeline.cache import store as st
+from pipeline.cache.access import Cache, no_metadata
+from pipeline.cache.meta import ATTR, FORMAT_VERSION, CacheMeta, check_versions, diff_fields
+from pipeline.cache.units import ARRAYS, MARKER, SPECS
+from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 

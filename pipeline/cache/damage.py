@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import CacheError
-from . import store as st
-from .access import Cache, UnitDamaged
-from .units import ARRAYS, unit_objects
+from pipeline.cache import store as st
+from pipeline.cache.access import Cache, UnitDamaged
+from pipeline.cache.units import ARRAYS, unit_objects
+from pipeline.errors import CacheError
 
 _VERIFY_THREADS = 8  # concurrent unit reads when verifying many units (object stores are latency bound)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..errors import CacheError
-from ..shards import ShardInfo
-from .access import REDO, Cache
-from .damage import missing_objects
-from .meta import check_versions, diff_fields
+from pipeline.cache.access import REDO, Cache
+from pipeline.cache.damage import missing_objects
+from pipeline.cache.meta import check_versions, diff_fields
+from pipeline.errors import CacheError
+from pipeline.shards.lists import ShardInfo
 
 
 def check_run(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..shards import ShardInfo
+from pipeline.shards.lists import ShardInfo
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from .. import storage
+from pipeline import storage
 
 
 def one_line(e: BaseException) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .meta import CacheMeta
+from pipeline.cache.meta import CacheMeta
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ArraySpec:
 
     The cache's layout, a unit's buffers, its checksum and its store keys all follow :data:`SPECS`, so
     a new teacher output (e.g. a feature a loss needs) is one entry here, one field of :class:`UnitData`
-    and its computation in :func:`pipeline.targets.teacher_outputs` (``docs/architecture.md``).
+    and its computation in :func:`pipeline.models.targets.teacher_outputs` (``docs/architecture.md``).
     """
 
     name: str
@@ -42,7 +42,7 @@ SPECS = (
     ArraySpec("values", True, lambda m: "float16", lambda m: m.topk, 0),
     ArraySpec("indices", True, lambda m: m.index_dtype, lambda m: m.topk, -1),
     ArraySpec("logsumexp", True, lambda m: "float32", lambda m: len(m.temperatures), 0),
-    # digest of the replayed pixels of the rows phase 1 checks (pipeline.pixels.checked_row), 0 elsewhere
+    # digest of the replayed pixels of the rows phase 1 checks (pipeline.views.pixels.checked_row), 0 elsewhere
     ArraySpec("pixel_digests", True, lambda m: "uint32", lambda m: 1, 0),
     ArraySpec("labels", False, lambda m: "int32", lambda m: 0, -1),
     ArraySpec("keys", False, lambda m: "str", lambda m: 0, ""),

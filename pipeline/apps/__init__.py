@@ -1,0 +1,1 @@
+"""Applications over the phases: ``stillroom report`` pictures and ``stillroom demo``."""

@@ -1,0 +1,1 @@
+"""Inspecting caches: ``cache-status`` (with teacher comparison) and ``verify-cache``."""

@@ -1,0 +1,1 @@
+"""Models: teachers (weights and identity), students, targets, losses and the distillation task."""

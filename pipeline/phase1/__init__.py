@@ -1,0 +1,1 @@
+"""Phase 1 (``cache-teacher``): replayed units through the teacher into the cache."""

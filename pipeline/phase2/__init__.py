@@ -1,0 +1,1 @@
+"""Phase 2 (``train-student``, ``evaluate``): runs, lanes, epochs, the trainer, checkpoints, metrics."""
