@@ -12,6 +12,14 @@ It is an ``IterableDataset`` that carries its own loader: the lanes already run 
 processes of their own (one per lane), and a batch is drawn from a window of copies from every lane, which
 no outer worker could assemble. Iterate it directly, or wrap it in ``DataLoader(source, batch_size=None)``
 (``num_workers=0``: an outer worker would replay the whole epoch again, and is refused).
+
+Each batch is a dict: ``pixels`` (compact views, uint8 or float16 in 0-1: :class:`~pipeline.models.build.Normalized`
+turns them into a model's input), ``keys``, ``label``/``mix_label``/``lam`` (each view's mixing), ``labels``
+(``[n, C]``: the labels mixed and smoothed as the recipe says), ``teacher_ids`` (``[n, M]``: each teacher's
+top-1), ``hard`` (``[n]``, hard distillation: the target of the distillation head) or ``soft`` (``[n, C]``,
+soft distillation: the teachers' distribution at ``tau``), the raw cached targets ``t_values``/``t_indices``/
+``t_lse`` that :class:`~pipeline.models.losses.DistillationLoss` reads, and ``noise_seed`` (the seed
+train-student gives torch's RNG before this step's forward pass).
 """
 
 from __future__ import annotations
@@ -59,19 +67,34 @@ def _rank_and_world(rank: int | None, world: int | None) -> Dist:
     return Dist(rank=rank, world=world)
 
 
+def _config(shards: str | Sequence[str], cache: str | Sequence[str], **options: Any) -> TrainConfig:
+    """train-student's options for a source, checked as train-student checks them."""
+    listed = {k: [v] if isinstance(v, str) else list(v) for k, v in {"shards": shards, "cache": cache}.items()}
+    return checked(TrainConfig(**listed, **options))
+
+
+def _with_targets(batch: dict[str, Any], targets: DistillationLoss) -> dict[str, Any]:
+    """The batch with its dense targets, computed by the loss's own code: the mixed smoothed labels, each
+    teacher's top-1, and the distillation head's target under the key of its distillation (``hard``/``soft``)."""
+    out = {**batch, "labels": targets.labels(batch)}
+    if "t_indices" in batch:
+        out["teacher_ids"] = batch["t_indices"][:, :, 0]
+        out[targets.distillation] = targets.distill_target(batch)
+    return out
+
+
+def _collective_device() -> torch.device:
+    """Where a collective runs: the current CUDA device under NCCL, else the CPU."""
+    nccl = torch_dist.is_initialized() and torch_dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
 class DistillationSource(IterableDataset):
     """One rank's epochs of replayed views with their cached teacher targets, in train-student's batches.
 
-    Each batch is a dict: ``pixels`` (compact views, uint8 or float16 in 0-1: :class:`~pipeline.models.build.Normalized`
-    turns them into a model's input), ``keys``, ``label``/``mix_label``/``lam`` (each view's mixing), ``labels``
-    (``[n, C]``: the labels mixed and smoothed as the recipe says), ``teacher_ids`` (``[n, M]``: each teacher's
-    top-1), ``hard`` (``[n]``, hard distillation: the target of the distillation head) or ``soft`` (``[n, C]``,
-    soft distillation: the teachers' distribution at ``tau``), the raw cached targets ``t_values``/``t_indices``/
-    ``t_lse`` that :class:`~pipeline.models.losses.DistillationLoss` reads, and ``noise_seed`` (the seed
-    train-student gives torch's RNG before this step's forward pass).
-
-    Iterating it yields the current epoch from its current step; once the epoch's last batch is out, the source
-    stands at the next epoch. :meth:`state_dict` / :meth:`load_state_dict` save and restore that position.
+    Iterating it yields the current epoch from its current step (the batches' fields: the module docstring);
+    once the epoch's last batch is out, the source stands at the next epoch. :meth:`state_dict` /
+    :meth:`load_state_dict` save and restore that position.
 
     Args:
         shards: Shard URLs or brace patterns (train-student's ``--shards``).
@@ -115,24 +138,22 @@ class DistillationSource(IterableDataset):
         repeats: int | None = None,
         label_key: str | None = None,
     ):
-        listed = {"shards": shards, "cache": cache}
-        self.cfg = checked(
-            TrainConfig(
-                **{k: [v] if isinstance(v, str) else list(v) for k, v in listed.items()},
-                batch_size=batch_size,
-                distillation=distillation,
-                tau=tau,
-                teacher_weights=list(teacher_weights),
-                workers=workers,
-                shuffle_buffer=shuffle_buffer,
-                on_error=on_error,
-                seed=seed,
-                run_seed=run_seed,
-                recipe=recipe,
-                img_size=img_size,
-                repeats=repeats,
-                label_key=label_key,
-            )
+        self.cfg = _config(
+            shards,
+            cache,
+            batch_size=batch_size,
+            distillation=distillation,
+            tau=tau,
+            teacher_weights=list(teacher_weights),
+            workers=workers,
+            shuffle_buffer=shuffle_buffer,
+            on_error=on_error,
+            seed=seed,
+            run_seed=run_seed,
+            recipe=recipe,
+            img_size=img_size,
+            repeats=repeats,
+            label_key=label_key,
         )
         if epoch < 0 or (epochs is not None and epochs <= epoch):
             raise ConfigError(f"epoch={epoch} epochs={epochs}: need 0 <= epoch < epochs")
@@ -140,6 +161,10 @@ class DistillationSource(IterableDataset):
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.data = resolve_data(self.cfg)
         self.run_seed = self.data.seed if self.cfg.run_seed is None else self.cfg.run_seed
+        self.rank, self.world = self.dist.rank, self.dist.world
+        # What the student must fit: the classes (their names when pack recorded them) and the views' size.
+        self.num_classes, self.classes = self.data.num_classes, self.data.classes
+        self.img_size = self.data.recipe.img_size
         self.identity = run_identity(self.cfg, self.data)
         self._targets = self.loss()
         soft = float(tau) if distillation == "soft" else None
@@ -149,21 +174,7 @@ class DistillationSource(IterableDataset):
         self._epoch, self._step = epoch, 0
         self._part: RankEpoch | None = None  # the epoch iterated last: its account of copies
 
-    # -- what it serves --------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return self.data.num_classes
-
-    @property
-    def img_size(self) -> int:
-        """The views' size in pixels (the student must take it)."""
-        return self.data.recipe.img_size
-
-    @property
-    def classes(self) -> list[str] | None:
-        """The labels' class names, when the shards' pack recorded them."""
-        return self.data.classes
-
+    # -- where it stands ------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
         """The epoch the next iteration yields."""
@@ -173,14 +184,6 @@ class DistillationSource(IterableDataset):
     def step(self) -> int:
         """The step of :attr:`epoch` the next iteration starts at."""
         return self._step
-
-    @property
-    def rank(self) -> int:
-        return self.dist.rank
-
-    @property
-    def world(self) -> int:
-        return self.dist.world
 
     def __len__(self) -> int:
         """Steps of the current epoch, the same on every rank (from shard counts alone)."""
@@ -225,21 +228,12 @@ class DistillationSource(IterableDataset):
         part = self._part = self._rank_epoch(epoch)
         batches = iter(part.stream(first, self._targets.target_tau, pin_memory=False))
         for step in range(first, part.steps):
-            batch = self._finish(next_batch(batches, None), epoch, step)
+            batch = _with_targets(next_batch(batches, None), self._targets)
+            batch["noise_seed"] = noise_seed(self.run_seed, self.dist.rank, epoch, step)
+            if self.pin_memory:
+                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
             self._epoch, self._step = (epoch + 1, 0) if step + 1 == part.steps else (epoch, step + 1)
             yield batch
-
-    def _finish(self, batch: dict[str, Any], epoch: int, step: int) -> dict[str, Any]:
-        """The batch with its dense targets (computed by the loss's own code) and its step's noise seed."""
-        out = dict(batch)
-        out["labels"] = self._targets.labels(batch)
-        if "t_indices" in batch:
-            out["teacher_ids"] = batch["t_indices"][:, :, 0]
-            out[self.cfg.distillation] = self._targets.distill_target(batch)
-        out["noise_seed"] = noise_seed(self.run_seed, self.dist.rank, epoch, step)
-        if self.pin_memory:
-            out = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in out.items()}
-        return out
 
     def account(self, device: torch.device | str | None = None) -> dict[str, Any]:
         """The copies of the epoch iterated last, over every rank (a collective: call it on every rank):
@@ -250,10 +244,7 @@ class DistillationSource(IterableDataset):
         """
         if self._part is None:
             raise ConfigError("DistillationSource.account(): no epoch was iterated yet")
-        if device is None:
-            nccl = torch_dist.is_initialized() and torch_dist.get_backend() == "nccl"
-            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        return self._part.account(torch.device(device))
+        return self._part.account(torch.device(device) if device is not None else _collective_device())
 
     # -- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
