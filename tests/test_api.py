@@ -253,9 +253,12 @@ def test_an_outer_loader_worker_and_a_torchrun_without_a_group_are_refused(
         source_for(cfg, rank=2, world=2)
 
 
-def test_caches_of_other_shards_are_refused_in_one_line(cache: str, tmp_path: Path) -> None:
+def test_caches_of_other_shards_and_other_pixels_are_refused_in_one_line(
+    cache: str, digits_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Shards the cache never saw: refused when the source is made; same-named shards holding other samples:
-    refused at the first batch, by the row check (key and label) train-student makes."""
+    refused at the first batch, by the row check (key and label) train-student makes; replayed pixels that are
+    not the teacher's (a digest that differs): refused by the pixel check."""
     unknown = write_digits_shards(tmp_path / "x", 80, 40, prefix="x")
     with pytest.raises(CacheError, match="is not in cache") as e:
         DistillationSource(unknown, cache, batch_size=8, workers=0)
@@ -264,6 +267,10 @@ def test_caches_of_other_shards_are_refused_in_one_line(cache: str, tmp_path: Pa
     source = DistillationSource(impostors, cache, batch_size=8, workers=0)
     with pytest.raises(CacheError, match="this cache was not built from these shards") as e:
         next(iter(source))
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(lanes, "pixel_digest", lambda pixels: 1)  # as if this machine replayed other pixels
+    with pytest.raises(CacheError, match="replays other pixels than the cache's teacher saw") as e:
+        list(DistillationSource(digits_shards, cache, batch_size=8, workers=0))
     assert "\n" not in str(e.value)
 
 
