@@ -20,15 +20,17 @@ import pytest
 import timm
 import torch
 from conftest import ROOT, TINY_STUDENT, child_env, student_config, tiny_cache_config, write_digits_shards
+from test_exact_pixels import break_one_image
 from timm.optim import create_optimizer_v2
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import pipeline
 from pipeline import DistillationLoss, DistillationSource, Normalized, StillroomError
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.phase1.cache_teacher import run as cache_teacher
 from pipeline.phase2 import lanes
+from pipeline.phase2.metrics import read_lines
 from pipeline.phase2.train import train
 from pipeline.seeding import stable_seed
 from pipeline.train_options import TrainConfig
@@ -271,6 +273,24 @@ def test_caches_of_other_shards_and_other_pixels_are_refused_in_one_line(
     monkeypatch.setattr(lanes, "pixel_digest", lambda pixels: 1)  # as if this machine replayed other pixels
     with pytest.raises(CacheError, match="replays other pixels than the cache's teacher saw") as e:
         list(DistillationSource(digits_shards, cache, batch_size=8, workers=0))
+    assert "\n" not in str(e.value)
+
+
+def test_an_unreadable_sample_is_skipped_and_counted_as_train_student_counts_it(
+    cache: str, digits_shards: str, tmp_path: Path
+) -> None:
+    """One image broken after caching: ``on_error="skip"`` skips it (and its mixing partner), fills their slots
+    and counts them, the epoch's account equal to train-student's; ``"raise"`` stops on it in one line."""
+    shards, broken = break_one_image(digits_shards, tmp_path / "shards")
+    cfg = run_config(shards, cache, tmp_path / "run", workers=0, on_error="skip")
+    train(cfg)
+    (epoch,) = [line for line in read_lines(str(tmp_path / "run" / "metrics.jsonl")) if line["event"] == "epoch"]
+    source = source_for(cfg)
+    trained = Counter(k for batch in source for k in batch["keys"])
+    assert broken not in trained and source.account() == epoch["copies"]
+    assert sum(epoch["copies"]["skipped"].values()) == 2 == epoch["copies"]["filled"]
+    with pytest.raises(DataError, match=broken) as e:
+        list(source_for(dataclasses.replace(cfg, on_error="raise")))
     assert "\n" not in str(e.value)
 
 
