@@ -25,7 +25,6 @@ train-student gives torch's RNG before this step's forward pass).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -43,9 +42,7 @@ from pipeline.phase2.identity import check_resumable, run_identity
 from pipeline.phase2.inputs import check_caches, resolve_data
 from pipeline.train_options import TrainConfig
 
-log = logging.getLogger(__name__)
-
-# What a resumed position is checked against, named in the refusals (train-student's words are "--resume").
+# How the refusals of a load name the state (train-student's name the checkpoint file).
 _LOADED = "the state given to DistillationSource.load_state_dict"
 
 
@@ -85,7 +82,7 @@ def _with_targets(batch: dict[str, Any], targets: DistillationLoss) -> dict[str,
 
 def _collective_device() -> torch.device:
     """Where a collective runs: the current CUDA device under NCCL, else the CPU."""
-    nccl = torch_dist.is_initialized() and torch_dist.get_backend() == "nccl"
+    nccl = torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_backend() == "nccl"
     return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
@@ -236,8 +233,9 @@ class DistillationSource(IterableDataset):
             yield batch
 
     def account(self, device: torch.device | str | None = None) -> dict[str, Any]:
-        """The copies of the epoch iterated last, over every rank (a collective: call it on every rank):
-        planned, padded (DeiT's repeats that even out the ranks), filled slots, and skipped copies by reason.
+        """The copies of the epoch iterated last (from where that iteration started), over every rank (a
+        collective: call it on every rank): planned, padded (DeiT's repeats that even out the ranks), filled
+        slots, and skipped copies by reason.
 
         Args:
             device: Where the all-reduce runs (by default the current CUDA device with NCCL, else the CPU).
