@@ -87,6 +87,12 @@ class RankEpoch:
         return {**out, "skipped": skipped}
 
 
+def noise_seed(run_seed: int, rank: int, epoch: int, step: int) -> int:
+    """The seed of torch's RNG for one step (drop path and any other noise of the forward pass): a function of
+    the position alone, so a resumed run draws what the uninterrupted one drew, on every rank."""
+    return stable_seed("noise", run_seed, rank, epoch, step)
+
+
 def next_batch(batches: Iterator[dict[str, Any]], signal: int | None) -> dict[str, Any] | None:
     """The next batch; ``None`` when the loader failed after a stop signal (a batch system's SIGTERM
     reaches the workers too), which means: stop here."""
