@@ -89,22 +89,31 @@ class RankEpoch:
         return {**out, "skipped": skipped}
 
 
+def noise_seed(run_seed: int, rank: int, epoch: int, step: int) -> int:
+    """The seed of torch's RNG for one step (drop path and any other noise of the forward pass): a function of
+    the position alone, so a resumed run draws what the uninterrupted one drew, on every rank."""
+    return stable_seed("noise", run_seed, rank, epoch, step)
+
+
 def next_batch(
-    batches: Iterator[dict[str, Any]], stop: StopSignals
+    batches: Iterator[dict[str, Any]], stop: StopSignals | None
 ) -> tuple[dict[str, Any] | None, WorkerError | None]:
     """The next batch, or ``(None, None)`` when the loader failed after a stop signal (a batch system's SIGTERM
     reaches the workers too), or ``(None, why)`` when a loader worker died, or was sent SIGTERM alone (no
-    signal here; :func:`pipeline.interrupt.fetch` tells): either way, stop here."""
+    signal here; :func:`pipeline.interrupt.fetch` tells): either way, stop here. Without ``stop`` (a loop of
+    the user's own, which handles signals itself) every failure is raised."""
+    received = stop.received if stop is not None else None
     try:
         batch = next(batches, None)
     except Exception as e:
-        if stop.received is None:  # read after the failure: the job's signal is handled by then
-            if isinstance(e, WorkerError):
+        received = stop.received if stop is not None else None  # read after the failure: handled by then
+        if received is None:
+            if stop is not None and isinstance(e, WorkerError):
                 return None, e
             raise
-        log.warning("the data loader stopped after signal %d; stopping at this step", stop.received)
+        log.warning("the data loader stopped after signal %d; stopping at this step", received)
         return None, None
-    if batch is None and stop.received is None:
+    if batch is None and received is None:
         raise RuntimeError(
             "the epoch's batches ended before its steps: a bug in pipeline.views.deal or pipeline.phase2.lanes"
         )
