@@ -241,7 +241,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     with StopSignals() as stop:
         job = prepare(checked(cfg))
         job.summary.update(units_done=0, images=0, views=0, skipped_samples={}, bytes_written=0, write_wait_s=0.0)
-        todo = _my_units(job)
+        todo = _my_units(job) if stop.received is None else []  # a stop before the damage check skips it
         if todo:
             once = _OncePerMessage()
             shards_log = logging.getLogger(SkipStats.__module__)  # where bad samples are logged
@@ -250,7 +250,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
                 _process(job, todo, stop)
             finally:
                 shards_log.removeFilter(once)
-        if stop.received is not None:
+        if stop.received is not None and job.summary["units_done"] < len(todo or [None]):  # else it finished
             raise RunInterrupted(
                 stop.received,
                 f"stopped by signal {stop.received}: {job.summary['units_done']} more unit(s) of cache {cfg.out!r} "
