@@ -80,6 +80,12 @@ class PackConfig:
     val_fraction: float = option(0.0, help="fraction of samples (by stable key hash) written as val-*.tar")
     prefix: str = option("train", help="shard name prefix of the training split")
     digits_size: int = option(32, help="side in pixels of the upscaled digits images")
+    replace: bool = option(
+        False,
+        help="let a re-pack remove the files of this folder's earlier pack that it does not write again (shards "
+        "past its new count; the --val-fraction split of a pack now without one); files no pack here wrote, and "
+        "other splits' files, are never touched",
+    )
 
     def check(self) -> None:
         _required(source=self.source, out=self.out)
