@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import student_config, tiny_cache_config
+from conftest import break_one_image, student_config, tiny_cache_config
 from PIL import Image
 
 import pipeline.shards.decode
@@ -38,20 +36,6 @@ def cache(digits_shards: str, tiny_teacher: str, tmp_path_factory: pytest.TempPa
     out = tmp_path_factory.mktemp("pixels") / "cache.zarr"
     cache_teacher(tiny_cache_config(digits_shards, tiny_teacher, out, views=2, view_block=1))
     return str(out)
-
-
-def break_one_image(shards: str, out: Path) -> tuple[str, str]:
-    """A copy of the shards where one sample's image has 16 zeroed bytes (same size, same tar)."""
-    src = Path(shards).parent
-    shutil.copytree(src, out)
-    tar = out / "train-000001.tar"
-    with tarfile.open(tar) as t:
-        member = next(m for m in t.getmembers() if m.name.endswith(".png") and m.name.startswith("digits-"))
-    data = bytearray(tar.read_bytes())
-    at = member.offset_data + member.size // 2
-    data[at : at + 16] = bytes(16)
-    tar.write_bytes(bytes(data))
-    return str(out / Path(shards).name), member.name.split(".")[0]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

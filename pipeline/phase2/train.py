@@ -66,12 +66,17 @@ class Trainer:
         if state:
             check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
+        # The copies skipped and slots filled in the steps of the epoch trained before a mid-epoch checkpoint.
+        self.carried: dict[str, int] = dict(state.get("epoch_account") or {}) if state else {}
+        self.partial: dict[str, int] = {}
+        self.part: RankEpoch | None = None
         soft = float(cfg.tau) if cfg.distillation == "soft" else None
         self.cache_shards = check_caches(self.data, self.position.epoch, cfg.epochs, soft)
         self._build()
         if state:
             self.load_state_dict(state)
-        if dist.is_main:  # nothing in OUT is written before every refusal above
+        if dist.is_main:  # nothing in OUT is moved or written before every refusal above
+            ckpt.move_previous_aside(cfg)
             write_resolved(cfg, cfg.out)
         self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main, cfg.log_to, dataclasses.asdict(cfg))
         self.trace = DebugTrace(dist.rank)
@@ -124,6 +129,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
             "identity": self.identity,
             "model_meta": self.model_meta,
+            "epoch_account": dict(self.partial),  # skips and fills of this epoch's steps before the position
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -159,11 +165,17 @@ class Trainer:
                 self._interrupted(epoch + 1, 0)
         return {**result, "best_top1": p.best_top1}
 
-    def _interrupted(self, epoch: int, step: int) -> None:
-        """Save the exact position (no gradients pending) and stop; ``--resume`` continues from it."""
+    def _save_at(self, epoch: int, step: int) -> None:
+        """Save ``last.pth`` at a position: the end of an epoch (``step`` 0), or a step inside it with the
+        account of the steps before it, so that a resumed epoch reports all of its copies (every rank)."""
         p = self.position
         p.epoch, p.step_in_epoch = epoch, step
+        self.partial = self.part.skips(self.device, self.carried, until=step) if step and self.part else {}
         self.checkpointer.save(self.state_dict())
+
+    def _interrupted(self, epoch: int, step: int) -> None:
+        """Save the exact position (no gradients pending) and stop; ``--resume`` continues from it."""
+        self._save_at(epoch, step)
         self.metrics.write("interrupted", epoch=epoch, step=step, signal=self.stop.received)
         signum = self.stop.received or 2
         raise RunInterrupted(
@@ -174,7 +186,7 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, p = self.cfg, self.position
-        part = self.rank_epoch(epoch)
+        part = self.part = self.rank_epoch(epoch)
         steps, first = part.steps, p.step_in_epoch
         batches = iter(part.stream(first, self.task.target_tau, pin_memory=self.device.type == "cuda"))
         self.task.train()
@@ -195,11 +207,12 @@ class Trainer:
                     epoch, step, self.train_step(batch, epoch, step, steps), len(batch["keys"]), self.opt.current_lr
                 )
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                    p.epoch, p.step_in_epoch = epoch, step + 1
-                    self.checkpointer.save(self.state_dict())
+                    self._save_at(epoch, step + 1)
+        copies = part.account(self.device, self.carried)
         p.epoch, p.step_in_epoch = epoch + 1, 0
+        self.carried, self.partial = {}, {}
         self.opt.end_epoch(epoch + 1)
-        return {"epoch": epoch, "views": list(part.plan.views), **meter.summary(), "copies": part.account(self.device)}
+        return {"epoch": epoch, "views": list(part.plan.views), **meter.summary(), "copies": copies}
 
     def train_step(self, batch: dict[str, Any], epoch: int, step: int, steps: int) -> tuple[float, float, float]:
         """Forward, backward and (at the end of an accumulation) an optimizer step.
