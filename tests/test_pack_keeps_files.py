@@ -80,7 +80,7 @@ def test_a_foreign_sidecar_name_is_not_written_over(tmp_path: Path) -> None:
     src, out = image_folder(tmp_path / "src"), tmp_path / "shards"
     out.mkdir()
     (out / "train.json").write_text('{"my": "notes"}')
-    with pytest.raises(DataError, match="holds train.json, which no earlier pack"):
+    with pytest.raises(DataError, match=r"holds train\.json, which no earlier pack"):
         pack(str(src), str(out), per_shard=5)
     assert snapshot(out) == {"train.json": b'{"my": "notes"}'}
 
