@@ -28,5 +28,9 @@ class CheckpointError(StillroomError):
     """A weights or checkpoint file cannot be read or does not fit; the message names the file."""
 
 
+class TrainingError(StillroomError):
+    """A run cannot go on (its loss is not finite); the message names the step and the learning rate."""
+
+
 class StorageError(StillroomError):
     """A file or object store cannot be reached or written; the message names the URL."""

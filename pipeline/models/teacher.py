@@ -129,7 +129,7 @@ def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool =
     """
     if not timm.is_model(name):
         raise ConfigError(f"model {name!r} is not a timm model")
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = pretrained_cfg(name)
     if checkpoint is None:
         return int(cfg.num_classes) if pretrained and cfg and cfg.num_classes else None
     heads = cfg.classifier if cfg else None
@@ -142,6 +142,23 @@ def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool =
         if weight is not None and weight.ndim >= 1:
             return int(weight.shape[0])
     return None
+
+
+def pretrained_cfg(name: str, tag: str | None = None, overlay: dict[str, Any] | None = None) -> Any:
+    """timm's pretrained config of ``name`` (``architecture.tag``, or ``tag`` given apart); a tag timm does not
+    know for that architecture is refused naming the tags it knows."""
+    arch, own = timm.models.split_model_name_tag(name)
+    tag = tag or own or None
+    try:
+        if overlay is None and tag is None:
+            return timm.models.get_pretrained_cfg(name)
+        return timm.models.resolve_pretrained_cfg(arch, tag, overlay)
+    except RuntimeError:  # timm: "Invalid pretrained tag (...) for ..."
+        known = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(
+            f"--teacher {name}: timm has no pretrained weights tagged {tag!r} for {arch} (its tags: "
+            f"{', '.join(known) or 'none'})"
+        ) from None
 
 
 def create_kwargs(weights: TeacherWeights, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +181,7 @@ def resolve_pretrained(name: str, kwargs: dict[str, Any]) -> TeacherWeights:
     if not timm.is_model(arch):
         raise ConfigError(f"model {name!r} is not a timm model")
     cfg_arg = kwargs.get("pretrained_cfg") or tag or None
-    cfg = timm.models.resolve_pretrained_cfg(arch, cfg_arg, kwargs.get("pretrained_cfg_overlay")).to_dict()
+    cfg = pretrained_cfg(name, cfg_arg, kwargs.get("pretrained_cfg_overlay") or {}).to_dict()
     full = f"{cfg.get('architecture') or arch}.{cfg['tag']}" if cfg.get("tag") else name
     custom = cfg.get("custom_load") or False
     if isinstance(custom, str):  # a model-specific loader reading several hub files: no one file to hash

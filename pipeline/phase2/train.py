@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.config import checked, write_resolved
+from pipeline.errors import TrainingError
 from pipeline.interrupt import RunInterrupted, StopSignals
 from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
@@ -232,7 +233,11 @@ class Trainer:
             self.opt.step(p.global_step)
         loss, base, distill = torch.stack([out.loss.detach(), out.base_loss, out.distill_loss]).tolist()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step} of epoch {p.epoch}")
+            raise TrainingError(
+                f"the loss is {loss} at step {step} of epoch {epoch} (learning rate {self.opt.current_lr:.3g}, "
+                f"from --lr {cfg.lr:g}): the run diverged. Lower --lr (or set --clip-grad) and start again "
+                "(--force-new over this --out)"
+            )
         self.trace.record(self.model, epoch=epoch, step=step, global_step=p.global_step, keys=batch["keys"], loss=loss)
         return loss, base, distill
 
