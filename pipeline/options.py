@@ -224,7 +224,17 @@ class VerifyConfig:
         help="the teacher weights the cache was built with (not needed for a cache made with --teacher-pretrained: "
         "timm's weights are found again by name and their SHA-256 compared)",
     )
-    samples: int = option(64, help="random (sample, view) pairs to replay and run the teacher on")
+    samples: int | None = option(
+        None,
+        help="random (sample, view) pairs to replay and run the teacher on, one in every shard first "
+        "(default: one per shard, at least 64)",
+    )
+    pixels: str = option(
+        "all",
+        choices=("all", "sampled"),
+        help="whose replayed pixels are checked against the cache's digests: all (every image, in the view whose "
+        "row holds its digest: every shard is decoded once) or sampled (only the views replayed for --samples)",
+    )
     seed: int = option(0, help="seed of the random choice of pairs")
     device: str = option("cpu", choices=DEVICES, help="where the teacher runs")
     atol: float = option(0.05, help="largest allowed |cached - live| top-k logit")

@@ -227,7 +227,7 @@ def _check_row(cache: Cache, shard: ShardInfo, v: View, row: UnitData) -> None:
             f"(digest {v.digest:016x}, cache {digest:016x}); the shard was rebuilt: cache it again"
         )
     expected = int(row.pixel_digests[p, 0])
-    if expected and checked_row(cache.meta.seed, v.view_id, shard.name, p):
+    if expected and checked_row(cache.meta.seed, cache.meta.views, v.view_id, shard.name, p):
         ours = pixel_digest(v.pixels)
         if ours != expected:
             where = f"shard {shard.url!r} key {v.key!r} view {v.view_id}"
