@@ -31,7 +31,7 @@ from pipeline.phase2.distributed import Dist, any_rank, barrier, init, shutdown
 from pipeline.phase2.epoch import RankEpoch, next_batch
 from pipeline.phase2.evaluate import evaluate
 from pipeline.phase2.identity import check_resumable, run_identity
-from pipeline.phase2.inputs import check_caches, resolve_data
+from pipeline.phase2.inputs import RunData, check_caches, resolve_data
 from pipeline.phase2.metrics import DebugTrace, MetricsLog, StepMeter
 from pipeline.phase2.optimization import Optimization
 from pipeline.phase2.run_models import live_teachers, student_for
@@ -67,9 +67,8 @@ class Trainer:
         if state:
             check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
-        # The copies skipped and slots filled in the steps of the epoch trained before a mid-epoch checkpoint.
-        self.carried: dict[str, int] = dict(state.get("epoch_account") or {}) if state else {}
-        self.partial: dict[str, int] = {}
+        # Skips and fills of this epoch's steps before a mid-epoch checkpoint: resumed, and to be saved.
+        self.carried, self.partial = dict(state.get("epoch_account") or {}) if state else {}, {}
         self.part: RankEpoch | None = None
         soft = float(cfg.tau) if cfg.distillation == "soft" else None
         self.cache_shards = check_caches(self.data, self.position.epoch, cfg.epochs, soft)
@@ -233,11 +232,7 @@ class Trainer:
             self.opt.step(p.global_step)
         loss, base, distill = torch.stack([out.loss.detach(), out.base_loss, out.distill_loss]).tolist()
         if not math.isfinite(loss):
-            raise TrainingError(
-                f"the loss is {loss} at step {step} of epoch {epoch} (learning rate {self.opt.current_lr:.3g}, "
-                f"from --lr {cfg.lr:g}): the run diverged. Lower --lr (or set --clip-grad) and start again "
-                "(--force-new over this --out)"
-            )
+            raise diverged(loss, epoch, step, self.opt.current_lr, cfg)
         self.trace.record(self.model, epoch=epoch, step=step, global_step=p.global_step, keys=batch["keys"], loss=loss)
         return loss, base, distill
 
@@ -251,23 +246,36 @@ class Trainer:
         due = cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         if not (data.val_shards and due):
             return {}
-        result = evaluate(
-            self.model,
-            data.val_shards,
-            data.recipe.img_size,
-            data.num_classes,
-            self.device,
-            self.dist,
-            cfg.eval_batch_size,
-            cfg.workers,
-            data.recipe.crop_pct,
-            cfg.on_error,  # type: ignore[arg-type]
-        )
+        result = validate(self.model, data, cfg, self.device, self.dist)
         if result["top1_avg"] > p.best_top1:
             p.best_top1 = result["top1_avg"]
             self.checkpointer.save(self.state_dict(), best=True)
             self.checkpointer.save(self.state_dict())  # last.pth records the new best too
         return result
+
+
+def validate(model: torch.nn.Module, data: RunData, cfg: TrainConfig, device: torch.device, dist: Dist) -> dict:
+    """Top-1/top-5 of each head on the validation shards (every rank takes its share)."""
+    return evaluate(
+        model,
+        data.val_shards,
+        data.recipe.img_size,
+        data.num_classes,
+        device,
+        dist,
+        cfg.eval_batch_size,
+        cfg.workers,
+        data.recipe.crop_pct,
+        cfg.on_error,  # type: ignore[arg-type]
+    )
+
+
+def diverged(loss: float, epoch: int, step: int, lr: float, cfg: TrainConfig) -> TrainingError:
+    """The one line of a run whose loss is no longer finite (a learning rate too large for it)."""
+    return TrainingError(
+        f"the loss is {loss} at step {step} of epoch {epoch} (learning rate {lr:.3g}, from --lr {cfg.lr:g}): the "
+        "run diverged. Lower --lr (or set --clip-grad) and start again (--force-new over this --out)"
+    )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
