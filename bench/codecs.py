@@ -114,7 +114,7 @@ from zarr.storage import LocalStore  # noqa: E402
 
 from bench.common import RESULTS, fmt_num, md_table, write_result  # noqa: E402
 from pipeline.cache import UnitData, unit_checksum  # noqa: E402
-from pipeline.models.build import topk_targets  # noqa: E402
+from pipeline.models.targets import topk_targets  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 

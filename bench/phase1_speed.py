@@ -106,8 +106,13 @@ def bare_forward(shards: str, teacher: str, args: argparse.Namespace) -> dict:
     }
 
 
-def loader_only(shards: str, args: argparse.Namespace, view_block: int) -> dict:
-    """cache-teacher's data path alone (decode, replay, batch) with no teacher: the profile's other half."""
+def loader_only(shards: str, args: argparse.Namespace, view_block: int, seconds: float | None = None) -> dict:
+    """cache-teacher's data path alone (decode, replay, batch) with no teacher: the profile's other half.
+
+    Every unit is read (timed from the loader's start), or with ``seconds`` only as many batches as arrive
+    in that time after the first one: a rate with the workers' start-up left out, short enough to be
+    measured at several worker counts (the GPU check's per-core scaling).
+    """
     infos = load_shard_list(shards)
     blocks = args.views // view_block
     units = [(b, s) for b in range(blocks) for s in range(len(infos))]
@@ -129,11 +134,21 @@ def loader_only(shards: str, args: argparse.Namespace, view_block: int) -> dict:
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     n = 0
     t0 = time.perf_counter()
+    first: float | None = None
     for item in loader:
-        if not item["end"]:
-            n += len(item["pixels"])
-    dt = time.perf_counter() - t0
-    return {"views": n, "wall_s": round(dt, 3), "images_views_per_s": n / dt, "workers": workers}
+        if item["end"]:
+            continue
+        if first is None:
+            first = time.perf_counter()
+            if seconds is not None:
+                continue  # the first batch starts the clock
+        n += len(item["pixels"])
+        if seconds is not None and time.perf_counter() - first >= seconds:
+            break
+    end = time.perf_counter()
+    start = t0 if seconds is None or first is None else first
+    out = {"views": n, "wall_s": round(end - start, 3), "images_views_per_s": n / max(end - start, 1e-9)}
+    return {**out, "workers": workers, "startup_s": round((first or end) - t0, 3)}
 
 
 def main() -> None:

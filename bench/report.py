@@ -331,29 +331,9 @@ def resume(doc: dict[str, Any]) -> list[str]:
 
 
 def gpu_check(doc: dict[str, Any]) -> list[str]:
-    r, sizes = doc["results"], doc.get("sizes", {})
-    checks = [
-        [name, "pass" if c["ok"] else "FAIL", "; ".join(c.get("problems", []))] for name, c in r["checks"].items()
-    ]
-    ratio = r["ratios"]
-    speeds = [
-        ["cache-teacher (img x views/s)", r["phase1"]["cache_img_views_per_s"], ratio["phase1_vs_bare_forward"]],
-        ["bare teacher forward (img/s)", r["phase1"]["bare_forward_img_per_s"], 1.0],
-        ["student, cached teacher (img/s)", r["phase2"]["cached"]["img_per_s"], ratio["cached_vs_none"]],
-        ["student, no teacher (img/s)", r["phase2"]["none"]["img_per_s"], 1.0],
-        ["student, live teacher (img/s)", r["phase2"]["live"]["img_per_s"], None],
-    ]
-    return [
-        f"Device: {doc.get('device')}; teacher {sizes.get('teacher')} (random weights), student "
-        f"{sizes.get('student')}, {doc.get('settings', {}).get('img_size')} px, batch "
-        f"{doc.get('settings', {}).get('batch_size')}.",
-        "",
-        md_table(["check", "result", "detail"], checks),
-        "",
-        md_table(["measurement", "rate", "ratio (to bare forward / to no teacher)"], speeds),
-        "",
-        f"Cached vs live teacher: {fmt_num(ratio['cached_vs_live'])}x.",
-    ]
+    from bench.gpu_report import report_lines
+
+    return report_lines(doc)
 
 
 def _flat(rows: list[dict[str, Any]], get: Any) -> str:
@@ -464,8 +444,14 @@ def sizing(phase1_doc: dict[str, Any] | None, scale_doc: dict[str, Any] | None) 
     ]
 
 
-# Why a section may have no results yet.
-NOT_RUN = {"gpu_check": " (no GPU has been lent to this project yet: every GPU figure is not measured)"}
+def _gpu_not_run() -> list[str]:
+    from bench.gpu_report import how_to_run
+
+    return how_to_run()
+
+
+# What a section says while it has no results: how to get them, where the default line is not enough.
+NOT_RUN = {"gpu_check": _gpu_not_run}
 
 SECTIONS = [
     ("phase1", "Phase 1 speed: cache-teacher vs bare teacher forward", phase1, "bench/phase1_speed.py"),
@@ -507,8 +493,8 @@ def main() -> None:
         path = f"bench/results/{name}.json"
         if doc is None:
             run = f"bash {script}" if script.endswith(".sh") else f".venv/bin/python {script}"
-            why = NOT_RUN.get(name, "")
-            lines += [f"## {title}", "", f"Not run yet{why}: `{run}` writes `{path}`.", ""]
+            body = NOT_RUN[name]() if name in NOT_RUN else [f"Not run yet: `{run}` writes `{path}`."]
+            lines += [f"## {title}", "", *body, ""]
             continue
         try:
             body = fn(doc)

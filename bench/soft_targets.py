@@ -90,8 +90,8 @@ from zarr.codecs import ZstdCodec  # noqa: E402
 
 from bench.common import RESULTS, md_table, write_result  # noqa: E402
 from bench.storage_fidelity import synthetic_logits  # noqa: E402
-from pipeline.models.build import topk_targets  # noqa: E402
-from pipeline.models.losses import soft_distillation, soft_target_probs  # noqa: E402
+from pipeline.models.losses import soft_distillation  # noqa: E402
+from pipeline.models.targets import soft_target_probs, topk_targets  # noqa: E402
 
 TEMPS = [1.0, 3.0]
 FILL_VALUE = 0.0  # what the cache's ``values`` array holds where nothing was written

@@ -70,17 +70,10 @@ def test_benchmarks_run_and_the_report_reads_them(photos: Path, tmp_path: Path) 
         assert "Not run yet" not in section and "| ---" in section, title
 
 
-def test_the_gpu_check_runs_on_a_cpu(tmp_path: Path) -> None:
-    """bench/gpu_check.sh is ready for the day a GPU is lent: at toy size on a CPU, every check passes."""
-    out = tmp_path / "gpu_check.json"
-    args = ["--device", "cpu", "--images", "48", "--img-size", "32", "--steps", "2", "--batch-size", "8"]
-    args += ["--views", "2", "--forward-batches", "2", "--workers", "0", "--out", str(out)]
-    env = child_env(PYTHON=sys.executable)
-    proc = subprocess.run(
-        ["bash", "bench/gpu_check.sh", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert all(c["ok"] for c in doc["results"]["checks"].values()), doc["results"]["checks"]
-    assert set(doc["results"]["ratios"]) == {"phase1_vs_bare_forward", "cached_vs_none", "cached_vs_live"}
-    assert "| resume_bitwise | pass |" in proc.stdout
+def test_every_bench_module_imports() -> None:
+    """A benchmark not run above still imports what it uses from the library (a stale import otherwise hides
+    until the next measurement: two did after the layers moved)."""
+    names = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
+    code = f"import sys; sys.argv = ['x']; import importlib; [importlib.import_module('bench.' + n) for n in {names}]"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

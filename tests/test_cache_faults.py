@@ -20,8 +20,9 @@ import pytest
 import zarr
 from conftest import cache_cli_args, done_markers, stillroom_cmd
 
+from pipeline.cache import ARRAYS
+
 ROOT = Path(__file__).resolve().parents[1]
-ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "digests", "done")
 UNITS = 9  # 3 shards x 3 view blocks
 # One intra-op thread per process: 2 processes on 2 cores, and no OpenMP spinning under load.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -17,7 +17,7 @@ import torch
 import zarr
 from conftest import tiny_cache_config
 
-from pipeline.cache import open_cache
+from pipeline.cache import PER_VIEW, open_cache
 from pipeline.errors import CacheError, ConfigError
 from pipeline.phase1.cache_teacher import run as cache_teacher
 
@@ -68,7 +68,7 @@ def test_a_unit_written_for_another_cache_is_named_as_such(
     cache_teacher(tiny_cache_config(digits_shards, tiny_teacher, other, seed=7, **SETTINGS))
     mixed = tmp_path / "mixed.zarr"
     shutil.copytree(made["cache"], mixed)
-    for name in ("values", "indices", "logsumexp", "pixel_digests", "done"):
+    for name in (*PER_VIEW, "done"):
         shutil.copyfile(other / name / "c" / "1" / "2" / "0", mixed / name / "c" / "1" / "2" / "0")
     with pytest.raises(
         CacheError, match=r"views 1-1 of shard 'train-000002\.tar' is damaged: it was written by another cache"

@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 
 import pipeline.shards.decode
 from cli.main import app
-from pipeline.cache import open_cache
+from pipeline.cache import ARRAYS, open_cache
 from pipeline.options import CacheConfig
 from pipeline.phase1.cache_teacher import run
 
@@ -98,10 +98,7 @@ def _read_tar(path: Path) -> list[tuple[str, bytes, int]]:
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(path), mode="r")
-    return {
-        name: np.asarray(g[name][...])
-        for name in ("values", "indices", "logsumexp", "labels", "keys", "digests", "done")
-    }
+    return {name: np.asarray(g[name][...]) for name in ARRAYS}
 
 
 # ---------------------------------------------------------------------------------------------

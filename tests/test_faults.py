@@ -34,6 +34,7 @@ from conftest import (
     write_digits_shards,
 )
 
+from pipeline.cache import ARRAYS
 from pipeline.errors import CacheError, ConfigError, StorageError
 from pipeline.options import CacheConfig
 from pipeline.phase1.cache_teacher import run
@@ -41,7 +42,6 @@ from pipeline.phase2.train import train
 from pipeline.train_options import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "digests", "done")
 RECIPE = {"name": "deit"}
 SETTINGS = {
     **TINY_CACHE,

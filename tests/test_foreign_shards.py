@@ -25,6 +25,7 @@ from photos import encode, photo
 from typer.testing import CliRunner
 
 from cli.main import app
+from pipeline.cache import ARRAYS
 from pipeline.errors import DataError
 from pipeline.shards.decode import decode_image, iter_decoded
 from pipeline.shards.lists import expand_urls, load_shard_list, shard_name
@@ -163,7 +164,7 @@ def test_pipe_shard_identity_is_the_file_it_reads(tmp_path, digits_shards):
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(path), mode="r")
-    return {name: np.asarray(g[name][...]) for name in ("values", "indices", "logsumexp", "labels", "keys", "done")}
+    return {name: np.asarray(g[name][...]) for name in ARRAYS}
 
 
 def _invoke(args: list[str]) -> str:

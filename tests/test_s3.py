@@ -41,7 +41,7 @@ pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 from cli.main import app
-from pipeline.cache import open_cache
+from pipeline.cache import ARRAYS, open_cache
 from pipeline.errors import CacheError
 from pipeline.inspection.status import status
 from pipeline.phase1.cache_teacher import run as cache_teacher
@@ -55,7 +55,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUCKET = "stillroom-test"
 CACHE = {"views": 2, "view_block": 1, "batch_size": 64}
-ARRAYS = ("values", "indices", "logsumexp", "labels", "keys", "done")
 
 
 @pytest.fixture(scope="session")

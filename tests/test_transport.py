@@ -23,6 +23,7 @@ import torch
 import zarr
 from conftest import ROOT, cache_cli_args, child_env, stillroom_cmd
 
+from pipeline.cache import ARRAYS
 from pipeline.models.teacher import load_teacher
 from pipeline.options import CacheConfig
 from pipeline.phase1.cache_teacher import prepare
@@ -165,5 +166,5 @@ def test_phase1_with_torchrun_two_processes_equals_one(digits_shards: str, tiny_
     summaries = re.findall(r"cache-teacher: (\d+) units done", proc.stdout)
     assert sorted(int(n) for n in summaries) == [3, 3], proc.stdout
     a, b = zarr.open_group(str(one), mode="r"), zarr.open_group(str(two), mode="r")
-    for name in ("values", "indices", "logsumexp", "labels", "done"):
+    for name in ARRAYS:
         assert np.asarray(a[name][...]).tobytes() == np.asarray(b[name][...]).tobytes(), name

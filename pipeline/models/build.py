@@ -107,11 +107,18 @@ def check_input_size(model: nn.Module, img_size: int, what: str) -> None:
 
 
 class Normalized(nn.Module):
-    """Wrap a model so it takes compact replayed pixels (uint8 or float16, 0-1 scale) and normalises on device."""
+    """Wrap a model so it takes compact replayed pixels (uint8 or float16, 0-1 scale) and normalises on device.
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    Args:
+        model: Any model taking normalised float32 images; ``self.net``.
+        mean, std: Its input statistics; by default those of its timm ``pretrained_cfg`` (ImageNet's if it has none).
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
         super().__init__()
         self.net = model
+        stats = model_stats(model)
+        mean, std = mean or stats[0], std or stats[1]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 

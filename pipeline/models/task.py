@@ -1,9 +1,6 @@
 """The distillation task: owns the student's forward pass and the loss, so the training loop knows
-nothing about teachers, caches or heads (the shape of timm's ``task/`` modules).
-
-Teacher targets arrive in the batch (``t_values``, ``t_indices``, ``t_lse``) in cached mode, or
-are computed here by live teachers on the very same pixels, through the caches' own reduction (float16
-values included), so the two modes give the same targets.
+nothing about teachers, caches or heads (the shape of timm's ``task/`` modules). The loss itself, and the
+teachers' targets it reads from a batch or computes live, is :class:`~pipeline.models.losses.DistillationLoss`.
 """
 
 from __future__ import annotations
@@ -11,56 +8,27 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.models import losses
 from pipeline.models.build import autocast
-from pipeline.models.targets import Reduction, soft_target_probs, target_temperature, teacher_outputs
+from pipeline.models.losses import Distillation, DistillationLoss, TaskOutput
+from pipeline.models.targets import Reduction
 
 log = logging.getLogger(__name__)
 
-Distillation = Literal["none", "hard", "soft"]
-
-
-@dataclass
-class TaskOutput:
-    """The loss to backpropagate and its two terms (detached), all on the device: reading them
-    back to the host is the caller's choice, once per step."""
-
-    loss: torch.Tensor
-    base_loss: torch.Tensor
-    distill_loss: torch.Tensor
-
 
 class DistillationTask(nn.Module):
-    """Student forward + DeiT loss: ``(1 - alpha) * CE(cls head, mixed labels) + alpha * distill``.
-
-    With several teachers (caches made over the same views, or live teachers), the distillation target
-    is their weighted combination: for ``soft``, the weighted mean of their rebuilt distributions at
-    ``tau``; for ``hard``, the argmax of the weighted mean of their distributions at temperature 1. One
-    teacher's hard target is its argmax, ``indices[..., 0]``, exactly as DeiT's.
+    """Student forward + DeiT loss (:class:`~pipeline.models.losses.DistillationLoss`, whose arguments these are).
 
     Args:
         student: Model taking replayed pixels; returns ``(cls, dist)`` logits for a distilled model in
             training mode, or one tensor.
-        num_classes: Number of classes.
-        distillation: ``hard``, ``soft`` (KL at ``tau``) or ``none``: the class head learns the labels
-            and the distillation head gets no loss, as in DeiT.
-        alpha: Weight of the distillation term.
-        tau: Temperature of soft distillation.
-        weights: Per teacher, summing to 1.
-        teachers: Live teachers (frozen, normalising their own input), or ``[]`` in cached mode: the
-            targets then arrive in the batch (``t_values``/``t_indices`` ``[n, M, K]``, ``t_lse``
-            ``[n, M, 2]`` at the teacher's first temperature and at the one the target needs).
-        reductions: How each live teacher's logits are reduced: the cache's own reduction, so live and
-            cached targets are the same numbers.
-        smoothing: Label smoothing of the ground-truth term.
         amp: bf16 autocast of the student on CUDA (no effect on CPU).
+        Others: those of :class:`~pipeline.models.losses.DistillationLoss`.
     """
 
     def __init__(
@@ -79,24 +47,28 @@ class DistillationTask(nn.Module):
     ):
         super().__init__()
         self.student = student
-        self.teachers = nn.ModuleList(teachers or [])
-        self.num_classes, self.distillation = num_classes, distillation
-        self.alpha, self.tau = float(alpha), float(tau)
-        self.weights = list(weights or [1.0])
-        self.reductions = list(reductions or [])
-        self.t0 = [how.temperatures[0] for how in self.reductions] or [1.0]  # the values' temperature
-        self.smoothing, self.amp = smoothing, amp
+        self.criterion = DistillationLoss(
+            num_classes=num_classes,
+            distillation=distillation,
+            alpha=alpha,
+            tau=tau,
+            weights=weights,
+            teachers=teachers,
+            reductions=reductions,
+            smoothing=smoothing,
+        )
+        self.amp = amp
         self.single_batches = 0  # training batches of one sample normalised with BatchNorm's running statistics
 
     @property
     def target_tau(self) -> float | None:
         """The one temperature whose logsumexp the targets need (None: a single teacher's hard argmax)."""
-        return target_temperature(self.distillation, self.tau, len(self.weights))
+        return self.criterion.target_tau
 
     def train(self, mode: bool = True) -> DistillationTask:
         """Training mode for the student only: live teachers stay frozen in eval mode."""
         self.student.train(mode)
-        self.teachers.eval()
+        self.criterion.train(mode)
         self.training = mode
         return self
 
@@ -106,7 +78,7 @@ class DistillationTask(nn.Module):
         A head that gets no loss (the distillation head with ``--distillation none``) has no gradient:
         DDP must then look for unused parameters, or it stops at the next step.
         """
-        unused = self.distillation == "none" and hasattr(self.student_net, "head_dist")
+        unused = self.criterion.distillation == "none" and hasattr(self.student_net, "head_dist")
         self.student = DistributedDataParallel(
             self.student,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -124,60 +96,11 @@ class DistillationTask(nn.Module):
             return self.student.no_sync()
         return contextlib.nullcontext()
 
-    def teacher_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(values, indices, lse)`` ``[n, M, K]``, ``[n, M, K]``, ``[n, M, 2]``: from the batch (cached) or
-        the live teachers, reduced exactly as their caches reduce them (float16 values included). The two
-        logsumexp columns are at each teacher's first cached temperature and at :attr:`target_tau`."""
-        if not len(self.teachers):
-            return batch["t_values"], batch["t_indices"], batch["t_lse"]
-        out = []
-        for teacher, how in zip(self.teachers, self.reductions, strict=True):
-            with torch.inference_mode(), autocast(batch["pixels"].device):
-                logits = teacher(batch["pixels"])
-            t = teacher_outputs(logits, how)
-            tau = self.target_tau
-            lse = t["logsumexp"][:, [0, how.temperatures.index(tau)]] if tau is not None else t["logsumexp"][:, :0]
-            out.append((t["values"].float().clone(), t["indices"].clone(), lse.clone()))
-        width = max(v.shape[1] for v, _, _ in out)
-        pad = [
-            (
-                torch.nn.functional.pad(v, (0, width - v.shape[1])),
-                torch.nn.functional.pad(i, (0, width - i.shape[1]), value=-1),
-                lse,
-            )
-            for v, i, lse in out
-        ]
-        return tuple(torch.stack(parts, dim=1) for parts in zip(*pad, strict=True))  # type: ignore[return-value]
-
     def distill_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Class ids (hard) or a dense distribution (soft) for the distillation head."""
-        values, indices, lse = self.teacher_targets(batch)
-        if self.distillation == "hard" and len(self.weights) == 1:
-            return indices[:, 0, 0]
-        tau = self.target_tau
-        probs = sum(
-            w
-            * soft_target_probs(
-                values[:, m], indices[:, m], lse[:, m, 0], lse[:, m, 1], self.t0[m], tau, self.num_classes
-            )
-            for m, w in enumerate(self.weights)
-        )
-        return probs.argmax(dim=1) if self.distillation == "hard" else probs
+        return self.criterion.distill_target(batch)
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        target = losses.mixed_targets(
-            batch["label"], batch["mix_label"], batch["lam"], self.num_classes, self.smoothing
-        )
-        cls_logits, dist_logits = outputs if isinstance(outputs, tuple | list) else (outputs, outputs)
-        base = losses.soft_cross_entropy(cls_logits, target)
-        if self.distillation == "none":
-            return TaskOutput(base, base.detach(), torch.zeros_like(base).detach())
-        teacher = self.distill_target(batch)
-        if self.distillation == "hard":
-            distill = losses.hard_distillation(dist_logits, teacher)
-        else:
-            distill = losses.soft_distillation(dist_logits, teacher, self.tau)
-        return TaskOutput(losses.combine(base, distill, self.alpha), base.detach(), distill.detach())
+        return self.criterion.terms(outputs, batch)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
         pixels = batch["pixels"]

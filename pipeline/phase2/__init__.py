@@ -1,1 +1,2 @@
-"""Phase 2 (``train-student``, ``evaluate``): runs, lanes, epochs, the trainer, checkpoints, metrics."""
+"""Phase 2 (``train-student``, ``evaluate``): runs, lanes, epochs, the trainer, checkpoints, metrics, and the same
+batches as a data source for a loop of one's own (``source``, the public API)."""

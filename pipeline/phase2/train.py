@@ -28,7 +28,7 @@ from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
 from pipeline.phase2 import checkpoint as ckpt
 from pipeline.phase2.distributed import Dist, any_rank, barrier, init, shutdown
-from pipeline.phase2.epoch import RankEpoch, next_batch
+from pipeline.phase2.epoch import RankEpoch, next_batch, noise_seed
 from pipeline.phase2.evaluate import evaluate
 from pipeline.phase2.identity import check_resumable, run_identity
 from pipeline.phase2.inputs import RunData, check_caches, resolve_data
@@ -221,7 +221,7 @@ class Trainer:
             The loss and its two terms, read back to the host once.
         """
         cfg, p = self.cfg, self.position
-        torch.manual_seed(stable_seed("noise", self.run_seed, self.dist.rank, epoch, step))
+        torch.manual_seed(noise_seed(self.run_seed, self.dist.rank, epoch, step))
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         micro = (step + 1) % cfg.accum_steps != 0 and step + 1 != steps
         with self.task.no_sync() if micro else contextlib.nullcontext():
