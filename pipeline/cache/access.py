@@ -244,6 +244,10 @@ class Cache:
         """The stored keys of one shard (not verified: use :meth:`read_block` for checked data)."""
         return self._read("keys", (self.meta.shard_rows(shard),), 0, shard)
 
+    def labels(self, shard: int) -> np.ndarray:
+        """The stored labels of one shard (-1 = not read when the cache was made; not verified, like :meth:`keys`)."""
+        return self._read("labels", (self.meta.shard_rows(shard),), 0, shard)
+
     def digests(self, shard: int) -> np.ndarray:
         """The stored image digests of one shard (0 = unknown; not verified, like :meth:`keys`)."""
         return self._read("digests", (self.meta.shard_rows(shard),), 0, shard)

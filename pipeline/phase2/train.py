@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.config import checked, write_resolved
+from pipeline.errors import TrainingError
 from pipeline.interrupt import RunInterrupted, StopSignals
 from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
@@ -30,7 +31,7 @@ from pipeline.phase2.distributed import Dist, any_rank, barrier, init, shutdown
 from pipeline.phase2.epoch import RankEpoch, next_batch, noise_seed
 from pipeline.phase2.evaluate import evaluate
 from pipeline.phase2.identity import check_resumable, run_identity
-from pipeline.phase2.inputs import check_caches, resolve_data
+from pipeline.phase2.inputs import RunData, check_caches, resolve_data
 from pipeline.phase2.metrics import DebugTrace, MetricsLog, StepMeter
 from pipeline.phase2.optimization import Optimization
 from pipeline.phase2.run_models import live_teachers, student_for
@@ -66,12 +67,16 @@ class Trainer:
         if state:
             check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
+        # Skips and fills of this epoch's steps before a mid-epoch checkpoint: resumed, and to be saved.
+        self.carried, self.partial = dict(state.get("epoch_account") or {}) if state else {}, {}
+        self.part: RankEpoch | None = None
         soft = float(cfg.tau) if cfg.distillation == "soft" else None
         self.cache_shards = check_caches(self.data, self.position.epoch, cfg.epochs, soft)
         self._build()
         if state:
             self.load_state_dict(state)
-        if dist.is_main:  # nothing in OUT is written before every refusal above
+        if dist.is_main:  # nothing in OUT is moved or written before every refusal above
+            ckpt.move_previous_aside(cfg)
             write_resolved(cfg, cfg.out)
         self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main, cfg.log_to, dataclasses.asdict(cfg))
         self.trace = DebugTrace(dist.rank)
@@ -124,6 +129,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
             "identity": self.identity,
             "model_meta": self.model_meta,
+            "epoch_account": dict(self.partial),  # skips and fills of this epoch's steps before the position
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -159,11 +165,17 @@ class Trainer:
                 self._interrupted(epoch + 1, 0)
         return {**result, "best_top1": p.best_top1}
 
-    def _interrupted(self, epoch: int, step: int) -> None:
-        """Save the exact position (no gradients pending) and stop; ``--resume`` continues from it."""
+    def _save_at(self, epoch: int, step: int) -> None:
+        """Save ``last.pth`` at a position: the end of an epoch (``step`` 0), or a step inside it with the
+        account of the steps before it, so that a resumed epoch reports all of its copies (every rank)."""
         p = self.position
         p.epoch, p.step_in_epoch = epoch, step
+        self.partial = self.part.skips(self.device, self.carried, until=step) if step and self.part else {}
         self.checkpointer.save(self.state_dict())
+
+    def _interrupted(self, epoch: int, step: int) -> None:
+        """Save the exact position (no gradients pending) and stop; ``--resume`` continues from it."""
+        self._save_at(epoch, step)
         self.metrics.write("interrupted", epoch=epoch, step=step, signal=self.stop.received)
         signum = self.stop.received or 2
         raise RunInterrupted(
@@ -174,7 +186,7 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, p = self.cfg, self.position
-        part = self.rank_epoch(epoch)
+        part = self.part = self.rank_epoch(epoch)
         steps, first = part.steps, p.step_in_epoch
         batches = iter(part.stream(first, self.task.target_tau, pin_memory=self.device.type == "cuda"))
         self.task.train()
@@ -195,11 +207,12 @@ class Trainer:
                     epoch, step, self.train_step(batch, epoch, step, steps), len(batch["keys"]), self.opt.current_lr
                 )
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                    p.epoch, p.step_in_epoch = epoch, step + 1
-                    self.checkpointer.save(self.state_dict())
+                    self._save_at(epoch, step + 1)
+        copies = part.account(self.device, self.carried)
         p.epoch, p.step_in_epoch = epoch + 1, 0
+        self.carried, self.partial = {}, {}
         self.opt.end_epoch(epoch + 1)
-        return {"epoch": epoch, "views": list(part.plan.views), **meter.summary(), "copies": part.account(self.device)}
+        return {"epoch": epoch, "views": list(part.plan.views), **meter.summary(), "copies": copies}
 
     def train_step(self, batch: dict[str, Any], epoch: int, step: int, steps: int) -> tuple[float, float, float]:
         """Forward, backward and (at the end of an accumulation) an optimizer step.
@@ -219,7 +232,7 @@ class Trainer:
             self.opt.step(p.global_step)
         loss, base, distill = torch.stack([out.loss.detach(), out.base_loss, out.distill_loss]).tolist()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step} of epoch {p.epoch}")
+            raise diverged(loss, epoch, step, self.opt.current_lr, cfg)
         self.trace.record(self.model, epoch=epoch, step=step, global_step=p.global_step, keys=batch["keys"], loss=loss)
         return loss, base, distill
 
@@ -233,23 +246,36 @@ class Trainer:
         due = cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         if not (data.val_shards and due):
             return {}
-        result = evaluate(
-            self.model,
-            data.val_shards,
-            data.recipe.img_size,
-            data.num_classes,
-            self.device,
-            self.dist,
-            cfg.eval_batch_size,
-            cfg.workers,
-            data.recipe.crop_pct,
-            cfg.on_error,  # type: ignore[arg-type]
-        )
+        result = validate(self.model, data, cfg, self.device, self.dist)
         if result["top1_avg"] > p.best_top1:
             p.best_top1 = result["top1_avg"]
             self.checkpointer.save(self.state_dict(), best=True)
             self.checkpointer.save(self.state_dict())  # last.pth records the new best too
         return result
+
+
+def validate(model: torch.nn.Module, data: RunData, cfg: TrainConfig, device: torch.device, dist: Dist) -> dict:
+    """Top-1/top-5 of each head on the validation shards (every rank takes its share)."""
+    return evaluate(
+        model,
+        data.val_shards,
+        data.recipe.img_size,
+        data.num_classes,
+        device,
+        dist,
+        cfg.eval_batch_size,
+        cfg.workers,
+        data.recipe.crop_pct,
+        cfg.on_error,  # type: ignore[arg-type]
+    )
+
+
+def diverged(loss: float, epoch: int, step: int, lr: float, cfg: TrainConfig) -> TrainingError:
+    """The one line of a run whose loss is no longer finite (a learning rate too large for it)."""
+    return TrainingError(
+        f"the loss is {loss} at step {step} of epoch {epoch} (learning rate {lr:.3g}, from --lr {cfg.lr:g}): the "
+        "run diverged. Lower --lr (or set --clip-grad) and start again (--force-new over this --out)"
+    )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
