@@ -37,6 +37,8 @@ from pipeline.views.pixels import checked_row, compact, pixel_digest, stack_view
 from pipeline.views.recipe import Recipe
 from pipeline.views.replay import pair_copies
 
+CACHE_VIEWS = 300  # the checked rows of a DeiT cache (300 views): 1 row in 16 per view
+
 
 class Clock:
     """Seconds and calls per step."""
@@ -138,7 +140,7 @@ def profile_ours(photos: list[tuple[str, bytes]], recipe: Recipe, seed: int, sha
             got = _replica_pair(t, sa, sb, v, recipe, seed, shard)
             _same(got, [real_a[i]] + ([real_b[i]] if sb is not None else []))
             made += [g[0] for g in got]
-            checked = [checked_row(seed, v, shard, s.position) for s in (sa, sb) if s is not None]
+            checked = [checked_row(seed, CACHE_VIEWS, v, shard, s.position) for s in (sa, sb) if s is not None]
             for pixels, check in zip([g[0] for g in got], checked, strict=True):
                 if check:
                     t("pixel digests (1 row in 16)", pixel_digest, pixels)

@@ -12,6 +12,7 @@ its own cross-field rules in a ``check()`` method, called here once the values a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -185,6 +186,16 @@ def check_choices(cfg: Any) -> None:
                 raise ConfigError(f"{flag_name(f.name)} {item!r}: expected one of {', '.join(choices)}")
 
 
+def check_finite(cfg: Any) -> None:
+    """Refuse a number option (or an item of a list of numbers) that is NaN or infinite, naming it: no option
+    means anything at NaN or infinity, and such a value passes every range check (``nan < 0`` is False)."""
+    for f in fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{flag_name(f.name)} {item}: must be a finite number")
+
+
 def resolve(cls: type[T], config_path: str | None = None, overrides: Mapping[str, Any] | None = None) -> T:
     """Build and check ``cls`` from its defaults, an optional YAML file and overrides.
 
@@ -219,6 +230,7 @@ def checked(cfg: T) -> T:
         if hints[f.name] == list[str] and f.metadata.get("choices"):
             setattr(cfg, f.name, [x.strip() for v in getattr(cfg, f.name) for x in v.split(",") if x.strip()])
     check_choices(cfg)
+    check_finite(cfg)
     check = getattr(cfg, "check", None)
     if check is not None:
         check()

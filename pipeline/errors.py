@@ -1,4 +1,4 @@
-"""Expected failures: bad options, bad input data, a bad cache, an unreadable checkpoint.
+"""Expected failures: bad options, bad input data, a bad cache, an unreadable checkpoint, a run that diverges.
 
 Each is a :class:`StillroomError` whose message is one line naming what is at fault (the option,
 file, shard, key, unit or field). The CLI prints such an error as ``error: <message>`` and exits
@@ -26,6 +26,10 @@ class CacheError(StillroomError):
 
 class CheckpointError(StillroomError):
     """A weights or checkpoint file cannot be read or does not fit; the message names the file."""
+
+
+class TrainingError(StillroomError):
+    """A run cannot go on (its loss is not finite); the message names the step and the learning rate."""
 
 
 class StorageError(StillroomError):

@@ -80,6 +80,12 @@ class PackConfig:
     val_fraction: float = option(0.0, help="fraction of samples (by stable key hash) written as val-*.tar")
     prefix: str = option("train", help="shard name prefix of the training split")
     digits_size: int = option(32, help="side in pixels of the upscaled digits images")
+    replace: bool = option(
+        False,
+        help="let a re-pack remove the files of this folder's earlier pack that it does not write again (shards "
+        "past its new count; the --val-fraction split of a pack now without one); files no pack here wrote, and "
+        "other splits' files, are never touched",
+    )
 
     def check(self) -> None:
         _required(source=self.source, out=self.out)
@@ -218,7 +224,17 @@ class VerifyConfig:
         help="the teacher weights the cache was built with (not needed for a cache made with --teacher-pretrained: "
         "timm's weights are found again by name and their SHA-256 compared)",
     )
-    samples: int = option(64, help="random (sample, view) pairs to replay and run the teacher on")
+    samples: int | None = option(
+        None,
+        help="random (sample, view) pairs to replay and run the teacher on, one in every shard first "
+        "(default: one per shard, at least 64)",
+    )
+    pixels: str = option(
+        "all",
+        choices=("all", "sampled"),
+        help="whose replayed pixels are checked against the cache's digests: all (every image, in the view whose "
+        "row holds its digest: every shard is decoded once) or sampled (only the views replayed for --samples)",
+    )
     seed: int = option(0, help="seed of the random choice of pairs")
     device: str = option("cpu", choices=DEVICES, help="where the teacher runs")
     atol: float = option(0.05, help="largest allowed |cached - live| top-k logit")

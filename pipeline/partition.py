@@ -39,8 +39,8 @@ def job_slot(
         # still comes from the batch system, else every job would take share 0.
         for idx_var, _, _ in _ENV_SOURCES:
             if idx_var in env:
-                slurm_min = int(env.get("SLURM_ARRAY_TASK_MIN", "0")) if idx_var == "SLURM_ARRAY_TASK_ID" else 0
-                job_index = int(env[idx_var]) - slurm_min
+                slurm_min = _int_var(env, "SLURM_ARRAY_TASK_MIN") if idx_var == "SLURM_ARRAY_TASK_ID" else 0
+                job_index = _int_var(env, idx_var) - slurm_min
                 break
     if job_index is not None or job_count is not None:
         index, count, source = job_index or 0, job_count or 1, "--job-index/--job-count"
@@ -49,12 +49,12 @@ def job_slot(
         found = []
         for idx_var, cnt_var, name in _ENV_SOURCES:
             if idx_var in env:
-                i = int(env[idx_var])
+                i = _int_var(env, idx_var)
                 if idx_var == "SLURM_ARRAY_TASK_ID":
-                    i -= int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+                    i -= _int_var(env, "SLURM_ARRAY_TASK_MIN")
                 if cnt_var not in env:
                     raise ConfigError(f"{name}: {idx_var} is set but {cnt_var} is not; pass --job-count")
-                found.append((i, int(env[cnt_var]), name))
+                found.append((i, _int_var(env, cnt_var), name))
         if found:
             # torchrun inside an array job: each array task's ranks share that task's slice, so the
             # slot is (task, rank) flattened; otherwise every task would redo the same share.
@@ -64,6 +64,17 @@ def job_slot(
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"job index {index} is not in [0, {count}) (from {source})")
     return index, count, source
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    """An environment variable that must hold a whole number (0 when unset), refused by name otherwise."""
+    value = env.get(name, "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(
+            f"${name} is {value!r}, not a whole number (it says which share of the work this job takes)"
+        ) from None
 
 
 def my_share(items: Sequence[T], index: int, count: int) -> list[T]:

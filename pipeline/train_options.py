@@ -268,6 +268,8 @@ class TrainConfig(
             warmup_epochs=self.warmup_epochs,
             weight_decay=self.weight_decay,
             clip_grad=self.clip_grad,
+            min_lr=self.min_lr,
+            warmup_lr=self.warmup_lr,
         )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
@@ -277,6 +279,8 @@ class TrainConfig(
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if not 0.0 <= self.model_ema_decay <= 1.0:
+            raise ConfigError(f"--model-ema-decay must be in [0, 1], got {self.model_ema_decay}")
         if self.checkpoint_every % self.accum_steps:
             raise ConfigError(
                 f"--checkpoint-every {self.checkpoint_every} must be a multiple of --accum-steps {self.accum_steps}: "
@@ -296,8 +300,11 @@ class TrainConfig(
         teachers = len(self.cache) or (len(self.teacher) if self.teacher_pretrained else len(self.teacher_checkpoint))
         if self.teacher_weights and len(self.teacher_weights) != teachers:
             raise ConfigError(f"--teacher-weights gives {len(self.teacher_weights)} weights for {teachers} teacher(s)")
-        if any(w < 0 for w in self.teacher_weights) or (self.teacher_weights and not sum(self.teacher_weights) > 0):
-            raise ConfigError(f"--teacher-weights must be >= 0 with a positive sum, got {self.teacher_weights}")
+        if not all(0 < w < float("inf") for w in self.teacher_weights):  # NaN fails this too
+            raise ConfigError(
+                f"--teacher-weights must be finite and > 0 (leave out a teacher's --cache to drop it), "
+                f"got {self.teacher_weights}"
+            )
         if self.distillation == "soft" and not self.cache and float(self.tau) not in self.temperatures:
             raise ConfigError(f"--tau {self.tau} is not one of --temperatures {self.temperatures}")
 

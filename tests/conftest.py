@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,20 @@ def write_digits_shards(out: Path, n: int, per_shard: int, prefix: str = "train"
     chosen = list(itertools.islice(items, offset, offset + n))
     meta = _write_split(chosen, str(out), prefix, per_shard, classes)
     return str(out / meta["pattern"])
+
+
+def break_one_image(shards: str, out: Path) -> tuple[str, str]:
+    """A copy of the shards where one sample's image has 16 zeroed bytes (same size, same tar)."""
+    src = Path(shards).parent
+    shutil.copytree(src, out)
+    tar = out / "train-000001.tar"
+    with tarfile.open(tar) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".png") and m.name.startswith("digits-"))
+    data = bytearray(tar.read_bytes())
+    at = member.offset_data + member.size // 2
+    data[at : at + 16] = bytes(16)
+    tar.write_bytes(bytes(data))
+    return str(out / Path(shards).name), member.name.split(".")[0]
 
 
 @pytest.fixture(scope="module")

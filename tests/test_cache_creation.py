@@ -200,6 +200,20 @@ def test_format_version_1_is_refused_with_a_rebuild_message(tmp_path, pristine, 
     assert files(out) == files(pristine)
 
 
+def test_format_version_3_is_refused_naming_the_rotating_pixel_checks(tmp_path, pristine, digits_shards, tiny_teacher):
+    """Format 4 moved the pixel digests to rows that rotate with the view: a format-3 cache's digests are on
+    other rows, so it is rebuilt, never read with the new rule."""
+    out = tmp_path / "cache"
+    shutil.copytree(pristine, out)
+    group = json.loads((out / "zarr.json").read_text())
+    group["attributes"]["stillroom"]["format_version"] = 3
+    (out / "zarr.json").write_text(json.dumps(group))
+    for command in (["cache-status", out], ["verify-cache", out, "--shards", digits_shards]):
+        code, text = invoke(*command)
+        assert code == 2 and "format version 3" in text and "reads version 4 only" in text, text
+        assert "every image is checked" in text and "rebuild it with cache-teacher" in text, text
+
+
 def test_a_foreign_folder_is_refused_and_left_alone(tmp_path, digits_shards, tiny_teacher):
     out = tmp_path / "photos"
     out.mkdir()

@@ -254,7 +254,7 @@ def documented_checksum(fingerprint: str, block: int, shard: int, count: int, ar
 def test_markers_hold_count_and_a_checksum_a_plain_zarr_reader_can_recompute(pristine):
     g = zarr.open_group(str(pristine), mode="r")
     meta = g.attrs["stillroom"]
-    assert meta["format_version"] == 3
+    assert meta["format_version"] == 4
     cap, fingerprint = meta["capacity"], meta["fingerprint"]
     done = np.asarray(g["done"][...])
     assert done.dtype == np.int64 and done.shape == (2, 3, 3)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from pipeline.config import checked
 from pipeline.phase1.cache_teacher import run as cache_teacher
-from pipeline.phase2.checkpoint import prepare_out
+from pipeline.phase2.checkpoint import move_previous_aside, prepare_out
 from pipeline.phase2.sinks import Sinks, StepClock, scalars_of, wandb_mode
 from pipeline.phase2.train import train
 from pipeline.train_options import TrainConfig
@@ -221,6 +221,9 @@ def test_force_new_moves_the_loggers_files_aside(tmp_path: Path) -> None:
     (out / "tensorboard").mkdir(parents=True)
     (out / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
     (out / "metrics.jsonl").write_text("{}\n")
-    prepare_out(TrainConfig(shards=["a.tar"], out=str(out), force_new=True))
+    cfg = TrainConfig(shards=["a.tar"], out=str(out), force_new=True)
+    prepare_out(cfg)
+    assert not list(out.glob("replaced-*")), "nothing moves before the new run is checked"
+    move_previous_aside(cfg)
     (aside,) = out.glob("replaced-*")
     assert (aside / "tensorboard" / "events.out.tfevents.1").exists() and not (out / "tensorboard").exists()

@@ -152,9 +152,10 @@ def test_split_is_by_key_not_by_position(tmp_path):
 
 
 def test_repacking_into_the_same_folder_leaves_no_stale_shards(tmp_path):
-    """A smaller repack into a used folder must not leave old shards for a glob to pick up."""
+    """A smaller repack into a used folder must not leave old shards for a glob to pick up (with --replace;
+    without, it refuses: tests/test_pack_keeps_files.py)."""
     pack("digits", str(tmp_path), per_shard=300)  # 6 shards
-    meta = pack("digits", str(tmp_path), per_shard=900)  # 2 shards
+    meta = pack("digits", str(tmp_path), per_shard=900, replace=True)  # 2 shards
     shards = load_shard_list(str(tmp_path / "train-*.tar"))
     assert [s.name for s in shards] == [s["name"] for s in meta["train"]["shards"]]
     assert sum(s.count for s in shards) == 1797
@@ -332,10 +333,11 @@ def test_hidden_folder_does_not_shift_labels(tmp_path):
 
 
 def test_repacking_without_val_removes_the_stale_val_split(tmp_path):
-    """val-*.tar of an earlier pack hold keys that are now in train: a glob would mix them in twice."""
+    """val-*.tar of an earlier pack hold keys that are now in train: a glob would mix them in twice (removed
+    with --replace; without, the pack refuses: tests/test_pack_keeps_files.py)."""
     pack("digits", str(tmp_path), per_shard=500, val_fraction=0.2)
     assert list(tmp_path.glob("val-*.tar"))
-    meta = pack("digits", str(tmp_path), per_shard=500)
+    meta = pack("digits", str(tmp_path), per_shard=500, replace=True)
     assert set(meta) == {"train"}
     assert not list(tmp_path.glob("val-*")) and not (tmp_path / "val.json").exists()
     shards = load_shard_list(str(tmp_path / "*.tar"))

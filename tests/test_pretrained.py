@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,59 @@ def test_live_teacher_by_name_without_a_cache(hub: Path, weights_sd: dict[str, t
         checked(dataclasses.replace(cfg, teacher_checkpoint=["t.pth"]))
     with pytest.raises(ConfigError, match="needs --teacher NAME and --teacher-checkpoint or --teacher-pretrained"):
         checked(dataclasses.replace(cfg, teacher_pretrained=False))
+
+
+def no_network(m: pytest.MonkeyPatch, hub: Path) -> None:
+    """No HF_HUB_OFFLINE, and a hub endpoint nothing answers (a closed local port refuses at once; huggingface_hub
+    retried such a connection for ~25 s per file before it said so)."""
+    from huggingface_hub import constants
+
+    m.setattr(constants, "HF_HUB_CACHE", str(hub))
+    m.setattr(constants, "HF_HUB_OFFLINE", False)
+    m.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_no_network_without_hf_hub_offline_is_one_line_at_once(tmp_path: Path) -> None:
+    """Issue 26, item 11: the right line came after 54 s of retries."""
+    empty = tmp_path / "empty-hub"
+    empty.mkdir()
+    with pytest.MonkeyPatch.context() as m:
+        no_network(m, empty)
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError) as caught:
+            teacher_weights(NAME, None, True)
+        took = time.perf_counter() - start
+    assert took < 10, f"{took:.1f} s before the error"
+    message = str(caught.value)
+    for words in (FULL, "http://127.0.0.1:9 cannot be reached", str(empty), "--teacher-checkpoint"):
+        assert words in message, message
+    assert "\n" not in message
+
+
+def test_no_network_with_the_weights_cached_reads_them_at_once(hub: Path) -> None:
+    with pytest.MonkeyPatch.context() as m:
+        no_network(m, hub)
+        start = time.perf_counter()
+        weights = teacher_weights(NAME, None, True)
+        took = time.perf_counter() - start
+    assert weights.path == str(hub_file(hub)) and took < 10, f"{took:.1f} s"
+
+
+def test_a_reachable_hub_is_asked_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe only tells an unreachable endpoint: any answer (here a 404 from a local server) means online."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from pipeline.models.teacher import hub_unreachable
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert hub_unreachable() is None
+    finally:
+        server.shutdown()
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert hub_unreachable() is not None

@@ -127,7 +127,7 @@ def test_epoch_is_saved_before_evaluation_and_skip_reaches_validation(
     def broken(*args, **kwargs):
         raise OSError("validation storage went away")
 
-    monkeypatch.setattr(train_mod, "evaluate_run", broken)
+    monkeypatch.setattr(train_mod, "evaluate", broken)
     with pytest.raises(OSError, match="went away"):
         train(cfg)
     assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1, "the epoch was lost"

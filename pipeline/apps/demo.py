@@ -15,6 +15,7 @@ from rich.table import Table
 
 from pipeline.apps.report import report
 from pipeline.config import checked, from_mapping, read_yaml, write_resolved
+from pipeline.errors import ConfigError
 from pipeline.inspection.status import status
 from pipeline.options import CacheConfig, DemoConfig, ReportConfig
 from pipeline.phase1.cache_teacher import run as run_cache
@@ -118,9 +119,32 @@ def _students(steps: _Steps, preset: dict[str, Any], cache_url: str) -> dict[str
     return runs
 
 
+# Left in the demo's folder before anything else: a folder the demo may write into again.
+DEMO_MARK = ".stillroom-demo"
+
+
+def claim_folder(out: Path) -> None:
+    """Make ``out`` the demo's own folder, or refuse: the demo writes only into a new or empty folder, or one
+    an earlier demo wrote (its mark, or its ``demo-results.json``), so a user's files there are never replaced.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a folder")
+    if out.is_dir() and not (out / DEMO_MARK).exists() and not (out / "demo-results.json").exists():
+        found = [str(p.relative_to(out)) for p, _ in zip(sorted(out.rglob("*")), range(4), strict=False)]
+        if found:
+            raise ConfigError(
+                f"--out {str(out)!r} holds files the demo did not write ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}); the demo writes only into a new or empty folder, or one an "
+                "earlier demo wrote: give another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by stillroom demo: a later demo may write into this folder again\n")
+
+
 def run_demo(demo: DemoConfig, console: Console | None = None) -> dict:
     """Run every step and return the table's numbers (also written to ``OUT/demo-results.json``)."""
     demo = checked(demo)
+    claim_folder(Path(demo.out))
     console = console or Console(width=110)
     preset = load_demo_config(demo.preset, demo.size)
     steps = _Steps(demo, preset, console)

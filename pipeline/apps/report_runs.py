@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from pipeline.apps.pictures import COLORS, new_figure, placeholder, save
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.phase2.metrics import read_lines
 
 # Line style of each loss term and of each head; colour tells the runs apart.
@@ -53,10 +53,10 @@ def load_run(folder: str, label: str) -> RunCurves:
     if not os.path.exists(path):
         raise ConfigError(f"--run {folder!r}: no metrics.jsonl there (not a train-student --out folder)")
     lines = read_lines(path)
-    steps: dict[int, int] = defaultdict(int)
-    for line in lines:
-        if line.get("event") in ("train", "epoch"):
-            steps[int(line["epoch"])] = max(steps[int(line["epoch"])], int(line.get("step", line.get("steps", 0))))
+    try:
+        steps = _epoch_steps(lines)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: a train or epoch line has no whole-number epoch and step ({e!r})") from None
     train: dict[str, list[tuple[float, float]]] = defaultdict(list)
     epoch: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for line in lines:
@@ -71,6 +71,16 @@ def load_run(folder: str, label: str) -> RunCurves:
                 if isinstance(line.get(key), int | float):
                     epoch[key].append((int(line["epoch"]) + 1.0, float(line[key])))
     return RunCurves(label, _arrays(train), _arrays(epoch))
+
+
+def _epoch_steps(lines: list[dict[str, Any]]) -> dict[int, int]:
+    """Each epoch's step count (its ``epoch`` line's, else the last step logged); checks every line's numbers."""
+    steps: dict[int, int] = defaultdict(int)
+    for line in lines:
+        if line.get("event") in ("train", "epoch"):
+            step = line["step"] if line.get("event") == "train" else line.get("step", line.get("steps", 0))
+            steps[int(line["epoch"])] = max(steps[int(line["epoch"])], int(step))
+    return steps
 
 
 def _arrays(series: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -143,8 +143,7 @@ class Cache:
         return mask
 
     def missing_units(self, blocks: Iterable[int], shards: Iterable[int]) -> list[tuple[int, int]]:
-        done = self.done_mask()
-        shards = list(shards)
+        done, shards = self.done_mask(), list(shards)
         return [(b, s) for b in blocks for s in shards if not done[b, s]]
 
     # -- writing ------------------------------------------------------------------------------
@@ -164,8 +163,7 @@ class Cache:
         self.array("done")[block, shard, :] = marker_chunk(count, checksum, fingerprint)
 
     def invalidate(self, block: int, shard: int) -> None:
-        """Mark a damaged unit not done (its marker equals the fill value, so zarr deletes the object); a read-only
-        cache is one :class:`~pipeline.errors.StorageError` naming it and the unit."""
+        """Mark a damaged unit not done (its marker is the fill value: zarr deletes it); read-only: one line."""
         with _writing(self, f"{self.meta.describe_unit(block, shard)} must be marked not done"):
             self.array("done")[block, shard, :] = -1
 
@@ -247,6 +245,10 @@ class Cache:
     def keys(self, shard: int) -> np.ndarray:
         """The stored keys of one shard (not verified: use :meth:`read_block` for checked data)."""
         return self._read("keys", (self.meta.shard_rows(shard),), 0, shard)
+
+    def labels(self, shard: int) -> np.ndarray:
+        """The stored labels of one shard (-1 = not read when the cache was made; not verified, like :meth:`keys`)."""
+        return self._read("labels", (self.meta.shard_rows(shard),), 0, shard)
 
     def digests(self, shard: int) -> np.ndarray:
         """The stored image digests of one shard (0 = unknown; not verified, like :meth:`keys`)."""

@@ -108,10 +108,15 @@ def _old_version(url: str, attrs: dict[str, Any]) -> str:
         if "mix_window" in recipe
         else ""
     )
+    version = attrs.get("format_version")
+    why = (
+        "pixel digests on rows that rotate with the view, so every image is checked"
+        if version == 3
+        else "per-unit checksums; pixel digests on every image"
+    )
     return (
-        f"cache {url!r} has format version {attrs.get('format_version')}; this stillroom reads version "
-        f"{FORMAT_VERSION} only (per-unit checksums){pairing}: rebuild it with cache-teacher "
-        "(another --out, or --force-new to replace it)"
+        f"cache {url!r} has format version {version}; this stillroom reads version {FORMAT_VERSION} only "
+        f"({why}){pairing}: rebuild it with cache-teacher (another --out, or --force-new to replace it)"
     )
 
 

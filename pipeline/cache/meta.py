@@ -20,7 +20,7 @@ from pipeline.shards.lists import ShardInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ATTR = "stillroom"
 
 # Two identities, kept apart. The views: which pixels each row's targets belong to (shards and

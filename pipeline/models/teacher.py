@@ -129,7 +129,7 @@ def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool =
     """
     if not timm.is_model(name):
         raise ConfigError(f"model {name!r} is not a timm model")
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = pretrained_cfg(name)
     if checkpoint is None:
         return int(cfg.num_classes) if pretrained and cfg and cfg.num_classes else None
     heads = cfg.classifier if cfg else None
@@ -142,6 +142,23 @@ def checkpoint_num_classes(name: str, checkpoint: str | None, pretrained: bool =
         if weight is not None and weight.ndim >= 1:
             return int(weight.shape[0])
     return None
+
+
+def pretrained_cfg(name: str, tag: str | None = None, overlay: dict[str, Any] | None = None) -> Any:
+    """timm's pretrained config of ``name`` (``architecture.tag``, or ``tag`` given apart); a tag timm does not
+    know for that architecture is refused naming the tags it knows."""
+    arch, own = timm.models.split_model_name_tag(name)
+    tag = tag or own or None
+    try:
+        if overlay is None and tag is None:
+            return timm.models.get_pretrained_cfg(name)
+        return timm.models.resolve_pretrained_cfg(arch, tag, overlay)
+    except RuntimeError:  # timm: "Invalid pretrained tag (...) for ..."
+        known = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(
+            f"--teacher {name}: timm has no pretrained weights tagged {tag!r} for {arch} (its tags: "
+            f"{', '.join(known) or 'none'})"
+        ) from None
 
 
 def create_kwargs(weights: TeacherWeights, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +181,7 @@ def resolve_pretrained(name: str, kwargs: dict[str, Any]) -> TeacherWeights:
     if not timm.is_model(arch):
         raise ConfigError(f"model {name!r} is not a timm model")
     cfg_arg = kwargs.get("pretrained_cfg") or tag or None
-    cfg = timm.models.resolve_pretrained_cfg(arch, cfg_arg, kwargs.get("pretrained_cfg_overlay")).to_dict()
+    cfg = pretrained_cfg(name, cfg_arg, kwargs.get("pretrained_cfg_overlay") or {}).to_dict()
     full = f"{cfg.get('architecture') or arch}.{cfg['tag']}" if cfg.get("tag") else name
     custom = cfg.get("custom_load") or False
     if isinstance(custom, str):  # a model-specific loader reading several hub files: no one file to hash
@@ -190,13 +207,24 @@ def resolve_pretrained(name: str, kwargs: dict[str, Any]) -> TeacherWeights:
     return TeacherWeights(path, full, int(classes) if classes else None, bool(custom), where)
 
 
-def _fetch_failed(full: str, where: str, cache: str, e: Exception) -> CheckpointError:
+# One request to the hub's endpoint, no retries, before any download: huggingface_hub retries a connection
+# that fails for about 25 s per file (54 s for timm's two candidate names) before it says "no network".
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _fetch_failed(full: str, where: str, cache: str, e: Exception, unreachable: Exception | None) -> CheckpointError:
     """One line: what could not be fetched and why, and the two ways on."""
     from huggingface_hub import constants
 
     reason = (str(e).strip().splitlines() or [""])[0][:120]
     if constants.HF_HUB_OFFLINE:
         why = f"HF_HUB_OFFLINE is set and {cache} does not hold them ({type(e).__name__})"
+    elif unreachable is not None:
+        detail = (str(unreachable).strip().splitlines() or [""])[0][:120]
+        why = (
+            f"{constants.ENDPOINT} cannot be reached ({type(unreachable).__name__}: {detail}) and {cache} does not "
+            "hold them"
+        )
     else:
         why = f"{type(e).__name__}: {reason}; no network? HF_HUB_OFFLINE=1 skips the download retries"
     return CheckpointError(
@@ -206,8 +234,25 @@ def _fetch_failed(full: str, where: str, cache: str, e: Exception) -> Checkpoint
     )
 
 
+def hub_unreachable() -> Exception | None:
+    """None when the hub's endpoint answers one request (any status) within ``HUB_PROBE_TIMEOUT_S``, else the
+    error. The request goes through huggingface_hub's own HTTP session: its proxies, certificates and headers."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # DNS, refused, timeout, proxy, TLS: the hub cannot be reached from here
+        return e
+    return None
+
+
 def _hub_file(full: str, location: str | tuple[str, str]) -> tuple[str, str]:
-    """The hub file timm's ``load_state_dict_from_hf`` would read: the safetensors twin first, as timm tries it."""
+    """The hub file timm's ``load_state_dict_from_hf`` would read: the safetensors twin first, as timm tries it.
+
+    Without network (and without ``HF_HUB_OFFLINE``) the hub's local cache is read at once, as huggingface_hub
+    itself falls back to it, but without first retrying the connection for most of a minute.
+    """
     from huggingface_hub import constants
     from huggingface_hub.errors import EntryNotFoundError
     from timm.models._hub import _get_safe_alternatives, hf_hub_download, hf_split
@@ -215,18 +260,20 @@ def _hub_file(full: str, location: str | tuple[str, str]) -> tuple[str, str]:
     repo, filename = location if isinstance(location, tuple) else (location, _HF_ALTERNATIVES_OF)
     repo_id, revision = hf_split(repo)
     names = [filename] if filename.endswith(".safetensors") else [*_get_safe_alternatives(filename), filename]
-    first: Exception | None = None
+    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable()
+    where, first = f"the Hugging Face hub ({repo})", None
     for i, candidate in enumerate(names):
         try:
-            path = hf_hub_download(repo_id=repo_id, filename=candidate, revision=revision)
+            kw = {"local_files_only": True} if unreachable is not None else {}
+            path = hf_hub_download(repo_id=repo_id, filename=candidate, revision=revision, **kw)
             return str(path), f"the Hugging Face hub ({repo}, {candidate})"
         except EntryNotFoundError as e:  # timm, too, goes on to the next name on any "not found"
             first = first or e
             if i + 1 < len(names):
                 continue
-            raise _fetch_failed(full, f"the Hugging Face hub ({repo})", constants.HF_HUB_CACHE, first) from e
+            raise _fetch_failed(full, where, constants.HF_HUB_CACHE, first, unreachable) from e
         except Exception as e:
-            raise _fetch_failed(full, f"the Hugging Face hub ({repo})", constants.HF_HUB_CACHE, e) from e
+            raise _fetch_failed(full, where, constants.HF_HUB_CACHE, e, unreachable) from e
     raise AssertionError("unreachable")
 
 
@@ -238,7 +285,7 @@ def _url_file(full: str, url: str) -> tuple[str, str]:
     try:
         path = download_cached_file(url, check_hash=getattr(_builder, "_CHECK_HASH", False), progress=False)
     except Exception as e:
-        raise _fetch_failed(full, url, get_cache_dir(), e) from e
+        raise _fetch_failed(full, url, get_cache_dir(), e, None) from e
     return str(path), url
 
 

@@ -68,8 +68,10 @@ class UnitStream(IterableDataset):
         yield {"unit": (block, s), "end": True, "count": len(positions), "skipped": dict(stats.reasons)}
 
     def _batch(self, block: int, s: int, views: list[View], shard: str) -> dict[str, Any]:
+        meta = self.meta
         checks = [
-            pixel_digest(v.pixels) if checked_row(self.meta.seed, v.view_id, shard, v.position) else 0 for v in views
+            pixel_digest(v.pixels) if checked_row(meta.seed, meta.views, v.view_id, shard, v.position) else 0
+            for v in views
         ]
         return {
             "unit": (block, s),

@@ -87,11 +87,18 @@ class Checkpointer:
         return load(self.last_path) if os.path.exists(self.last_path) else None
 
 
+RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl")
+
+
+def _previous_run(cfg: TrainConfig) -> list[str]:
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out, name))]
+
+
 def prepare_out(cfg: TrainConfig) -> None:
     """Refuse to write over a previous run unless told how (``--resume`` or ``--force-new``), and make
-    sure ``--out`` is writable before any work."""
-    names = ("last.pth", "best.pth", "metrics.jsonl")
-    previous = [name for name in names if os.path.exists(os.path.join(cfg.out, name))]
+    sure ``--out`` is writable before any work. Nothing is moved here: ``--force-new`` moves the previous
+    run aside (:func:`move_previous_aside`) only once everything else the run needs has been checked."""
+    previous = _previous_run(cfg)
     if cfg.resume and previous and "last.pth" not in previous:
         raise ConfigError(
             f"--resume: {os.path.join(cfg.out, 'last.pth')} does not exist, but --out holds a run "
@@ -99,18 +106,11 @@ def prepare_out(cfg: TrainConfig) -> None:
         )
     if cfg.resume and not previous:
         log.info("--resume: %s holds no run yet; starting one", cfg.out)
-    if previous and not cfg.resume:
-        if not cfg.force_new:
-            raise ConfigError(
-                f"--out {cfg.out!r} already holds a run ({', '.join(previous)}): add --resume to continue it, "
-                "or --force-new to start over (its files are moved aside, not deleted)"
-            )
-        aside = os.path.join(cfg.out, time.strftime("replaced-%Y%m%d-%H%M%S"))
-        os.makedirs(aside, exist_ok=True)
-        for name in (*previous, "resolved-config.yaml", "tensorboard", "wandb"):  # --log-to's files too
-            if os.path.exists(os.path.join(cfg.out, name)):
-                shutil.move(os.path.join(cfg.out, name), os.path.join(aside, name))
-        log.warning("--force-new: the previous run in %s was moved to %s", cfg.out, aside)
+    if previous and not cfg.resume and not cfg.force_new:
+        raise ConfigError(
+            f"--out {cfg.out!r} already holds a run ({', '.join(previous)}): add --resume to continue it, "
+            "or --force-new to start over (its files are moved aside, not deleted)"
+        )
     try:
         os.makedirs(cfg.out, exist_ok=True)
         probe = os.path.join(cfg.out, f".write-test-{os.getpid()}")
@@ -119,3 +119,20 @@ def prepare_out(cfg: TrainConfig) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"--out {cfg.out!r} is not writable: {e.strerror or e}") from None
+
+
+def move_previous_aside(cfg: TrainConfig) -> None:
+    """``--force-new``: move the previous run's files to ``OUT/replaced-<time>/`` (nothing is deleted).
+
+    Called after the data, caches, models and options of the new run have been checked, so a new run
+    that cannot start leaves the previous one in place, and ``--resume`` still continues it.
+    """
+    previous = _previous_run(cfg)
+    if not (cfg.force_new and previous):
+        return
+    aside = os.path.join(cfg.out, time.strftime("replaced-%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for name in (*previous, "resolved-config.yaml", "tensorboard", "wandb"):  # --log-to's files too
+        if os.path.exists(os.path.join(cfg.out, name)):
+            shutil.move(os.path.join(cfg.out, name), os.path.join(aside, name))
+    log.warning("--force-new: the previous run in %s was moved to %s", cfg.out, aside)

@@ -73,20 +73,35 @@ class RankEpoch:
         self.batches = epoch_batches(spec, cfg.batch_size, window, seed, first_step, pin_memory)
         return self.batches
 
-    def account(self, device: torch.device) -> dict[str, Any]:
-        """Copies of the epoch over every rank: the plan's, padding, skipped by reason, filled slots."""
-        counts: Counter = Counter(self.batches.counts if self.batches else {})
+    def skips(
+        self, device: torch.device, carried: dict[str, int] | None = None, until: int | None = None
+    ) -> dict[str, int]:
+        """Filled slots and skipped copies by reason over every rank, of the steps before ``until`` (all of
+        this stream's by default), plus ``carried``: those of the steps trained before a mid-epoch resume,
+        which the checkpoint holds. A collective: every rank calls it."""
+        return self._summed(self._counts(carried, until), ACCOUNT[2:], device)
+
+    def account(self, device: torch.device, carried: dict[str, int] | None = None) -> dict[str, Any]:
+        """Copies of the epoch over every rank: the plan's, padding, skipped by reason, filled slots (those
+        before a mid-epoch resume, ``carried``, included)."""
         mine = {
             "planned": self.plan.repeats * sum(s.size for s in self.segments if not s.padding),
             "padded": self.plan.repeats * sum(s.size for s in self.segments if s.padding),
-            **{k: counts[k] for k in ACCOUNT[2:]},
+            **self._counts(carried, None),
         }
-        total = all_sum(torch.tensor([float(mine[k]) for k in ACCOUNT], device=device), self.dist).tolist()
-        out = {k: int(v) for k, v in zip(ACCOUNT, total, strict=True)}
-        skipped = {k: out.pop(k) for k in ACCOUNT[3:] if out.get(k)}
-        for k in ACCOUNT[3:]:
-            out.pop(k, None)
-        return {**out, "skipped": skipped}
+        out: dict[str, Any] = self._summed(mine, ACCOUNT, device)
+        skipped = {k: out.pop(k) for k in ACCOUNT[3:]}
+        return {**out, "skipped": {k: v for k, v in skipped.items() if v}}
+
+    def _counts(self, carried: dict[str, int] | None, until: int | None) -> Counter:
+        counts: Counter = Counter(self.batches.counts(until) if self.batches else {})
+        if self.dist.rank == 0:  # the checkpoint's counts are every rank's already: added once
+            counts.update(carried or {})
+        return counts
+
+    def _summed(self, mine: dict[str, int], keys: tuple[str, ...], device: torch.device) -> dict[str, int]:
+        total = all_sum(torch.tensor([float(mine.get(k, 0)) for k in keys], device=device), self.dist).tolist()
+        return {k: int(v) for k, v in zip(keys, total, strict=True)}
 
 
 def noise_seed(run_seed: int, rank: int, epoch: int, step: int) -> int:

@@ -19,11 +19,9 @@ from pipeline.models.build import Normalized, autocast, create, resolve_device
 from pipeline.options import EvalConfig
 from pipeline.phase2 import checkpoint as ckpt
 from pipeline.phase2.distributed import Dist, all_sum
-from pipeline.phase2.inputs import RunData
 from pipeline.shards.decode import iter_decoded
 from pipeline.shards.lists import ShardInfo, check_same_classes, class_names, load_shard_list
 from pipeline.shards.samples import OnError
-from pipeline.train_options import TrainConfig
 from pipeline.views.deal import CHUNK
 from pipeline.views.pixels import join_batches, stack_views
 from pipeline.views.recipe import Recipe, eval_recipe
@@ -122,13 +120,6 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     if result["heads"] == 1:  # one head (a ResNet, a RegNet...): its top-1/top-5, not an "average" of one
         result = {"samples": result["samples"], "heads": 1, "top1": result["top1_avg"], "top5": result["top5_avg"]}
     return {"checkpoint": cfg.checkpoint, "epoch": state.get("epoch"), "model": meta["name"], **result}
-
-
-def evaluate_run(model: nn.Module, data: RunData, cfg: TrainConfig, device: torch.device, d: Dist) -> dict[str, Any]:
-    """:func:`evaluate` on a training run's validation shards, with its settings."""
-    recipe, on_error = data.recipe, cfg.on_error
-    args = (data.val_shards, recipe.img_size, data.num_classes, device, d, cfg.eval_batch_size, cfg.workers)
-    return evaluate(model, *args, recipe.crop_pct, on_error)  # type: ignore[arg-type]
 
 
 class EvalStream(IterableDataset):

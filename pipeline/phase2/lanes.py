@@ -227,7 +227,7 @@ def _check_row(cache: Cache, shard: ShardInfo, v: View, row: UnitData) -> None:
             f"(digest {v.digest:016x}, cache {digest:016x}); the shard was rebuilt: cache it again"
         )
     expected = int(row.pixel_digests[p, 0])
-    if expected and checked_row(cache.meta.seed, v.view_id, shard.name, p):
+    if expected and checked_row(cache.meta.seed, cache.meta.views, v.view_id, shard.name, p):
         ours = pixel_digest(v.pixels)
         if ours != expected:
             where = f"shard {shard.url!r} key {v.key!r} view {v.view_id}"
@@ -287,22 +287,34 @@ class WindowBatches:
         self.where: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}  # copy id -> (chunk, row)
         self.skipped: dict[tuple[int, int], str] = {}
         self.received = [s for s in spec.starts]
-        self.counts: Counter = Counter()  # skipped copies by reason, and "filled" slots
+        self.first_step = first_step
+        self.batch_counts: list[Counter] = []  # per batch yielded: its skipped copies by reason, "filled" slots
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
             for w in range(self.first_window, len(self.windows)):
-                order = self._order(w)
+                order, why = self._order(w)
                 if w == self.first_window:
-                    order = order[self.offset :]
+                    order, why = order[self.offset :], why[self.offset :]
                 for a in range(0, len(order), self.batch_size):
+                    # Counted as the batch is handed out, so the account of the steps before a checkpoint is exact.
+                    counts = Counter(x for x in why[a : a + self.batch_size] if x)
+                    counts["filled"] = sum(counts.values())
+                    self.batch_counts.append(counts)
                     yield self._gather(order[a : a + self.batch_size])
                 self._release(w)
         finally:  # ended, failed or closed by a stopping run: the workers go now
             close_loader(self.chunks)
 
-    def _order(self, w: int) -> list[tuple[int, int]]:
-        """The window's copy ids in batch order, each skipped slot filled with a trained copy of the window."""
+    def counts(self, until: int | None = None) -> Counter:
+        """Skipped copies by reason and filled slots of the batches handed out for the steps before ``until``
+        (every batch handed out by default), from this stream's first step on."""
+        stop = None if until is None else max(until - self.first_step, 0)
+        return sum(self.batch_counts[:stop], Counter())
+
+    def _order(self, w: int) -> tuple[list[tuple[int, int]], list[str | None]]:
+        """The window's copy ids in batch order, each skipped slot filled with a trained copy of the window,
+        and for each slot why its planned copy was skipped (None: trained as planned)."""
         for lane, _, stop in self.windows[w]:
             while self.received[lane] < stop:
                 self._take(fetch(self.chunks))
@@ -320,10 +332,7 @@ class WindowBatches:
                 filled.append(cid)
             else:
                 filled.append(trained[rng.randrange(len(trained))])
-        skipped = [c for c in order if c not in self.where][self.offset if w == self.first_window else 0 :]
-        self.counts.update(self.skipped[c] for c in skipped)
-        self.counts["filled"] += len(skipped)
-        return filled
+        return filled, [None if cid in self.where else self.skipped[cid] for cid in order]
 
     def _take(self, chunk: dict[str, Any]) -> None:
         lane, key = chunk["lane"], (chunk["lane"], chunk["first"])

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.errors import DataError
 from pipeline.files import append_text
 from pipeline.phase2.sinks import Sinks, open_sinks
 
@@ -47,16 +48,25 @@ class MetricsLog:
 
 
 def read_lines(path: str) -> list[dict[str, Any]]:
-    """The events of a metrics file (none if it does not exist); a line cut short by a kill is skipped."""
+    """The events of a metrics file (none if it does not exist); a line cut short by a kill is skipped.
+
+    Raises:
+        DataError: a line is JSON but not an object (a kill cannot leave one: the file is not a run's record).
+    """
     if not os.path.exists(path):
         return []
     out = []
     with open(path) as f:
-        for text in f:
+        for number, text in enumerate(f, 1):
             try:
-                out.append(json.loads(text))
+                line = json.loads(text)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(line, dict):
+                raise DataError(
+                    f"{path} line {number}: {text.strip()[:60]!r} is not a JSON object (not a train-student record)"
+                )
+            out.append(line)
     return out
 
 

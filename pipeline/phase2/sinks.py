@@ -200,11 +200,20 @@ def open_sinks(
     """
     made: list[Sink] = []
     for kind in dict.fromkeys(log_to):
-        if kind == "tensorboard":
-            made.append(TensorBoardSink(os.path.join(folder, "tensorboard")))
-        elif kind == "wandb":
-            group = os.path.basename(os.path.abspath(folder))
-            made.append(WandbSink(folder, name, group, config or {}))
+        try:
+            if kind == "tensorboard":
+                made.append(TensorBoardSink(os.path.join(folder, "tensorboard")))
+            elif kind == "wandb":
+                group = os.path.basename(os.path.abspath(folder))
+                made.append(WandbSink(folder, name, group, config or {}))
+        except Exception as e:  # installed but broken (an import that fails, a service down): the record goes on
+            detail = " ".join(str(e).split())[:200]
+            log.warning(
+                "--log-to: %s cannot start (%s: %s); it is left out (metrics.jsonl has every line)",
+                kind,
+                type(e).__name__,
+                detail,
+            )
     return Sinks(made, past)
 
 

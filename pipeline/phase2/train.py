@@ -22,16 +22,16 @@ from typing import Any
 import torch
 
 from pipeline.config import checked, write_resolved
-from pipeline.errors import WorkerError
+from pipeline.errors import TrainingError, WorkerError
 from pipeline.interrupt import RunInterrupted, StopSignals
 from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
 from pipeline.phase2 import checkpoint as ckpt
 from pipeline.phase2.distributed import Dist, any_rank, barrier, init, shutdown
 from pipeline.phase2.epoch import RankEpoch, next_batch, noise_seed
-from pipeline.phase2.evaluate import evaluate_run
+from pipeline.phase2.evaluate import evaluate
 from pipeline.phase2.identity import check_resumable, run_identity
-from pipeline.phase2.inputs import check_caches, resolve_data
+from pipeline.phase2.inputs import RunData, check_caches, resolve_data
 from pipeline.phase2.metrics import DebugTrace, MetricsLog, StepMeter
 from pipeline.phase2.optimization import Optimization
 from pipeline.phase2.run_models import live_teachers, student_for
@@ -64,17 +64,20 @@ class Trainer:
         self.identity = run_identity(cfg, self.data)
         self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.is_main)
         state = self.checkpointer.load_last() if cfg.resume else None
-        # The options --allow-change let through on this resume, and on every one before.
-        last = self.checkpointer.last_path
+        last = self.checkpointer.last_path  # changes --allow-change let through: on this resume, then on all
         self.changes = check_resumable(cfg, state, dist.world, last, self.identity) if state else []
         self.history = [*(state or {}).get("changes", []), *self.changes]
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
+        # Skips and fills of this epoch's steps before a mid-epoch checkpoint: resumed, and to be saved.
+        self.carried, self.partial = dict(state.get("epoch_account") or {}) if state else {}, {}
+        self.part: RankEpoch | None = None
         soft = float(cfg.tau) if cfg.distillation == "soft" else None
         self.cache_shards = check_caches(self.data, self.position.epoch, cfg.epochs, soft)
         self._build()
         if state:
             self.load_state_dict(state)
-        if dist.is_main:  # nothing in OUT is written before every refusal above
+        if dist.is_main:  # nothing in OUT is moved or written before every refusal above
+            ckpt.move_previous_aside(cfg)
             write_resolved(cfg, cfg.out)
         self.metrics = MetricsLog(f"{cfg.out}/metrics.jsonl", dist.is_main, cfg.log_to, dataclasses.asdict(cfg))
         self.trace = DebugTrace(dist.rank)
@@ -92,18 +95,7 @@ class Trainer:
         teachers = live_teachers(cfg, data, self.device) if cfg.live else []
         self.global_batch = cfg.batch_size * dist.world * cfg.accum_steps
         self.opt = Optimization(cfg, self.model, self.global_batch, self.rank_epoch(0).steps // cfg.accum_steps)
-        self.task = DistillationTask(
-            student=self.model,
-            num_classes=data.num_classes,
-            distillation=cfg.distillation,  # type: ignore[arg-type]
-            alpha=cfg.alpha,
-            tau=cfg.tau,
-            weights=data.weights,
-            teachers=teachers,
-            reductions=data.reductions,
-            smoothing=data.recipe.smoothing,
-            amp=cfg.amp,
-        )
+        self.task = make_task(cfg, data, self.model, teachers)
         if dist.enabled:
             self.task.prepare_distributed(self.device)
         if cfg.compile:
@@ -116,10 +108,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Every stateful part of the run; what ``last.pth`` and ``best.pth`` hold.
 
-        The learning-rate schedule is not stored: it is rebuilt from this run's config and fast-forwarded to
-        ``global_step`` (a longer ``--epochs`` let through by ``--allow-change`` stretches the cosine from there
-        on). No RNG state either: noise is seeded per step. ``changes`` lists every ``--allow-change`` so far.
-        """
+        The learning-rate schedule is not stored: it is rebuilt from this run's options (a longer ``--epochs``
+        stretches the cosine from ``global_step`` on). No RNG state: noise is seeded per step. ``changes``: every
+        ``--allow-change`` so far."""
         return {
             "model": self.model.net.state_dict(),
             **self.opt.state_dict(),
@@ -129,6 +120,7 @@ class Trainer:
             "identity": self.identity,
             "changes": self.history,
             "model_meta": self.model_meta,
+            "epoch_account": dict(self.partial),  # skips and fills of this epoch's steps before the position
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -166,12 +158,19 @@ class Trainer:
                 self._interrupted(epoch + 1, 0)
         return {**result, "best_top1": p.best_top1}
 
+    def _save_at(self, epoch: int, step: int) -> None:
+        """Save ``last.pth`` at a position: the end of an epoch (``step`` 0), or a step inside it with the
+        account of the steps before it, so that a resumed epoch reports all of its copies (every rank)."""
+        p = self.position
+        p.epoch, p.step_in_epoch = epoch, step
+        self.partial = self.part.skips(self.device, self.carried, until=step) if step and self.part else {}
+        self.checkpointer.save(self.state_dict())
+
     def _interrupted(self, epoch: int, step: int, failure: WorkerError | None = None, saved: bool = False) -> None:
         """Save the exact position (no gradients pending) unless ``saved``, and stop; ``--resume`` continues from
         it. A stop signal ends with :class:`RunInterrupted`, a dead loader worker with ``failure``, completed."""
-        self.position.epoch, self.position.step_in_epoch = epoch, step
         if not saved:
-            self.checkpointer.save(self.state_dict())
+            self._save_at(epoch, step)
         why = {"reason": str(failure)} if failure and self.stop.received is None else {"signal": self.stop.received}
         self.metrics.write("interrupted", epoch=epoch, step=step, **why)
         at = f"at epoch {epoch} step {step}, saved in {self.checkpointer.last_path}: add --resume to continue"
@@ -181,7 +180,7 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, p = self.cfg, self.position
-        part = self.rank_epoch(epoch)
+        part = self.part = self.rank_epoch(epoch)
         steps, first = part.steps, p.step_in_epoch
         batches = iter(part.stream(first, self.task.target_tau, pin_memory=self.device.type == "cuda"))
         self.task.train()
@@ -203,11 +202,12 @@ class Trainer:
                     epoch, step, self.train_step(batch, epoch, step, steps), len(batch["keys"]), self.opt.current_lr
                 )
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                    p.epoch, p.step_in_epoch = epoch, step + 1
-                    self.checkpointer.save(self.state_dict())
+                    self._save_at(epoch, step + 1)
+        copies = part.account(self.device, self.carried)
         p.epoch, p.step_in_epoch = epoch + 1, 0
+        self.carried, self.partial = {}, {}
         self.opt.end_epoch(epoch + 1)
-        return {"epoch": epoch, "views": list(part.plan.views), **meter.summary(), "copies": part.account(self.device)}
+        return {"epoch": epoch, "views": list(part.plan.views), **meter.summary(), "copies": copies}
 
     def train_step(self, batch: dict[str, Any], epoch: int, step: int, steps: int) -> tuple[float, float, float]:
         """Forward, backward and (at the end of an accumulation) an optimizer step.
@@ -227,7 +227,7 @@ class Trainer:
             self.opt.step(p.global_step)
         loss, base, distill = torch.stack([out.loss.detach(), out.base_loss, out.distill_loss]).tolist()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step} of epoch {p.epoch}")
+            raise diverged(loss, epoch, step, self.opt.current_lr, cfg)
         self.trace.record(self.model, epoch=epoch, step=step, global_step=p.global_step, keys=batch["keys"], loss=loss)
         return loss, base, distill
 
@@ -242,7 +242,7 @@ class Trainer:
         if not (data.val_shards and due):
             return {}
         try:
-            result = evaluate_run(self.model, data, cfg, self.device, self.dist)
+            result = validate(self.model, data, cfg, self.device, self.dist)
         except Exception as e:  # a stop signal or a dead worker while evaluating: the epoch is saved already
             if self.stop.received is None and not isinstance(e, WorkerError):
                 raise
@@ -252,6 +252,48 @@ class Trainer:
             self.checkpointer.save(self.state_dict(), best=True)
             self.checkpointer.save(self.state_dict())  # last.pth records the new best too
         return result
+
+
+def make_task(
+    cfg: TrainConfig, data: RunData, model: torch.nn.Module, teachers: list[torch.nn.Module]
+) -> DistillationTask:
+    """The task that owns the run's forward and loss (DeiT's, with its options and the caches' reductions)."""
+    return DistillationTask(
+        student=model,
+        num_classes=data.num_classes,
+        distillation=cfg.distillation,  # type: ignore[arg-type]
+        alpha=cfg.alpha,
+        tau=cfg.tau,
+        weights=data.weights,
+        teachers=teachers,
+        reductions=data.reductions,
+        smoothing=data.recipe.smoothing,
+        amp=cfg.amp,
+    )
+
+
+def validate(model: torch.nn.Module, data: RunData, cfg: TrainConfig, device: torch.device, dist: Dist) -> dict:
+    """Top-1/top-5 of each head on the validation shards (every rank takes its share)."""
+    return evaluate(
+        model,
+        data.val_shards,
+        data.recipe.img_size,
+        data.num_classes,
+        device,
+        dist,
+        cfg.eval_batch_size,
+        cfg.workers,
+        data.recipe.crop_pct,
+        cfg.on_error,  # type: ignore[arg-type]
+    )
+
+
+def diverged(loss: float, epoch: int, step: int, lr: float, cfg: TrainConfig) -> TrainingError:
+    """The one line of a run whose loss is no longer finite (a learning rate too large for it)."""
+    return TrainingError(
+        f"the loss is {loss} at step {step} of epoch {epoch} (learning rate {lr:.3g}, from --lr {cfg.lr:g}): the "
+        "run diverged. Lower --lr (or set --clip-grad) and start again (--force-new over this --out)"
+    )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -191,7 +191,7 @@ def read_index(url: str) -> list[tuple[str, int | None]]:
             raise DataError(f"shard index {url!r}: wids_version {doc['wids_version']!r} is not 1")
         entries = _wids_entries(doc, base, url)
     elif isinstance(doc, dict) and isinstance(doc.get("shards"), list):  # a sidecar of an older pack
-        entries = [(storage.join(base, s["name"]), int(s["count"])) for s in doc["shards"]]
+        entries = [(storage.join(base, n), c) for n, c in sidecar_counts(doc, url).items()]
     else:
         raise DataError(
             f"{url!r} is not a shard index (expected a wids index with 'wids_version' and 'shardlist', "
@@ -221,15 +221,29 @@ def read_sidecar(url: str) -> dict:
     return doc
 
 
-def sidecar_counts(doc: dict) -> dict[str, int]:
+def sidecar_counts(doc: dict, where: str) -> dict[str, int]:
     """Sample counts by shard name from a sidecar, a wids index (old sidecars have only ``shards``) or a split
-    info file (every split's)."""
-    counts = {storage.basename(s["url"]): int(s["nsamples"]) for s in doc.get("shardlist", []) if "url" in s}
-    counts.update({s["name"]: int(s["count"]) for s in doc.get("shards", []) if "name" in s})
+    info file (every split's); a count that is not a whole number >= 0 is refused, naming ``where`` and the
+    shard (a wrong count would misplace every cache row after it)."""
+    pairs = [(s.get("url"), s.get("nsamples")) for s in _dicts(doc.get("shardlist"), where) if "url" in s]
+    pairs += [(s.get("name"), s.get("count")) for s in _dicts(doc.get("shards"), where) if "name" in s]
     for info in (doc.get("splits") or {}).values() if _is_split_info(doc) else []:
-        pairs = zip(info.get("filenames") or [], info.get("shard_lengths") or [], strict=False)
-        counts.update({storage.basename(n): int(c) for n, c in pairs})
+        info = info if isinstance(info, dict) else {}
+        pairs += zip(info.get("filenames") or [], info.get("shard_lengths") or [], strict=False)
+    counts = {}
+    for name, n in pairs:
+        if not isinstance(name, str) or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DataError(f"{where}: the sample count of shard {name!r} is {n!r}, not a whole number >= 0")
+        counts[storage.basename(name)] = n
     return counts
+
+
+def _dicts(items: Any, where: str) -> list[dict]:
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise DataError(f"{where}: expected a list of objects per shard, got {str(items)[:80]}")
+    return items
 
 
 class _Sidecars:
@@ -253,8 +267,8 @@ class _Sidecars:
         side = _sidecar_url(url)
         return None if not side or storage.is_pipe(side) else self._read(side)
 
-    def split_info(self, url: str) -> dict | None:
-        """timm's split info file in the shard's folder (``_info.json``, else ``info.json``), if any.
+    def split_info(self, url: str) -> tuple[dict, str] | None:
+        """timm's split info file in the shard's folder (``_info.json``, else ``info.json``) and its path, if any.
 
         Unlike a pack sidecar, such a file was not named by anything: one that is not split info (or not
         JSON at all) is passed over, not an error.
@@ -268,16 +282,16 @@ class _Sidecars:
             except DataError:
                 doc = self.docs[path] = None
             if _is_split_info(doc):
-                return doc
+                return doc, path  # type: ignore[return-value]
         return None
 
     def count(self, url: str) -> int | None:
         name = shard_name(url)
         doc = self.find(url)
-        n = sidecar_counts(doc).get(name) if doc else None
+        n = sidecar_counts(doc, _sidecar_url(url)).get(name) if doc else None
         if n is None:
-            info = self.split_info(url)
-            n = sidecar_counts(info).get(name) if info else None
+            found = self.split_info(url)
+            n = sidecar_counts(*found).get(name) if found else None
         return n
 
 
@@ -285,7 +299,9 @@ def num_classes_from_sidecar(url: str) -> int | None:
     """The class count recorded by ``stillroom pack`` next to a shard (local or remote), if any."""
     doc = _Sidecars().find(url)
     n = doc.get("num_classes") if doc else None
-    return int(n) if n is not None else None
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DataError(f"sidecar {_sidecar_url(url)!r}: num_classes is {n!r}, not a whole number >= 1")
+    return n
 
 
 def class_names(spec: str | Sequence[str]) -> list[str] | None:

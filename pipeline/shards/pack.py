@@ -17,6 +17,10 @@ that reading would give anyway). Hidden files and folders (``.ipynb_checkpoints`
 are ignored, and every other file that is not packed is reported, in the return value, on the
 command line and in the sidecar. The sidecar ``<prefix>.json`` is also a wids shard index
 (``wids_version``, ``shardlist``), so ``--shards <prefix>.json`` starts without opening a tar.
+
+A pack writes over, or removes, only files that an earlier pack in the same folder wrote (its sidecar lists
+them): another tool's shards, and another split's files, are never touched, and files of the earlier pack
+that a re-pack does not write again are removed only with ``--replace`` (:func:`_plan`).
 """
 
 from __future__ import annotations
@@ -203,27 +207,138 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
-def _remove_stale(out: str, prefix: str, keep: int) -> list[str]:
-    """Remove ``<prefix>-NNNNNN.tar`` shards numbered ``keep`` and above, left by an earlier pack.
+def _numbered(out: str, split: str) -> list[str]:
+    """The ``<split>-NNNNNN.tar`` files in ``out``: what a glob or brace pattern of the split picks up."""
+    if not os.path.isdir(out):
+        return []
+    pattern = re.compile(re.escape(split) + r"-\d{6}\.tar")
+    return sorted(name for name in os.listdir(out) if pattern.fullmatch(name))
 
-    A glob (``train-*.tar``, ``*.tar``) would pick them up and silently mix them into the data set.
+
+def _earlier_pack(out: str, split: str) -> dict | None:
+    """The sidecar an earlier pack of ``split`` left in ``out``; None when there is none, or when
+    ``<split>.json`` is not a pack sidecar (another tool's file, never ours to replace)."""
+    try:
+        with open(os.path.join(out, split + ".json")) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("split", split) != split or not isinstance(doc.get("shards"), list):
+        return None
+    return doc
+
+
+def _written_by(doc: dict | None, split: str) -> set[str]:
+    """The files a pack of ``split`` wrote, as its sidecar lists them (those it was writing when stopped too)."""
+    if doc is None:
+        return set()
+    names = {s["name"] for s in doc["shards"] if isinstance(s, dict) and isinstance(s.get("name"), str)}
+    return names | {n for n in doc.get("writing", []) if isinstance(n, str)} | {split + ".json"}
+
+
+@dataclass
+class _Split:
+    """One split a pack writes: its name, samples, shards, and the split whose --val-fraction it is."""
+
+    name: str
+    items: list[Item]
+    per_shard: int
+    val_of: str | None = None
+
+    @property
+    def files(self) -> list[str]:
+        shards = -(-len(self.items) // self.per_shard)
+        return [f"{self.name}-{s:06d}.tar" for s in range(shards)] + [self.name + ".json"]
+
+
+def _plan(out: str, splits: list[_Split], replace: bool) -> list[str]:
+    """Check what packing ``splits`` into ``out`` writes over and leaves behind; returns the files to remove.
+
+    Only files an earlier pack in ``out`` wrote (its sidecar lists them) are ever written over or removed;
+    a file of the split's name that no sidecar lists, or another split's files, stops the pack before
+    anything is written. Files of the earlier pack that this one does not write again are removed only
+    with ``replace`` (a glob of the split would otherwise mix them in).
     """
-    numbered = re.compile(re.escape(prefix) + r"-(\d{6})\.tar")
-    removed = []
-    for old in sorted(os.listdir(out)):
-        m = numbered.fullmatch(old)
-        if m and int(m.group(1)) >= keep:
-            os.remove(os.path.join(out, old))
-            removed.append(old)
+    foreign, removed = [], []
+    for split in splits:
+        doc = _earlier_pack(out, split.name)
+        _same_kind(out, split, doc, replace)
+        ours = _written_by(doc, split.name)
+        present = [*_numbered(out, split.name), *([split.name + ".json"] if os.path.exists(_path(out, split)) else [])]
+        foreign += [name for name in present if name not in ours]
+        removed += [name for name in sorted(ours - set(split.files)) if os.path.exists(os.path.join(out, name))]
+    train = splits[0]
+    if len(splits) == 1 and train.name != "val":
+        doc = _earlier_pack(out, "val")
+        if doc is not None and doc.get("val_of") == train.name:  # its samples are in this pack's train split now
+            removed += [n for n in sorted(_written_by(doc, "val")) if os.path.exists(os.path.join(out, n))]
+    if foreign:
+        raise DataError(
+            f"{out} holds {_names(foreign)}, which no earlier pack in this folder wrote (no sidecar lists "
+            f"{'it' if len(foreign) == 1 else 'them'}); pack never writes over or beside files it did not write: "
+            "move them away, or pack into another folder"
+        )
+    if removed and not replace:
+        raise DataError(
+            f"packing into {out} would remove {_names(removed)} of its earlier pack (this pack does not write "
+            "them again, and a glob of the split would mix them in); add --replace to remove them, or pack into "
+            "another folder"
+        )
     return removed
 
 
+def _path(out: str, split: _Split) -> str:
+    return os.path.join(out, split.name + ".json")
+
+
+def _same_kind(out: str, split: _Split, doc: dict | None, replace: bool) -> None:
+    """Refuse to write a split over another pack's split of that name: a --val-fraction split over one packed
+    on its own (``--prefix val``) or over another split's, and the other way round."""
+    if doc is None or doc.get("val_of", split.val_of) == split.val_of:
+        return  # no earlier pack, the same kind, or an older sidecar of a split packed on its own
+    if "val_of" not in doc and replace:
+        return  # an older sidecar does not say: the user says it is this data set's --val-fraction split
+    if doc.get("val_of"):
+        whose = f"is the --val-fraction split of {doc['val_of']!r}"
+    else:
+        whose = "was packed on its own (--prefix)" if "val_of" in doc else "an older pack wrote (it does not say how)"
+    how = "--val-fraction" if split.val_of else f"packing {split.name!r} on its own"
+    hint = ", or add --replace if it is this data set's --val-fraction split" if "val_of" not in doc else ""
+    raise DataError(
+        f"{_path(out, split)}: {out} already holds a split {split.name!r} that {whose}; {how} would write over "
+        f"it. Pack into another folder{hint}"
+    )
+
+
+def _names(files: list[str], shown: int = 5) -> str:
+    more = f" and {len(files) - shown} more" if len(files) > shown else ""
+    return ", ".join(files[:shown]) + more
+
+
+def _mark_writing(out: str, split: _Split) -> None:
+    """Before any shard is written, record in the sidecar the files this pack writes: a pack killed midway
+    leaves only sidecar-listed files, which the next pack may write over."""
+    doc = _earlier_pack(out, split.name) or {"split": split.name, "val_of": split.val_of, "shards": []}
+    doc["writing"] = split.files
+    tmp = _path(out, split) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, _path(out, split))
+
+
 def _write_split(
-    items: list[Item], out: str, prefix: str, per_shard: int, classes: list[str], skipped: Skipped | None = None
+    items: list[Item],
+    out: str,
+    prefix: str,
+    per_shard: int,
+    classes: list[str],
+    skipped: Skipped | None = None,
+    val_of: str | None = None,
 ) -> dict:
     from webdataset import TarWriter  # imports torch: only when shards are written
 
     os.makedirs(out, exist_ok=True)
+    _mark_writing(out, _Split(prefix, items, per_shard, val_of))
     shards = []
     for s, start in enumerate(range(0, len(items), per_shard)):
         chunk = items[start : start + per_shard]
@@ -234,9 +349,6 @@ def _write_split(
                 sink.write({"__key__": it.key, it.ext: it.data, "cls": str(it.label).encode()})
         os.replace(tmp, os.path.join(out, name))
         shards.append({"name": name, "count": len(chunk), "class_counts": dict(Counter(it.label for it in chunk))})
-    removed = _remove_stale(out, prefix, len(shards))
-    if removed:
-        log.warning("removed %d stale %s shards of an earlier pack: %s", len(removed), prefix, ", ".join(removed))
     meta = {
         # A wids shard index (webdataset's format) as well as the sidecar: --shards <prefix>.json gives the
         # shards and their counts without opening a tar; urls are relative to this file, as wids reads them.
@@ -245,6 +357,7 @@ def _write_split(
         "name": prefix,
         "shardlist": [{"url": s["name"], "nsamples": s["count"]} for s in shards],
         "split": prefix,
+        "val_of": val_of,  # the split whose --val-fraction this is (None: packed on its own)
         "classes": classes,
         "num_classes": len(classes),
         "num_samples": len(items),
@@ -253,21 +366,11 @@ def _write_split(
         "pattern": f"{prefix}-{{000000..{len(shards) - 1:06d}}}.tar" if shards else None,
         "skipped": skipped.summary() if skipped else [],
     }
-    with open(os.path.join(out, prefix + ".json"), "w") as f:
+    tmp = os.path.join(out, prefix + ".json.tmp")
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(out, prefix + ".json"))
     return meta
-
-
-def _remove_stale_val(out: str) -> None:
-    """A repack without --val-fraction: the val split of an earlier pack holds keys now in train."""
-    if not os.path.isdir(out):
-        return
-    removed = _remove_stale(out, "val", 0)
-    if os.path.exists(os.path.join(out, "val.json")):
-        os.remove(os.path.join(out, "val.json"))
-        removed.append("val.json")
-    if removed:
-        log.warning("removed the val split of an earlier pack (its samples are now in train): %s", ", ".join(removed))
 
 
 def pack(source: str, out: str, **options: Any) -> dict[str, dict]:
@@ -279,6 +382,11 @@ def pack(source: str, out: str, **options: Any) -> dict[str, dict]:
     Returns:
         The sidecar metadata of each split written, by split name; each records under ``skipped``
         the source files that were not packed, and why.
+
+    Raises:
+        DataError: ``out`` holds files of the split's names that no earlier pack there wrote, or another
+            pack's split, or (without ``replace``) files of its earlier pack that this one would remove;
+            nothing is written then.
     """
     cfg = checked(PackConfig(source=source, out=out, **options))
     writable_folder(out, "--out")
@@ -291,9 +399,13 @@ def pack(source: str, out: str, **options: Any) -> dict[str, dict]:
     items.sort(key=lambda it: (_hash01("order:" + it.key), it.key))
     val = [it for it in items if _hash01("split:" + it.key) < cfg.val_fraction]
     train = [it for it in items if _hash01("split:" + it.key) >= cfg.val_fraction]
-    result = {cfg.prefix: _write_split(train, out, cfg.prefix, cfg.per_shard, classes, skipped)}
+    splits = [_Split(cfg.prefix, train, cfg.per_shard)]
     if cfg.val_fraction > 0:
-        result["val"] = _write_split(val, out, "val", cfg.per_shard, classes, skipped)
-    elif cfg.prefix != "val":
-        _remove_stale_val(out)
+        splits.append(_Split("val", val, cfg.per_shard, val_of=cfg.prefix))
+    removed = _plan(out, splits, cfg.replace)  # every refusal before anything is written
+    result = {s.name: _write_split(s.items, out, s.name, s.per_shard, classes, skipped, s.val_of) for s in splits}
+    for name in removed:
+        os.remove(os.path.join(out, name))
+    if removed:
+        log.warning("--replace: removed %d file(s) of the earlier pack in %s: %s", len(removed), out, _names(removed))
     return result

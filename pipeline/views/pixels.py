@@ -84,15 +84,33 @@ def stack_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
     return join_batches([v[None] for v in views])
 
 
-# 1 row in this many (chosen by a seeded hash, so every rank and block gets some) carries a digest of its
-# replayed pixels in the cache: phase 2 and verify-cache recompute it, so another decoder or CPU path
-# that changes a single pixel is caught, not only another image file.
+# At most 1 row in this many of a view carries a digest of its replayed pixels in the cache; phase 2 and
+# verify-cache recompute it, so another decoder or CPU path that changes a single pixel is caught, not only
+# another image file.
 PIXEL_CHECK_EVERY = 16
 
 
-def checked_row(seed: int, view: int, shard: str, position: int) -> bool:
-    """Whether (view, shard, position) is one of the rows whose replayed pixels the cache records."""
-    return stable_seed("pixel-check", seed, view, shard, position) % PIXEL_CHECK_EVERY == 0
+def check_period(views: int) -> int:
+    """``n``: a view's checked rows are 1 in ``n``, ``n`` = 16, or the cache's view count when smaller, so that
+    the checked rows, rotating with the view, cover every row across any ``n`` consecutive views."""
+    return max(1, min(PIXEL_CHECK_EVERY, views))
+
+
+def check_offset(seed: int, shard: str, views: int) -> int:
+    """Where the rotation of the checked rows starts in a shard (seeded, so shards do not all start at row 0)."""
+    return stable_seed("pixel-check", seed, shard) % check_period(views)
+
+
+def checked_row(seed: int, views: int, view: int, shard: str, position: int) -> bool:
+    """Whether (view, shard, position) is one of the rows whose replayed pixels the cache records.
+
+    Row ``p`` of a shard is checked in view ``v`` when ``(p + offset) % n == v % n`` (:func:`check_period`,
+    :func:`check_offset`): every image is checked in every ``n``-th view, so in at least one of the cache's
+    ``views`` (format 4; format 3 drew 1 row in 16 per view at random, leaving most images of a few-view cache
+    never checked).
+    """
+    n = check_period(views)
+    return (position + check_offset(seed, shard, views)) % n == view % n
 
 
 def pixel_digest(pixels: torch.Tensor) -> int:

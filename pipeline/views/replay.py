@@ -8,7 +8,7 @@ code path: the per-sample transform of :mod:`pipeline.views.augment`, then mixup
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,16 +60,26 @@ def _pair_views(
 
 
 def mixed_views(
-    samples: Sequence[DecodedSample], view: int, recipe: Recipe, seed: int, shard: str, count: int
+    samples: Sequence[DecodedSample],
+    view: int,
+    recipe: Recipe,
+    seed: int,
+    shard: str,
+    count: int,
+    only: Collection[int] | None = None,
 ) -> Iterator[View]:
     """The finished ``view`` of each of ``samples`` (a whole shard, or the part an epoch trains), mixed with
-    its partner among them (:func:`pipeline.views.mixing.partners`). Views come out pair by pair."""
+    its partner among them (:func:`pipeline.views.mixing.partners`). Views come out pair by pair; with
+    ``only``, just the pairs with a member at one of those positions are made (partners are still drawn
+    among all of ``samples``, so each view is the one the whole shard gives)."""
     by_position = {s.position: s for s in samples}
     pairs = (
         partners(seed, view // recipe.repeats, shard, count, recipe.repeats, by_position)
         if recipe.mixes
         else [(p, None) for p in by_position]
     )
+    if only is not None:
+        pairs = [(pa, pb) for pa, pb in pairs if pa in only or pb in only]
     for pa, pb in pairs:
         va, vb = _pair_views(by_position[pa], None if pb is None else by_position[pb], view, recipe, seed, shard)
         yield va
