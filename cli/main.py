@@ -20,7 +20,7 @@ import typer
 
 from cli.flags import command_from
 from pipeline.errors import StillroomError
-from pipeline.interrupt import sigterm_interrupts
+from pipeline.interrupt import RunInterrupted, sigterm_interrupts
 from pipeline.options import (
     CacheConfig,
     DemoConfig,
@@ -66,6 +66,11 @@ def _pack(cfg: PackConfig) -> None:
 def _cache_teacher(cfg: CacheConfig) -> None:
     from pipeline.phase1.cache_teacher import run
 
+    if cfg.log_to:  # its files go to the working folder, and are written after the job: refuse now, not then
+        from pipeline.files import writable_folder
+        from pipeline.phase2.sinks import cache_log_folder
+
+        writable_folder(cache_log_folder(cfg.out), "--log-to")
     s = run(cfg)
     skipped = sum(s["skipped_samples"].values())
     typer.echo(
@@ -106,14 +111,9 @@ def _verify_cache(cfg: VerifyConfig) -> None:
 
 
 def _train_student(cfg: TrainConfig) -> None:
-    from pipeline.interrupt import RunInterrupted
     from pipeline.phase2.train import train
 
-    try:
-        result = train(cfg)
-    except RunInterrupted as e:
-        typer.secho(f"interrupted: {e}", fg="yellow", err=True)
-        raise typer.Exit(e.exit_code) from None
+    result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps({"final": result}))
 
@@ -172,6 +172,9 @@ def _guarded(action: Callable[[Any], None]) -> Callable[[Callable[[], Any]], Non
         try:
             load_plugins()
             action(config())
+        except RunInterrupted as e:  # a stop signal, the position saved: what a batch system requeues (143)
+            typer.secho(f"interrupted: {e}", fg="yellow", err=True)
+            raise typer.Exit(e.exit_code) from None
         except StillroomError as e:
             typer.secho(f"error: {_message(e)}", fg="red", err=True)
             raise typer.Exit(2) from None

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.files import writable_folder, write_text
 
 T = TypeVar("T")
 
@@ -34,6 +35,7 @@ def option(
     factory: Callable[[], Any] | None = None,
     positional: bool = False,
     metavar: str | None = None,
+    on_resume: str | None = None,
 ) -> Any:
     """A config field: the one declaration of an option.
 
@@ -44,8 +46,16 @@ def option(
         factory: Builds a mutable default.
         positional: A command-line argument rather than a ``--flag``.
         metavar: What ``--help`` calls the value, where the type's name would mislead (``NAME``, not ``URL``).
+        on_resume: What a new value does to a run on ``--resume``, for options of a run that resumes
+            (``pipeline.train_options.ROLES``: every ``train-student`` option declares one).
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional, "metavar": metavar}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "positional": positional,
+        "metavar": metavar,
+        "on_resume": on_resume,
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -232,11 +242,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def write_resolved(cfg: Any, out_dir: str, name: str = "resolved-config.yaml") -> str:
-    """Write the resolved config as YAML next to the outputs (atomic)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the resolved config as YAML next to the outputs, whole or not at all (one line naming it if not)."""
+    writable_folder(out_dir, "--out")
     path = os.path.join(out_dir, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

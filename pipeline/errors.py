@@ -34,3 +34,14 @@ class TrainingError(StillroomError):
 
 class StorageError(StillroomError):
     """A file or object store cannot be reached or written; the message names the URL."""
+
+
+class WorkerError(StillroomError):
+    """A data loader worker process died, or was stopped alone (the kernel's OOM killer, a signal to its pid);
+    the message names the worker and where the run's position was saved."""
+
+
+class WorkerStopped(WorkerError):
+    """Raised in a loader worker that was sent SIGTERM, at its next sample: the main process learns of it with
+    the next batch, in one piece, and tells a stop of the whole job (it got the signal too) from one of the
+    worker alone. Its one argument is the message (torch rebuilds it from that in the main process)."""

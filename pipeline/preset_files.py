@@ -11,7 +11,8 @@ import importlib.resources
 import shutil
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
+from pipeline.files import os_reason, writable_folder
 
 _SOURCE_TREE = Path(__file__).resolve().parents[1] / "configs"
 
@@ -41,10 +42,13 @@ def preset_path(name: str) -> Path:
 def copy_presets(dest: str) -> list[str]:
     """Copy every preset into the folder ``dest`` (created); existing files of the same name are refused."""
     out = Path(dest)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(dest, "--copy-to")
     clashes = [n for n in preset_names() if (out / n).exists()]
     if clashes:
         raise ConfigError(f"{dest!r} already holds {', '.join(clashes)}; choose an empty folder")
     for name in preset_names():
-        shutil.copyfile(_folder() / name, out / name)
+        try:
+            shutil.copyfile(_folder() / name, out / name)
+        except OSError as e:
+            raise StorageError(f"cannot write {str(out / name)!r}: {os_reason(e)}") from None
     return preset_names()

@@ -198,7 +198,7 @@ step_train() {
 step_resume() {
   STEP=resume
   local out=$WORK/out/student starts
-  run_one resume -- "${TRAIN[@]}" --epochs "$RESUME_EPOCHS" --resume
+  run_one resume -- "${TRAIN[@]}" --epochs "$RESUME_EPOCHS" --resume --allow-change epochs
   grep -q "resumed from /out/student/last.pth: epoch $TRAIN_EPOCHS" "$WORK/logs/resume.log" ||
     fail "the new container did not resume from epoch $TRAIN_EPOCHS (logs/resume.log)"
   starts=$(grep -c '"event": "start"' "$out/metrics.jsonl" || true)

@@ -222,16 +222,19 @@ def reference_run(cache: str, digits_shards: str, digits_val_shards: str, tmp_pa
 
 
 def test_resume_at_epoch_boundary_is_exact(reference_run: TrainConfig, tmp_path: Path) -> None:
-    """1 epoch (epochs=1), then --resume with epochs=2 == 2 epochs uninterrupted, bit for bit.
+    """1 epoch (epochs=1), then --resume --allow-change epochs with epochs=2 == 2 epochs uninterrupted, bit for bit.
 
     The warmup covers epoch 0, so the first leg's schedule is the same as the reference's; the
     resumed leg must follow the schedule of the new --epochs, not the one stored in the checkpoint.
+    Without --allow-change the longer --epochs is refused, naming both values.
     """
     cfg = dataclasses.replace(reference_run, out=str(tmp_path / "b"))
     train(dataclasses.replace(cfg, epochs=1))
     first = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
     assert first["epoch"] == 1 and first["step_in_epoch"] == 0
-    train(dataclasses.replace(cfg, resume=True))
+    with pytest.raises(ConfigError, match=r"--epochs 1, now 2: .* add --allow-change epochs"):
+        train(dataclasses.replace(cfg, resume=True))
+    train(dataclasses.replace(cfg, resume=True, allow_change=["epochs"]))
 
     ref = torch.load(Path(reference_run.out) / "last.pth", weights_only=True)
     got = torch.load(tmp_path / "b" / "last.pth", weights_only=True)

@@ -12,6 +12,7 @@ import os
 from pipeline.apps.report_cache import cache_pictures
 from pipeline.apps.report_runs import runs_picture
 from pipeline.config import checked
+from pipeline.files import writable_folder
 from pipeline.options import ReportConfig
 
 
@@ -23,6 +24,7 @@ def report(cfg: ReportConfig) -> list[str]:
             the cache (a missing cache, an unreadable store).
     """
     cfg = checked(cfg)
+    writable_folder(cfg.out, "--out")
     paths = []
     if cfg.run:
         labels = cfg.label or [os.path.basename(os.path.abspath(r)) for r in cfg.run]

@@ -7,8 +7,9 @@ as fill values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -29,6 +30,7 @@ from pipeline.cache.units import (
     unit_objects,
 )
 from pipeline.errors import CacheError, StorageError
+from pipeline.files import os_reason
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +143,7 @@ class Cache:
         return mask
 
     def missing_units(self, blocks: Iterable[int], shards: Iterable[int]) -> list[tuple[int, int]]:
-        done = self.done_mask()
-        shards = list(shards)
+        done, shards = self.done_mask(), list(shards)
         return [(b, s) for b in blocks for s in shards if not done[b, s]]
 
     # -- writing ------------------------------------------------------------------------------
@@ -162,8 +163,9 @@ class Cache:
         self.array("done")[block, shard, :] = marker_chunk(count, checksum, fingerprint)
 
     def invalidate(self, block: int, shard: int) -> None:
-        """Mark a damaged unit not done (its marker equals the fill value, so zarr deletes the object)."""
-        self.array("done")[block, shard, :] = -1
+        """Mark a damaged unit not done (its marker is the fill value: zarr deletes it); read-only: one line."""
+        with _writing(self, f"{self.meta.describe_unit(block, shard)} must be marked not done"):
+            self.array("done")[block, shard, :] = -1
 
     # -- reading ------------------------------------------------------------------------------
     def read_view(self, view: int, shard: int) -> UnitData:
@@ -259,3 +261,12 @@ class Cache:
     def absent_objects(self, block: int, shard: int) -> list[str]:
         """The stored objects of one unit that are not there (one existence check each)."""
         return [k for k in unit_objects(block, shard) if not st.exists(self.store, k)]
+
+
+@contextlib.contextmanager
+def _writing(cache: Cache, what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        why = f"{os_reason(e)} ({e.filename})" if e.filename else os_reason(e)
+        raise StorageError(f"cache {cache.url!r}: {what}, but it cannot be written: {why}") from None

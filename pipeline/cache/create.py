@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import zarr
@@ -20,7 +21,8 @@ from pipeline.cache import store as st
 from pipeline.cache.access import Cache, no_metadata
 from pipeline.cache.meta import ATTR, FORMAT_VERSION, CacheMeta, check_versions, diff_fields
 from pipeline.cache.units import ARRAYS, MARKER, SPECS
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, StorageError
+from pipeline.files import os_reason
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +205,18 @@ def create_or_open(url: str, meta: CacheMeta, force_new: bool = False) -> Cache:
     Raises:
         CacheError: the location holds something else, or a cache (or a half-created one) with other
             settings (names the differing fields or array).
+        StorageError: it cannot be written (a full disk, a read-only folder or store), naming it.
     """
+    if storage.is_local(url) and os.path.isfile(storage.local_path(url)):
+        raise StorageError(f"--out {url!r} is a file, not a cache folder: name a folder (the file is left as it is)")
+    try:
+        return _create_or_open(url, meta, force_new)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise StorageError(f"cache {url!r} cannot be written: {os_reason(e)}{where}") from None
+
+
+def _create_or_open(url: str, meta: CacheMeta, force_new: bool) -> Cache:
     store = st.open_store(url, writable=True)
     kind, attrs = _inspect(store)
     if force_new and _settings_differ(store, kind, attrs, meta):

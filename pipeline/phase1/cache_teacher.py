@@ -11,6 +11,7 @@ cut short by a crash has no marker, and a damaged one loses its marker: both are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -20,18 +21,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline import storage
 from pipeline.cache import Cache, CacheMeta, UnitData, create_or_open, damaged_units, diff_fields, open_cache
 from pipeline.config import checked
 from pipeline.errors import ConfigError
+from pipeline.interrupt import RunInterrupted, StopSignals
 from pipeline.models.build import autocast, resolve_device
 from pipeline.models.targets import pack_rows, reduction_of, teacher_outputs, unpack_rows
 from pipeline.models.teacher import checkpoint_num_classes, load_teacher, teacher_weights
 from pipeline.options import CacheConfig
 from pipeline.partition import job_slot, my_share
-from pipeline.phase1.unit_stream import UnitStream
+from pipeline.phase1.unit_stream import UnitStream, unit_batches
 from pipeline.phase1.unit_writer import UnitWriter
 from pipeline.progress import progress_bar
 from pipeline.shards.lists import ShardInfo, class_names, load_shard_list, num_classes_from_sidecar
@@ -230,50 +231,59 @@ class _OncePerMessage(logging.Filter):
 
 
 def run(cfg: CacheConfig) -> dict[str, Any]:
-    """Run (or resume) this worker's share of the cache. Returns the summary it prints."""
+    """Run (or resume) this worker's share of the cache. Returns the summary it prints.
+
+    Raises:
+        RunInterrupted: on SIGINT/SIGTERM, once every unit finished before it is written.
+        WorkerError: a loader worker died (or was sent SIGTERM alone), once the finished units are written.
+    """
     t0 = time.perf_counter()
-    job = prepare(checked(cfg))
-    job.summary.update(units_done=0, images=0, views=0, skipped_samples={}, bytes_written=0, write_wait_s=0.0)
-    todo = _my_units(job)
-    if todo:
-        once = _OncePerMessage()
-        shards_log = logging.getLogger(SkipStats.__module__)  # where bad samples are logged
-        shards_log.addFilter(once)  # before the loader's workers fork, so they inherit it
-        try:
-            _process(job, todo)
-        finally:
-            shards_log.removeFilter(once)
+    with StopSignals() as stop:
+        job = prepare(checked(cfg))
+        job.summary.update(units_done=0, images=0, views=0, skipped_samples={}, bytes_written=0, write_wait_s=0.0)
+        todo = _my_units(job) if stop.received is None else []  # a stop before the damage check skips it
+        if todo:
+            once = _OncePerMessage()
+            shards_log = logging.getLogger(SkipStats.__module__)  # where bad samples are logged
+            shards_log.addFilter(once)  # before the loader's workers fork, so they inherit it
+            try:
+                _process(job, todo, stop)
+            finally:
+                shards_log.removeFilter(once)
+        if stop.received is not None and job.summary["units_done"] < len(todo or [None]):  # else it finished
+            raise RunInterrupted(
+                stop.received,
+                f"stopped by signal {stop.received}: {job.summary['units_done']} more unit(s) of cache {cfg.out!r} "
+                "finished and written; run the same command again to continue",
+            )
     job.summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return job.summary
 
 
-def _loader(job: CacheJob, todo: list[tuple[int, int]]) -> DataLoader:
-    stream = UnitStream(todo, job.shards, job.cache.meta, job.recipe, job.cfg.batch_size, job.cfg.on_error)  # type: ignore[arg-type]
-    workers = min(job.cfg.workers, len(todo))
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=job.device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
+def _stream(job: CacheJob, todo: list[tuple[int, int]]) -> UnitStream:
+    meta, cfg = job.cache.meta, job.cfg
+    return UnitStream(todo, job.shards, meta, job.recipe, cfg.batch_size, cfg.on_error)  # type: ignore[arg-type]
 
 
-def _process(job: CacheJob, todo: list[tuple[int, int]]) -> None:
+def _process(job: CacheJob, todo: list[tuple[int, int]], stop: StopSignals) -> None:
     """Run the teacher on every batch of ``todo`` and hand each unit to the writer when its worker finishes it.
 
     One batch is in flight on the device while the previous batch's targets are copied back and
     stored, and finished units are written by a background thread: the teacher waits neither on
-    device-to-host copies nor on storage.
+    device-to-host copies nor on storage. A stop signal ends the loop at the next batch; the units
+    finished by then are written, the others are redone by the next run.
     """
     meta = job.cache.meta
     buffers: dict[tuple[int, int], UnitData] = {}
     total_views = sum(len(meta.block_views(b)) * job.shards[s].count for b, s in todo)
     bar_ctx = progress_bar("cache-teacher", total=total_views, unit="img·view", mode=job.cfg.progress)
-    with bar_ctx as bar, UnitWriter(job.cache, job.summary) as writer:
+    with (
+        bar_ctx as bar,
+        UnitWriter(job.cache, job.summary) as writer,
+        contextlib.closing(unit_batches(_stream(job, todo), job.cfg.workers, job.device, stop)) as items,
+    ):
         pending: _Targets | None = None
-        for item in _loader(job, todo):
+        for item in items:
             unit = (int(item["unit"][0]), int(item["unit"][1]))
             if item["end"]:
                 _store_targets(job, pending, buffers)
@@ -287,7 +297,7 @@ def _process(job: CacheJob, todo: list[tuple[int, int]]) -> None:
             job.summary["views"] += len(item["keys"])
             bar.advance(len(item["keys"]))
         _store_targets(job, pending, buffers)
-    if buffers:
+    if buffers and stop.received is None:
         raise RuntimeError(f"units {sorted(buffers)} never finished: the data loader stopped early")
 
 

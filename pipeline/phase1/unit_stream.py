@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import CacheMeta
+from pipeline.errors import WorkerError
+from pipeline.interrupt import StopSignals, close_loader, fetch, worker_signals
 from pipeline.partition import my_share
 from pipeline.shards.decode import iter_decoded
 from pipeline.shards.lists import ShardInfo
@@ -82,3 +84,36 @@ class UnitStream(IterableDataset):
             "pixel_digest": torch.tensor(checks, dtype=torch.int64),
             "keys": [v.key for v in views],
         }
+
+
+def unit_batches(stream: UnitStream, workers: int, device: torch.device, stop: StopSignals) -> Iterator[dict[str, Any]]:
+    """The stream's items from ``workers`` loader workers (at most one per unit), until it ends or a stop signal
+    comes; a loader worker that dies (or is sent SIGTERM alone) is one :class:`~pipeline.errors.WorkerError`."""
+    workers = min(workers, len(stream.units))
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_signals,
+    )
+    items, end = iter(loader), object()
+    try:
+        while stop.received is None:
+            try:
+                item = fetch(items, end)
+            except Exception as e:
+                if stop.received is not None:
+                    return  # the workers got the job's signal too
+                if isinstance(e, WorkerError):
+                    raise WorkerError(
+                        f"{e}; the units finished before are written: run the same command again"
+                    ) from None
+                raise
+            if item is end:
+                return
+            yield item
+    finally:  # ended, failed or stopped: the workers go now
+        close_loader(items)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import WorkerError
+from pipeline.interrupt import StopSignals
 from pipeline.phase2.distributed import Dist, all_sum
 from pipeline.phase2.inputs import RunData
 from pipeline.phase2.lanes import NOT_CACHED, PARTNER_UNREADABLE, UNREADABLE, StreamSpec, WindowBatches, epoch_batches
@@ -108,18 +110,26 @@ def noise_seed(run_seed: int, rank: int, epoch: int, step: int) -> int:
     return stable_seed("noise", run_seed, rank, epoch, step)
 
 
-def next_batch(batches: Iterator[dict[str, Any]], signal: int | None) -> dict[str, Any] | None:
-    """The next batch; ``None`` when the loader failed after a stop signal (a batch system's SIGTERM
-    reaches the workers too), which means: stop here."""
+def next_batch(
+    batches: Iterator[dict[str, Any]], stop: StopSignals | None
+) -> tuple[dict[str, Any] | None, WorkerError | None]:
+    """The next batch, or ``(None, None)`` when the loader failed after a stop signal (a batch system's SIGTERM
+    reaches the workers too), or ``(None, why)`` when a loader worker died, or was sent SIGTERM alone (no
+    signal here; :func:`pipeline.interrupt.fetch` tells): either way, stop here. Without ``stop`` (a loop of
+    the user's own, which handles signals itself) every failure is raised."""
+    received = stop.received if stop is not None else None
     try:
         batch = next(batches, None)
-    except Exception:
-        if signal is None:
+    except Exception as e:
+        received = stop.received if stop is not None else None  # read after the failure: handled by then
+        if received is None:
+            if stop is not None and isinstance(e, WorkerError):
+                return None, e
             raise
-        log.warning("the data loader stopped after signal %d; stopping at this step", signal)
-        return None
-    if batch is None and signal is None:
+        log.warning("the data loader stopped after signal %d; stopping at this step", received)
+        return None, None
+    if batch is None and received is None:
         raise RuntimeError(
             "the epoch's batches ended before its steps: a bug in pipeline.views.deal or pipeline.phase2.lanes"
         )
-    return batch
+    return batch, None

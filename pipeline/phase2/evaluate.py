@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import checked
 from pipeline.errors import CheckpointError
-from pipeline.interrupt import ignore_in_worker
+from pipeline.interrupt import close_loader, fetch, worker_signals
 from pipeline.models.build import Normalized, autocast, create, resolve_device
 from pipeline.options import EvalConfig
 from pipeline.phase2 import checkpoint as ckpt
@@ -167,19 +167,23 @@ def eval_batches(
         batch_size=None,
         num_workers=workers,
         prefetch_factor=4 if workers else None,
-        worker_init_fn=ignore_in_worker,
+        worker_init_fn=worker_signals,
     )
     held: list[dict[str, Any]] = []
     size = 0
-    for chunk in loader:
-        held.append(chunk)
-        size += len(chunk["keys"])
-        if size >= batch_size:
-            joined = _join_chunks(held)
-            while len(joined["keys"]) >= batch_size:
-                yield _rows(joined, 0, batch_size)
-                joined = _rows(joined, batch_size, len(joined["keys"]))
-            held, size = [joined], len(joined["keys"])
+    chunks, end = iter(loader), None
+    try:
+        while (chunk := fetch(chunks, end)) is not end:
+            held.append(chunk)
+            size += len(chunk["keys"])
+            if size >= batch_size:
+                joined = _join_chunks(held)
+                while len(joined["keys"]) >= batch_size:
+                    yield _rows(joined, 0, batch_size)
+                    joined = _rows(joined, batch_size, len(joined["keys"]))
+                held, size = [joined], len(joined["keys"])
+    finally:  # ended, failed or stopped: the workers go now
+        close_loader(chunks)
     if size:
         yield _join_chunks(held)
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import Cache, UnitData, open_cache, replay_mismatch
 from pipeline.errors import CacheError, DataError
-from pipeline.interrupt import ignore_in_worker
+from pipeline.interrupt import close_loader, fetch, worker_signals
 from pipeline.seeding import stable_seed
 from pipeline.shards.decode import DecodedSample, iter_decoded
 from pipeline.shards.lists import ShardInfo
@@ -291,17 +291,20 @@ class WindowBatches:
         self.batch_counts: list[Counter] = []  # per batch yielded: its skipped copies by reason, "filled" slots
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for w in range(self.first_window, len(self.windows)):
-            order, why = self._order(w)
-            if w == self.first_window:
-                order, why = order[self.offset :], why[self.offset :]
-            for a in range(0, len(order), self.batch_size):
-                # Counted as the batch is handed out, so the account of the steps before a checkpoint is exact.
-                counts = Counter(x for x in why[a : a + self.batch_size] if x)
-                counts["filled"] = sum(counts.values())
-                self.batch_counts.append(counts)
-                yield self._gather(order[a : a + self.batch_size])
-            self._release(w)
+        try:
+            for w in range(self.first_window, len(self.windows)):
+                order, why = self._order(w)
+                if w == self.first_window:
+                    order, why = order[self.offset :], why[self.offset :]
+                for a in range(0, len(order), self.batch_size):
+                    # Counted as the batch is handed out, so the account of the steps before a checkpoint is exact.
+                    counts = Counter(x for x in why[a : a + self.batch_size] if x)
+                    counts["filled"] = sum(counts.values())
+                    self.batch_counts.append(counts)
+                    yield self._gather(order[a : a + self.batch_size])
+                self._release(w)
+        finally:  # ended, failed or closed by a stopping run: the workers go now
+            close_loader(self.chunks)
 
     def counts(self, until: int | None = None) -> Counter:
         """Skipped copies by reason and filled slots of the batches handed out for the steps before ``until``
@@ -314,7 +317,7 @@ class WindowBatches:
         and for each slot why its planned copy was skipped (None: trained as planned)."""
         for lane, _, stop in self.windows[w]:
             while self.received[lane] < stop:
-                self._take(next(self.chunks))
+                self._take(fetch(self.chunks))
         order = dl.window_order(self.windows[w], self.spec.plan.repeats, stable_window_seed(self.seed, w))
         trained = [cid for cid in order if cid in self.where]
         if not trained:
@@ -382,6 +385,6 @@ def epoch_batches(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None,
-        worker_init_fn=ignore_in_worker,
+        worker_init_fn=worker_signals,
     )
     return WindowBatches(iter(loader), spec, window, batch_size, seed, first_step)

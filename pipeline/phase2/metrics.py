@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.errors import DataError
+from pipeline.files import append_text
 from pipeline.phase2.sinks import Sinks, open_sinks
 
 
@@ -37,8 +38,7 @@ class MetricsLog:
     def write(self, event: str, **fields: Any) -> None:
         if self.enabled:
             line = {"event": event, "time": round(time.time(), 3), **fields}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            append_text(self.path, json.dumps(line) + "\n")
             if self.sinks:
                 self.sinks.write(line)
 

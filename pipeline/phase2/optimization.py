@@ -63,7 +63,17 @@ class Optimization:
         return {"optimizer": self.optimizer.state_dict(), "ema": ema}
 
     def load_state_dict(self, state: dict[str, Any], global_step: int) -> None:
+        """Restore the optimizer's moments and the EMA; the model's weights must be loaded first.
+
+        The options stay this run's: torch's ``load_state_dict`` would bring back the checkpoint's weight decay
+        (and lr) with the moments, silently undoing a change ``--allow-change`` let through. An EMA turned on at
+        this resume starts from the resumed weights, not from the run's initial ones.
+        """
+        options = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.net.load_state_dict(state["ema"])
+        for group, values in zip(self.optimizer.param_groups, options, strict=True):
+            group.update(values)
+        if self.ema is not None:
+            ema = state.get("ema")
+            self.ema.module.net.load_state_dict(ema if ema is not None else self.model.net.state_dict())
         self.scheduler.step_update(num_updates=global_step)

@@ -225,7 +225,7 @@ class DistillationSource(IterableDataset):
         part = self._part = self._rank_epoch(epoch)
         batches = iter(part.stream(first, self._targets.target_tau, pin_memory=False))
         for step in range(first, part.steps):
-            batch = _with_targets(next_batch(batches, None), self._targets)
+            batch = _with_targets(next_batch(batches, None)[0], self._targets)
             batch["noise_seed"] = noise_seed(self.run_seed, self.dist.rank, epoch, step)
             if self.pin_memory:
                 batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.config import checked, write_resolved
-from pipeline.errors import TrainingError
+from pipeline.errors import TrainingError, WorkerError
 from pipeline.interrupt import RunInterrupted, StopSignals
 from pipeline.models.build import check_input_size, resolve_device
 from pipeline.models.task import DistillationTask
@@ -64,8 +64,9 @@ class Trainer:
         self.identity = run_identity(cfg, self.data)
         self.checkpointer = ckpt.Checkpointer(cfg.out, writer=dist.is_main)
         state = self.checkpointer.load_last() if cfg.resume else None
-        if state:
-            check_resumable(cfg, state, dist.world, self.checkpointer.last_path, self.identity)
+        last = self.checkpointer.last_path  # changes --allow-change let through: on this resume, then on all
+        self.changes = check_resumable(cfg, state, dist.world, last, self.identity) if state else []
+        self.history = [*(state or {}).get("changes", []), *self.changes]
         self.position = Position(epoch=int(state["epoch"]) if state else 0)
         # Skips and fills of this epoch's steps before a mid-epoch checkpoint: resumed, and to be saved.
         self.carried, self.partial = dict(state.get("epoch_account") or {}) if state else {}, {}
@@ -94,18 +95,7 @@ class Trainer:
         teachers = live_teachers(cfg, data, self.device) if cfg.live else []
         self.global_batch = cfg.batch_size * dist.world * cfg.accum_steps
         self.opt = Optimization(cfg, self.model, self.global_batch, self.rank_epoch(0).steps // cfg.accum_steps)
-        self.task = DistillationTask(
-            student=self.model,
-            num_classes=data.num_classes,
-            distillation=cfg.distillation,  # type: ignore[arg-type]
-            alpha=cfg.alpha,
-            tau=cfg.tau,
-            weights=data.weights,
-            teachers=teachers,
-            reductions=data.reductions,
-            smoothing=data.recipe.smoothing,
-            amp=cfg.amp,
-        )
+        self.task = make_task(cfg, data, self.model, teachers)
         if dist.enabled:
             self.task.prepare_distributed(self.device)
         if cfg.compile:
@@ -118,9 +108,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Every stateful part of the run; what ``last.pth`` and ``best.pth`` hold.
 
-        The learning-rate schedule is not stored: it is rebuilt from this run's config (e.g. a larger
-        ``--epochs``) and fast-forwarded to ``global_step``. No RNG state either: noise is seeded per step.
-        """
+        The learning-rate schedule is not stored: it is rebuilt from this run's options (a longer ``--epochs``
+        stretches the cosine from ``global_step`` on). No RNG state: noise is seeded per step. ``changes``: every
+        ``--allow-change`` so far."""
         return {
             "model": self.model.net.state_dict(),
             **self.opt.state_dict(),
@@ -128,6 +118,7 @@ class Trainer:
             "world": self.dist.world,
             "config": dataclasses.asdict(self.cfg),
             "identity": self.identity,
+            "changes": self.history,
             "model_meta": self.model_meta,
             "epoch_account": dict(self.partial),  # skips and fills of this epoch's steps before the position
         }
@@ -155,6 +146,8 @@ class Trainer:
             first_epoch=p.epoch,
             start_step=p.step_in_epoch,
         )
+        for change in self.changes:
+            self.metrics.write("changed", **change)
         result: dict[str, Any] = {}
         for epoch in range(p.epoch, cfg.epochs):
             result = self.train_one_epoch(epoch)
@@ -173,16 +166,17 @@ class Trainer:
         self.partial = self.part.skips(self.device, self.carried, until=step) if step and self.part else {}
         self.checkpointer.save(self.state_dict())
 
-    def _interrupted(self, epoch: int, step: int) -> None:
-        """Save the exact position (no gradients pending) and stop; ``--resume`` continues from it."""
-        self._save_at(epoch, step)
-        self.metrics.write("interrupted", epoch=epoch, step=step, signal=self.stop.received)
-        signum = self.stop.received or 2
-        raise RunInterrupted(
-            signum,
-            f"stopped by signal {signum} at epoch {epoch} step {step}; {self.checkpointer.last_path} holds this "
-            "position: add --resume to continue",
-        )
+    def _interrupted(self, epoch: int, step: int, failure: WorkerError | None = None, saved: bool = False) -> None:
+        """Save the exact position (no gradients pending) unless ``saved``, and stop; ``--resume`` continues from
+        it. A stop signal ends with :class:`RunInterrupted`, a dead loader worker with ``failure``, completed."""
+        if not saved:
+            self._save_at(epoch, step)
+        why = {"reason": str(failure)} if failure and self.stop.received is None else {"signal": self.stop.received}
+        self.metrics.write("interrupted", epoch=epoch, step=step, **why)
+        at = f"at epoch {epoch} step {step}, saved in {self.checkpointer.last_path}: add --resume to continue"
+        if "reason" in why:
+            raise WorkerError(f"{failure}; stopped {at}")
+        raise RunInterrupted(self.stop.received or 2, f"stopped by signal {self.stop.received or 2} {at}")
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, p = self.cfg, self.position
@@ -192,17 +186,18 @@ class Trainer:
         self.task.train()
         mode = cfg.progress if self.dist.is_main else "off"
         views = ",".join(map(str, part.plan.views))
-        with progress_bar(f"epoch {epoch} (views {views})", total=steps - first, unit="step", mode=mode) as bar:
+        bar_ctx = progress_bar(f"epoch {epoch} (views {views})", total=steps - first, unit="step", mode=mode)
+        with bar_ctx as bar, contextlib.closing(batches):  # type: ignore[type-var]
             meter = StepMeter(self.metrics, bar, cfg.log_every, self.dist.world)
             for step in range(first, steps):
-                batch = next_batch(batches, self.stop.received)
+                batch, failure = next_batch(batches, self.stop)
                 # One collective per step: a rank asked to stop. A stop waits for the end of an accumulation
                 # cycle, unless the loader is gone; then the cycle's unapplied steps are redone.
                 if p.global_step == self.trace.stop_at:  # tests: a stop signal at an exact step, on every rank
                     self.stop.received = signal.SIGTERM
                 stopping = self.stop.received is not None and (step % cfg.accum_steps == 0 or batch is None)
-                if any_rank([stopping], self.dist, self.device)[0]:
-                    self._interrupted(epoch, max(step - step % cfg.accum_steps, first))
+                if any_rank([stopping or failure is not None], self.dist, self.device)[0]:
+                    self._interrupted(epoch, max(step - step % cfg.accum_steps, first), failure)
                 meter.step(
                     epoch, step, self.train_step(batch, epoch, step, steps), len(batch["keys"]), self.opt.current_lr
                 )
@@ -246,12 +241,35 @@ class Trainer:
         due = cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         if not (data.val_shards and due):
             return {}
-        result = validate(self.model, data, cfg, self.device, self.dist)
+        try:
+            result = validate(self.model, data, cfg, self.device, self.dist)
+        except Exception as e:  # a stop signal or a dead worker while evaluating: the epoch is saved already
+            if self.stop.received is None and not isinstance(e, WorkerError):
+                raise
+            self._interrupted(epoch + 1, 0, e if isinstance(e, WorkerError) else None, saved=True)
         if result["top1_avg"] > p.best_top1:
             p.best_top1 = result["top1_avg"]
             self.checkpointer.save(self.state_dict(), best=True)
             self.checkpointer.save(self.state_dict())  # last.pth records the new best too
         return result
+
+
+def make_task(
+    cfg: TrainConfig, data: RunData, model: torch.nn.Module, teachers: list[torch.nn.Module]
+) -> DistillationTask:
+    """The task that owns the run's forward and loss (DeiT's, with its options and the caches' reductions)."""
+    return DistillationTask(
+        student=model,
+        num_classes=data.num_classes,
+        distillation=cfg.distillation,  # type: ignore[arg-type]
+        alpha=cfg.alpha,
+        tau=cfg.tau,
+        weights=data.weights,
+        teachers=teachers,
+        reductions=data.reductions,
+        smoothing=data.recipe.smoothing,
+        amp=cfg.amp,
+    )
 
 
 def validate(model: torch.nn.Module, data: RunData, cfg: TrainConfig, device: torch.device, dist: Dist) -> dict:

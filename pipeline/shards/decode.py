@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import DataError
+from pipeline.interrupt import stop_if_asked
 from pipeline.shards.lists import ShardInfo
 from pipeline.shards.samples import OnError, SkipStats, iter_raw
 
@@ -92,6 +93,7 @@ def iter_decoded(
     """
     stats = stats if stats is not None else SkipStats()
     for raw in iter_raw(shard, shard_index, num_classes, on_error, stats):
+        stop_if_asked()  # a loader worker sent SIGTERM stops here, between samples
         if positions is not None and raw.position not in positions:
             continue
         try:

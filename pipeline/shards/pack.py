@@ -41,6 +41,7 @@ from PIL import Image
 
 from pipeline.config import checked
 from pipeline.errors import DataError
+from pipeline.files import writable_folder
 from pipeline.options import PackConfig
 from pipeline.seeding import hash64
 from pipeline.shards.decode import decode_image
@@ -388,6 +389,7 @@ def pack(source: str, out: str, **options: Any) -> dict[str, dict]:
             nothing is written then.
     """
     cfg = checked(PackConfig(source=source, out=out, **options))
+    writable_folder(out, "--out")
     skipped = Skipped()
     classes, items_iter = digits_items(cfg.digits_size) if source == "digits" else folder_items(source, skipped)
     items = list(items_iter)
