@@ -120,7 +120,7 @@ class Recorder:
         for need in needs:
             if self.runs.get(need, {}).get("status") != "ok":
                 return f"needs {need}, which did not run to the end"
-        if self.elapsed() > self.args.budget_s:
+        if self.elapsed() >= self.args.budget_s:
             return f"the time budget of {self.args.budget_s:.0f} s was spent"
         return None
 
